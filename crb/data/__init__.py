@@ -1,0 +1,165 @@
+"""Data: read the recipe's files, tokenize by format, apply the over-length policy, split off
+eval, pack or not; cached by data hash + tokenizer + data section."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from crb.data.chatml import chat_template, check_messages, tokenize_chat
+from crb.data.packing import Doc, one_per_row, pack
+from crb.data.reader import Record, read_jsonl
+from crb.data.text import check_text, tokenize_text
+from crb.engine.recipe import DataConfig
+from crb.errors import DataError
+
+Row = dict[str, np.ndarray]
+CACHE_VERSION = "1"
+
+
+@dataclass
+class DataReport:
+    records: int = 0
+    bad_skipped: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_target: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    train_tokens: int = 0
+    target_tokens: int = 0
+    first_bad: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = (f"{self.records} records -> {self.train_rows} train rows ({self.train_tokens:,} tokens, "
+             f"{self.target_tokens:,} trained on), {self.eval_rows} eval rows; truncated {self.truncated}, "
+             f"dropped {self.dropped_overlong} over-long and {self.dropped_no_target} with no target")
+        if self.bad_skipped:
+            s += f"; skipped {self.bad_skipped} malformed (first: {self.first_bad[0]})"
+        return s
+
+
+def tokenize_record(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str) -> Doc:
+    if cfg.format == "chatml":
+        name = cfg.field or "messages"
+        if name not in rec.data:
+            raise DataError(f"{rec.where()}: missing field '{name}'")
+        return tokenize_chat(check_messages(rec.data[name], rec.where()), tokenizer, template, rec.where())
+    name = cfg.field or "text"
+    if name not in rec.data:
+        raise DataError(f"{rec.where()}: missing field '{name}'")
+    return tokenize_text(check_text(rec.data[name], rec.where(), name), tokenizer)
+
+
+def _read_docs(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
+               report: DataReport) -> list[Doc]:
+    docs = []
+    for file in files:
+        for rec in read_jsonl(file):
+            try:
+                if isinstance(rec, DataError):
+                    raise rec
+                report.records += 1
+                ids, labels = tokenize_record(rec, cfg, tokenizer, template)
+            except DataError as e:
+                if cfg.bad_records == "error":
+                    raise
+                report.bad_skipped += 1
+                report.first_bad = report.first_bad or [str(e)]
+                continue
+            if len(ids) > cfg.max_length:
+                if cfg.overlong == "error":
+                    raise DataError(f"{rec.where()}: {len(ids)} tokens > data.max_length {cfg.max_length} "
+                                    "(set data.overlong = \"truncate\" or \"drop\")")
+                if cfg.overlong == "drop":
+                    report.dropped_overlong += 1
+                    continue
+                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+                report.truncated += 1
+            if all(t == -100 for t in labels[1:]):
+                report.dropped_no_target += 1
+                continue
+            docs.append((ids, labels))
+    return docs
+
+
+def _rows(docs: list[Doc], cfg: DataConfig) -> list[Row]:
+    return pack(docs, cfg.max_length) if cfg.packing else one_per_row(docs)
+
+
+def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[list[Row], list[Row], DataReport]:
+    """(train rows, eval rows, report), from the cache when the same data was prepared before."""
+    template = chat_template(tokenizer, cfg.chat_template)
+    key = _cache_key(cfg, tokenizer, template, seed)
+    cache = Path(cfg.cache_dir).expanduser() / f"{key}.npz"
+    if cache.is_file():
+        return _load_cache(cache)
+    report = DataReport()
+    docs = _read_docs(cfg.train, cfg, tokenizer, template, report)
+    if cfg.eval:
+        eval_docs = _read_docs(cfg.eval, cfg, tokenizer, template, report)
+    elif cfg.eval_split > 0:
+        order = np.random.default_rng(seed).permutation(len(docs))
+        n_eval = max(1, round(len(docs) * cfg.eval_split))
+        eval_docs = [docs[i] for i in sorted(order[:n_eval])]
+        docs = [docs[i] for i in sorted(order[n_eval:])]
+    else:
+        eval_docs = []
+    if not docs:
+        raise DataError(f"{cfg.train[0]}: no usable training records ({report.summary()})")
+    train, evals = _rows(docs, cfg), _rows(eval_docs, cfg)
+    report.train_rows, report.eval_rows = len(train), len(evals)
+    report.train_tokens = int(sum(len(r["input_ids"]) for r in train))
+    report.target_tokens = int(sum((r["labels"][1:] != -100).sum() for r in train))
+    _save_cache(cache, train, evals, report)
+    return train, evals, report
+
+
+def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str, seed: int) -> str:
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    for file in [*cfg.train, *cfg.eval]:
+        h.update(hashlib.sha256(Path(file).read_bytes()).digest())
+    section = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "train", "eval")}
+    h.update(json.dumps([section, seed if cfg.eval_split else 0], sort_keys=True).encode())
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    h.update(hashlib.sha256(vocab).digest())
+    h.update(json.dumps([type(tokenizer).__name__, template, tokenizer.bos_token, tokenizer.eos_token,
+                         tokenizer("a b")["input_ids"]]).encode())
+    return h.hexdigest()[:24]
+
+
+def _flatten(rows: list[Row], prefix: str) -> dict[str, np.ndarray]:
+    lengths = np.asarray([len(r["input_ids"]) for r in rows], np.int64)
+    out = {f"{prefix}_lengths": lengths}
+    for k in ("input_ids", "labels", "position_ids"):
+        out[f"{prefix}_{k}"] = np.concatenate([r[k] for r in rows]) if rows else np.zeros(0, np.int64)
+    return out
+
+
+def _unflatten(arrays: dict[str, np.ndarray], prefix: str) -> list[Row]:
+    ends = np.cumsum(arrays[f"{prefix}_lengths"])
+    starts = ends - arrays[f"{prefix}_lengths"]
+    return [{k: arrays[f"{prefix}_{k}"][s:e] for k in ("input_ids", "labels", "position_ids")}
+            for s, e in zip(starts, ends, strict=True)]
+
+
+def _save_cache(path: Path, train: list[Row], evals: list[Row], report: DataReport) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    meta = np.frombuffer(json.dumps(dataclasses.asdict(report)).encode(), np.uint8)
+    np.savez(tmp, **_flatten(train, "train"), **_flatten(evals, "eval"), report=meta)
+    os.replace(tmp, path)
+
+
+def _load_cache(path: Path) -> tuple[list[Row], list[Row], DataReport]:
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    report = DataReport(**json.loads(arrays.pop("report").tobytes()))
+    return _unflatten(arrays, "train"), _unflatten(arrays, "eval"), report

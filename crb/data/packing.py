@@ -1,0 +1,42 @@
+"""Rows for causal LM training: one document per row, or documents packed into max_length rows.
+
+Every row carries position ids that restart at each document; with no attention mask,
+transformers then confines attention to each document (a block-diagonal causal mask), so a
+packed document's loss equals its unpacked loss. The first label of each document is masked:
+no token learns to predict across a document boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+IGNORE = -100
+Doc = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+def _doc_row(ids: list[int], labels: list[int]) -> tuple[list[int], list[int], list[int]]:
+    return ids, [IGNORE, *labels[1:]], list(range(len(ids)))
+
+
+def one_per_row(docs: Iterable[Doc]) -> list[dict[str, np.ndarray]]:
+    return [_to_arrays(*_doc_row(ids, labels)) for ids, labels in docs]
+
+
+def pack(docs: Iterable[Doc], max_length: int) -> list[dict[str, np.ndarray]]:
+    """Greedy in-order packing: a document goes into the current row while it fits."""
+    rows, cur = [], ([], [], [])
+    for ids, labels in docs:
+        if cur[0] and len(cur[0]) + len(ids) > max_length:
+            rows.append(_to_arrays(*cur))
+            cur = ([], [], [])
+        for part, new in zip(cur, _doc_row(ids, labels), strict=True):
+            part.extend(new)
+    if cur[0]:
+        rows.append(_to_arrays(*cur))
+    return rows
+
+
+def _to_arrays(ids: list[int], labels: list[int], pos: list[int]) -> dict[str, np.ndarray]:
+    return {"input_ids": np.asarray(ids, np.int64), "labels": np.asarray(labels, np.int64),
+            "position_ids": np.asarray(pos, np.int64)}

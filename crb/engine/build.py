@@ -1,0 +1,142 @@
+"""Build what the loop needs from a recipe: tokenizer, model (full | lora | qlora | freeze),
+optimizer and scheduler. Small functions, one per component; the libraries do the work
+(transformers, peft, bitsandbytes)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+    get_scheduler,
+)
+
+from crb.data.chatml import chat_template
+from crb.engine.recipe import Recipe
+from crb.errors import CrbError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Accelerate's mixed_precision: 'bf16' | 'fp16' | 'no'."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision != "fp32" and device.type == "cpu" and precision == "fp16":
+        raise CrbError("train.precision: fp16 needs a GPU (use bf16 or fp32 on CPU)")
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+
+
+def half_dtype(mixed: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
+
+
+def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    m = recipe.model
+    tok = AutoTokenizer.from_pretrained(m.tokenizer or m.name, revision=None if m.tokenizer else m.revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding is never attended to nor trained on
+    if recipe.data.format == "chatml":
+        tok.chat_template = chat_template(tok, recipe.data.chat_template)  # saved with the result
+    return tok
+
+
+def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Module:
+    m, method = recipe.model, recipe.method
+    dtype = DTYPES.get(m.dtype) or (half_dtype(mixed) if method.name in ("lora", "qlora") else torch.float32)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": m.attn_implementation, "revision": m.revision}
+    if method.name == "qlora":
+        kwargs["quantization_config"] = quant_config(recipe, mixed)
+        kwargs["device_map"] = {"": device}
+    if m.random_init:
+        if method.name == "qlora":
+            raise CrbError("model.random_init: not with method 'qlora' (save the random model, then load it)")
+        config = AutoConfig.from_pretrained(m.name, revision=m.revision)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=m.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(m.name, **kwargs)
+    model.config.use_cache = False
+    gc = recipe.train.gradient_checkpointing
+    if method.name == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method.name in ("lora", "freeze"):
+            model.enable_input_require_grads()  # checkpointed blocks need an input that wants grad
+    if method.name in ("lora", "qlora"):
+        model = add_lora(model, recipe)
+    elif method.name == "freeze":
+        freeze(model, method.trainable)
+    return model
+
+
+def quant_config(recipe: Recipe, mixed: str) -> BitsAndBytesConfig:
+    q = recipe.method.quant
+    compute = DTYPES.get(q.compute_dtype) or half_dtype(mixed)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.method.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, bias=lora.bias,
+                        modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def freeze(model: torch.nn.Module, patterns: list[str]) -> None:
+    regex = [re.compile(p) for p in patterns]
+    for name, p in model.named_parameters():
+        p.requires_grad = any(r.search(name) for r in regex)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise CrbError(f"method.trainable: no parameter name matches {patterns}")
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = recipe.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kwargs = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps}
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, **kwargs)
+
+
+def warmup_steps(recipe: Recipe, total_steps: int) -> int:
+    return math.ceil(total_steps * recipe.train.warmup_ratio)
+
+
+def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):
+    return get_scheduler(recipe.train.scheduler, optimizer, num_warmup_steps=warmup_steps(recipe, total_steps),
+                         num_training_steps=total_steps)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (4-bit weights counted by their packed elements x 2)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,78 @@
+"""Checkpoints: Accelerate state (trainable weights, optimizer, scheduler, RNG, scaler) plus the
+data position, written to a temporary folder and renamed into place, so a crash leaves the last
+complete one. Only trainable parameters are written: a LoRA checkpoint holds the adapter, not 7B
+frozen weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+STATE_FILE = "crb_state.json"
+
+
+def keep_trainable_only(accelerator: Accelerator) -> None:
+    """Make `save_state` write only parameters that train (and buffers of trainable modules none)."""
+
+    def hook(models: list[torch.nn.Module], weights: list[dict], _dir: str) -> None:
+        for model, state in zip(models, weights, strict=True):
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(hook)
+
+
+def save(accelerator: Accelerator, root: Path, step: int, state: dict, keep: int) -> Path:
+    """Write checkpoint `root/step-N` atomically; keep the newest `keep`."""
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in complete(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written `.tmp-*` folder is never one)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest(root: Path) -> Path | None:
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def load(accelerator: Accelerator, path: Path) -> dict:
+    """Restore the state saved at `path`; returns its crb state (step, ...)."""
+    accelerator.load_state(str(path), strict=False)
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

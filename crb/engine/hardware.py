@@ -1,0 +1,48 @@
+"""What machine are we on: GPUs (memory each, bf16), CPU RAM, the process layout.
+`CRB_GPU_MEMORY_GB` overrides the detected GPU memory (to test profiles anywhere)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Gpu:
+    name: str
+    total_gib: float
+    free_gib: float
+    capability: tuple[int, int]
+
+
+@dataclass
+class Hardware:
+    gpus: list[Gpu] = field(default_factory=list)
+    bf16: bool = False
+    ram_gib: float = 0.0
+    processes: int = 1
+
+    def describe(self) -> str:
+        if not self.gpus:
+            return f"CPU only, {self.ram_gib:.0f} GiB RAM, {self.processes} process(es)"
+        g = self.gpus[0]
+        return (f"{len(self.gpus)} x {g.name} ({g.total_gib:.0f} GiB, bf16 {'yes' if self.bf16 else 'no'}), "
+                f"{self.ram_gib:.0f} GiB RAM, {self.processes} process(es)")
+
+
+def detect(gpu_memory_gb: float | None = None) -> Hardware:
+    override = gpu_memory_gb or (float(os.environ["CRB_GPU_MEMORY_GB"]) if os.environ.get("CRB_GPU_MEMORY_GB") else None)
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append(Gpu(props.name, total / 2**30, free / 2**30, (props.major, props.minor)))
+    if override:
+        gpus = [Gpu(g.name, override, min(g.free_gib, override), g.capability) for g in gpus] or \
+               [Gpu("virtual", override, override, (8, 0))]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    bf16 = bool(gpus) and (torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True)
+    return Hardware(gpus, bf16, ram, int(os.environ.get("WORLD_SIZE", "1")))

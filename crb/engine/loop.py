@@ -1,0 +1,183 @@
+"""The training loop: one function for every agent and every device count.
+
+Each optimizer step takes `accum` micro-batches per process; the loss is normalised by the
+labelled tokens of the whole step (all micro-batches, all processes), so 1 process at
+micro-batch 2m equals 2 processes at m. The data position is the step number itself (the
+order of each epoch is a seeded permutation), so resuming is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from crb.data.collate import collate, count_targets
+from crb.engine import checkpoint
+from crb.engine.recipe import Recipe
+from crb.errors import CrbError
+
+Row = dict[str, np.ndarray]
+LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Schedule:
+    accum: int  # micro-batches per process per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_schedule(recipe: Recipe, n_rows: int, world: int) -> Schedule:
+    t = recipe.train
+    per_step = t.micro_batch * world
+    if t.batch_size % per_step:
+        raise CrbError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch {t.micro_batch} "
+                       f"x {world} processes")
+    accum = t.batch_size // per_step
+    steps_per_epoch = n_rows // t.batch_size
+    if steps_per_epoch == 0:
+        raise CrbError(f"train.batch_size: {t.batch_size} rows per step but the data has only {n_rows} rows")
+    total = t.max_steps or t.epochs * steps_per_epoch
+    return Schedule(accum, steps_per_epoch, total)
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def step_batches(order: np.ndarray, step_in_epoch: int, recipe: Recipe, sched: Schedule,
+                 world: int, rank: int) -> list[np.ndarray]:
+    """This process's micro-batches (row indices) for one optimizer step."""
+    mb = recipe.train.micro_batch
+    start = step_in_epoch * recipe.train.batch_size
+    return [order[start + (a * world + rank) * mb: start + (a * world + rank + 1) * mb]
+            for a in range(sched.accum)]
+
+
+def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
+          losses: list[tuple[LossFn, float, dict]], train_rows: list[Row], eval_rows: list[Row],
+          pad_id: int, sched: Schedule, out_dir: Path, resume: Path | None = None) -> dict:
+    """Run the optimizer steps of `sched`; returns the final metrics."""
+    acc, t = accelerator, recipe.train
+    world, rank, device = acc.num_processes, acc.process_index, acc.device
+    ckpt_root = out_dir / "checkpoints"
+    start = 0
+    if resume is not None:
+        start = checkpoint.load(acc, resume)["step"]
+        acc.print(f"resumed from {resume} at step {start}")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", acc, keep_until=start)
+
+    def total_loss(batch: dict, num_items: torch.Tensor) -> torch.Tensor:
+        return sum(w * fn(model, batch, num_items, **opts) for fn, w, opts in losses)
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(), console=console,
+                        disable=not (acc.is_main_process and console.is_terminal))
+    task = progress.add_task("train", total=sched.total_steps, completed=start, info="")
+    order, order_epoch = None, -1
+    last: dict = {}
+    tokens_seen, t0 = 0, time.perf_counter()
+    with progress:
+        for step in range(start, sched.total_steps):
+            epoch, in_epoch = divmod(step, sched.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(train_rows), t.seed, epoch), epoch
+            model.train()
+            tick = time.perf_counter()
+            mine = step_batches(order, in_epoch, recipe, sched, world, rank)
+            batches = [collate([train_rows[i] for i in idx], pad_id) for idx in mine]
+            counts = torch.tensor([sum(count_targets(b) for b in batches),
+                                   sum(len(train_rows[i]["input_ids"]) for idx in mine for i in idx)],
+                                  device=device, dtype=torch.float64)
+            targets, real_tokens = acc.reduce(counts, "sum").tolist()
+            num_items = torch.tensor(targets / (world * sched.accum), device=device)
+            step_loss = torch.zeros((), device=device)
+            grad_norm = None
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with acc.accumulate(model):
+                    loss = total_loss(batch, num_items)
+                    acc.backward(loss)
+                    step_loss += loss.detach().float()
+                    if acc.sync_gradients and t.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not acc.optimizer_step_was_skipped:
+                scheduler.step()
+            loss_value = acc.reduce(step_loss, "sum").item() / (world * sched.accum)
+            tokens_seen += real_tokens
+            done = step + 1
+            if not math.isfinite(loss_value):
+                raise CrbError(f"step {done}: loss is {loss_value} (lower train.lr, check the data)")
+            if done % t.log_every == 0 or done == sched.total_steps:
+                elapsed = time.perf_counter() - tick
+                last = {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "loss": loss_value,
+                        "lr": scheduler.get_last_lr()[0], "tokens_per_s": real_tokens / max(elapsed, 1e-9),
+                        "tokens": tokens_seen, "step_s": elapsed}
+                if grad_norm is not None:
+                    last["grad_norm"] = float(grad_norm)
+                if torch.cuda.is_available():
+                    last["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                metrics.write(last)
+                info = f"loss {loss_value:.4f}  lr {last['lr']:.2e}  {last['tokens_per_s']:,.0f} tok/s"
+                if "gpu_mem_gib" in last:
+                    info += f"  {last['gpu_mem_gib']:.1f} GiB"
+                progress.update(task, info=info)
+                if not progress.live.is_started:
+                    acc.print(f"step {done}/{sched.total_steps}  {info}")
+            progress.update(task, completed=done)
+            epoch_end = done % sched.steps_per_epoch == 0
+            if eval_rows and ((t.eval_every and done % t.eval_every == 0) or (not t.eval_every and epoch_end)):
+                ev = {"step": done, "eval_loss": evaluate(acc, model, total_loss, eval_rows, t.micro_batch, pad_id)}
+                metrics.write(ev)
+                last.update(ev)
+                acc.print(f"step {done}: eval_loss {ev['eval_loss']:.4f}")
+            if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
+                checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen}, t.keep_checkpoints)
+    last["train_s"] = time.perf_counter() - t0
+    return last
+
+
+def evaluate(acc: Accelerator, model: torch.nn.Module, total_loss: Callable, rows: list[Row], micro: int,
+             pad_id: int) -> float:
+    """Token-mean loss over the eval rows, split across processes."""
+    mine = rows[acc.process_index:: acc.num_processes]
+    sums = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), micro):
+            batch = {k: v.to(acc.device) for k, v in collate(mine[i: i + micro], pad_id).items()}
+            sums[0] += total_loss(batch, torch.tensor(1.0, device=acc.device)).double()
+            sums[1] += count_targets(batch)
+    sums = acc.reduce(sums, "sum")
+    model.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+class MetricsLog:
+    """metrics.jsonl (main process) and Accelerate's trackers, side by side."""
+
+    def __init__(self, path: Path, acc: Accelerator, keep_until: int) -> None:
+        self.path, self.acc = path, acc
+        if acc.is_main_process:
+            kept = []
+            if path.exists() and keep_until:  # on resume, drop lines from after the checkpoint
+                kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= keep_until]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])

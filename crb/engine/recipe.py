@@ -1,0 +1,494 @@
+"""Recipes: TOML -> `extends` -> `--set` overrides -> strict validation into typed dataclasses.
+
+Every error is one line naming the file, the line, the key path, and expected vs got.
+The schema below is the single source of truth: `docs/recipes.md` is generated from it
+(`python -m crb.engine.recipe_docs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from crb.errors import RecipeError
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+    "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+    "warmup_stable_decay",
+)  # the names of transformers' `get_scheduler`
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a one-line description (for docs/recipes.md and `crb show`)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = doc("Hub id or local folder of the base model (and tokenizer).")
+    revision: str | None = doc("Hub revision (branch, tag or commit) to pin.", None)
+    tokenizer: str | None = doc("Tokenizer id or folder, if not the model's own.", None)
+    random_init: bool = doc("Build the model from its config with random weights (demos, tests).", False)
+    dtype: Dtype = doc("Dtype the weights load in; auto = bf16 where supported, else fp32 on CPU.", "auto")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc(
+        "Attention kernel passed to transformers.", "sdpa")
+
+
+@dataclass(kw_only=True)
+class QuantConfig:
+    bits: Literal[4, 8] = doc("bitsandbytes quantization width (qlora).", 4)
+    quant_type: Literal["nf4", "fp4"] = doc("4-bit data type.", "nf4")
+    double_quant: bool = doc("Quantize the quantization constants too.", True)
+    compute_dtype: Dtype = doc("Dtype of the 4-bit matmuls; auto follows train.precision.", "auto")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    r: int = doc("LoRA rank.", 16)
+    alpha: int = doc("LoRA alpha (scale = alpha / r).", 32)
+    dropout: float = doc("Dropout on the LoRA input.", 0.05)
+    target_modules: list[str] | str = doc(
+        'Module names to adapt, or "all-linear".', "all-linear")
+    bias: Literal["none", "all", "lora_only"] = doc("Which biases train.", "none")
+    modules_to_save: list[str] = doc("Modules trained in full beside the adapter.", factory=list)
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: Literal["full", "lora", "qlora", "freeze"] = doc(
+        "full: every weight trains; lora/qlora: PEFT adapters (qlora on a 4-bit base); "
+        "freeze: only parameters matching `trainable` train.", "lora")
+    trainable: list[str] = doc(
+        "freeze: regular expressions of parameter names that train.", factory=list)
+    quant: QuantConfig = doc("[method.quant]: quantization for qlora.", factory=QuantConfig)
+    lora: LoraConfig = doc("[method.lora]: adapter shape for lora/qlora.", factory=LoraConfig)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: list[str] = doc("JSONL files of training records.")
+    format: Literal["chatml", "text"] = doc(
+        "chatml: records with `messages`; text: records with `text` (raw documents).")
+    eval: list[str] = doc("JSONL files held out for evaluation.", factory=list)
+    eval_split: float = doc("Fraction of train held out for eval when `eval` is empty.", 0.0)
+    max_length: int = doc("Tokens per row (context length).", 2048)
+    packing: bool = doc("Pack documents into max_length rows, attention confined per document.", False)
+    overlong: Literal["truncate", "drop", "error"] = doc(
+        "What happens to a record longer than max_length (counts are reported).", "truncate")
+    bad_records: Literal["error", "skip"] = doc(
+        "Malformed records stop the run (file and line), or are skipped and counted.", "error")
+    chat_template: Literal["tokenizer", "chatml"] = doc(
+        "tokenizer: the tokenizer's own template (ChatML if it has none); chatml: always ChatML.",
+        "tokenizer")
+    field: str = doc("Name of the record field holding the messages or the text; default by format.", "")
+    cache_dir: str = doc("Where tokenized data is cached (by data hash + tokenizer + data section).",
+                         "~/.cache/crb")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = doc("Passes over the training data (ignored when max_steps > 0).", 1)
+    max_steps: int = doc("Optimizer steps to run; 0 = run `epochs`.", 0)
+    lr: float = doc("Peak learning rate.", 2e-4)
+    scheduler: str = doc("A transformers `get_scheduler` name: " + ", ".join(SCHEDULERS) + ".", "cosine")
+    warmup_ratio: float = doc("Fraction of the optimizer steps spent warming up.", 0.0)
+    batch_size: int = doc("Effective batch: micro_batch x accumulation x processes.", 8)
+    micro_batch: int = doc("Rows per forward pass per process.", 1)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = doc(
+        "torch AdamW, or bitsandbytes 8-bit / paged 8-bit AdamW.", "adamw")
+    weight_decay: float = doc("Decoupled weight decay.", 0.0)
+    betas: list[float] = doc("Adam betas.", factory=lambda: [0.9, 0.999])
+    eps: float = doc("Adam epsilon.", 1e-8)
+    max_grad_norm: float = doc("Clip the global gradient norm; 0 = no clipping.", 1.0)
+    precision: Precision = doc("Mixed precision; auto = bf16 where supported, else fp16 on GPU, fp32 on CPU.",
+                               "auto")
+    gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+    seed: int = doc("Seed for weights init, data order and dropout.", 42)
+    log_every: int = doc("Log metrics every N optimizer steps.", 1)
+    eval_every: int = doc("Evaluate every N optimizer steps; 0 = at each epoch end.", 0)
+    save_every: int = doc("Checkpoint every N optimizer steps; 0 = at each epoch end.", 0)
+    keep_checkpoints: int = doc("How many recent checkpoints to keep.", 2)
+    report_to: list[Literal["tensorboard", "wandb"]] = doc(
+        "Accelerate trackers besides metrics.jsonl (wandb only when installed).",
+        factory=lambda: ["tensorboard"])
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    name: str = doc("A loss from crb.losses' registry.")
+    weight: float = doc("Multiplier on this loss in the total.", 1.0)
+    options: dict[str, Any] = doc("Keyword options passed to the loss.", factory=dict)
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str = doc("Run folder: checkpoints, metrics, final artifacts (relative to the recipe's folder).")
+
+
+@dataclass(kw_only=True)
+class HardwareConfig:
+    profile: str = doc('"auto" (chosen from the plan and the detected GPU) or a profile name.', "auto")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    model: ModelConfig = doc("[model]")
+    method: MethodConfig = doc("[method]", factory=MethodConfig)
+    data: DataConfig = doc("[data]")
+    train: TrainConfig = doc("[train]", factory=TrainConfig)
+    losses: list[LossConfig] = doc("[[losses]]; default one causal_lm loss.", factory=list)
+    output: OutputConfig = doc("[output]")
+    hardware: HardwareConfig = doc("[hardware]", factory=HardwareConfig)
+    extends: str | None = doc("A recipe file this one inherits from (relative to this file).", None)
+    source: str = doc("Set by crb: the recipe file this was loaded from.", "")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load `path`, follow `extends`, apply `--set key=value` overrides, validate."""
+    path = Path(path)
+    raw, origins = _load_tree(path, seen=())
+    for item in overrides or []:
+        _apply_override(raw, origins, item)
+    raw.pop("extends", None)
+    recipe = _build(Recipe, raw, "", origins)
+    recipe.source = str(path)
+    _check_values(recipe, origins)
+    _resolve_paths(recipe, path.parent, origins)
+    return recipe
+
+
+def _read_toml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        line = getattr(e, "lineno", None) or _line_from_message(str(e))
+        msg = str(e).split(" (at line")[0]
+        raise RecipeError(f"{path}:{line or '?'}: invalid TOML: {msg}") from None
+
+
+def _line_from_message(msg: str) -> int | None:
+    m = re.search(r"line (\d+)", msg)
+    return int(m.group(1)) if m else None
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, Path]]:
+    """The merged raw dict of `path` and its `extends` chain, and for each key path its file."""
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise RecipeError(f"{path}: extends: circular chain {chain}")
+    raw = _read_toml(path)
+    origins: dict[str, Path] = {}
+    _record_origins(raw, "", path, origins)
+    parent = raw.get("extends")
+    if parent is None:
+        return raw, origins
+    if not isinstance(parent, str):
+        raise RecipeError(_where(path, "extends", origins) + f"extends: expected a path string, got {_got(parent)}")
+    parent_path = (path.parent / parent)
+    if not parent_path.is_file():
+        raise RecipeError(_where(path, "extends", origins) + f"extends: file not found: {parent_path}")
+    base, base_origins = _load_tree(parent_path, (*seen, resolved))
+    base_origins.update(origins)
+    return _merge(base, raw), base_origins
+
+
+def _record_origins(node: Any, prefix: str, path: Path, origins: dict[str, Path]) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else k
+            origins[key] = path
+            _record_origins(v, key, path, origins)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _record_origins(v, f"{prefix}[{i}]", path, origins)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(raw: dict, origins: dict[str, Path], item: str) -> None:
+    """`train.lr=1e-4`: the value is parsed as TOML (so 1e-4 is a float, [1,2] a list), else a string."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item}: expected key=value")
+    key, text = (s.strip() for s in item.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {item}: {p} is not a table")
+    node[parts[-1]] = value
+    origins[key] = Path("--set")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _build(cls: type, raw: Any, prefix: str, origins: dict[str, Path]) -> Any:
+    """Build dataclass `cls` from `raw`, checking keys and types strictly."""
+    if not isinstance(raw, dict):
+        raise RecipeError(_where_key(prefix, origins) + f"{prefix}: expected a table, got {_got(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields or key == "source":
+            full = f"{prefix}.{key}" if prefix else key
+            valid = [f"{prefix}.{n}" if prefix else n for n in fields if n != "source"]
+            near = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
+            raise RecipeError(_where_key(full, origins) + f"{full}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], full, origins)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if _is_dataclass_type(hints[name]):
+                kwargs[name] = _build(hints[name], {}, full, origins)
+            else:
+                where = _where_key(prefix, origins) if prefix else _where_file(origins)
+                raise RecipeError(where + f"{full}: missing required key")
+    return cls(**kwargs)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(tp: Any, value: Any, key: str, origins: dict[str, Path]) -> Any:
+    """Check `value` against type `tp`, returning it converted (int -> float where a float is due)."""
+    if _is_dataclass_type(tp):
+        return _build(tp, value, key, origins)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value in args and type(value) is type(args[0]):
+            return value
+        choices = ", ".join(repr(a) for a in args)
+        raise RecipeError(_where_key(key, origins) + f"{key}: expected one of {choices}, got {_got(value)}")
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _convert(arm, value, key, origins)
+            except RecipeError:
+                continue
+        raise RecipeError(_where_key(key, origins) + f"{key}: expected {_type_name(tp)}, got {_got(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(_where_key(key, origins) + f"{key}: expected {_type_name(tp)}, got {_got(value)}")
+        return [_convert(args[0], v, f"{key}[{i}]", origins) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(_where_key(key, origins) + f"{key}: expected a table, got {_got(value)}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise RecipeError(_where_key(key, origins) + f"{key}: expected {_type_name(tp)}, got {_got(value)}")
+
+
+def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
+    """Values of the right type that can't work."""
+
+    def bad(key: str, why: str, value: Any) -> RecipeError:
+        return RecipeError(_where_key(key, origins) + f"{key}: {why}, got {_got(value)}")
+
+    for key, value in [("train.lr", r.train.lr), ("train.batch_size", r.train.batch_size),
+                       ("train.micro_batch", r.train.micro_batch), ("data.max_length", r.data.max_length),
+                       ("method.lora.r", r.method.lora.r), ("method.lora.alpha", r.method.lora.alpha),
+                       ("train.log_every", r.train.log_every), ("train.keep_checkpoints", r.train.keep_checkpoints)]:
+        if value <= 0:
+            raise bad(key, "expected a value > 0", value)
+    for key, value in [("train.epochs", r.train.epochs), ("train.max_steps", r.train.max_steps),
+                       ("train.eval_every", r.train.eval_every), ("train.save_every", r.train.save_every),
+                       ("train.weight_decay", r.train.weight_decay), ("train.max_grad_norm", r.train.max_grad_norm)]:
+        if value < 0:
+            raise bad(key, "expected a value >= 0", value)
+    if r.train.epochs == 0 and r.train.max_steps == 0:
+        raise bad("train.epochs", "expected epochs > 0 or max_steps > 0", 0)
+    for key, value in [("train.warmup_ratio", r.train.warmup_ratio), ("data.eval_split", r.data.eval_split),
+                       ("method.lora.dropout", r.method.lora.dropout)]:
+        if not 0.0 <= value < 1.0:
+            raise bad(key, "expected a value in [0, 1)", value)
+    if r.train.scheduler not in SCHEDULERS:
+        near = difflib.get_close_matches(r.train.scheduler, SCHEDULERS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise RecipeError(_where_key("train.scheduler", origins)
+                          + f"train.scheduler: expected one of {', '.join(SCHEDULERS)}, got '{r.train.scheduler}'{hint}")
+    if len(r.train.betas) != 2 or not all(0 <= b < 1 for b in r.train.betas):
+        raise bad("train.betas", "expected two values in [0, 1)", r.train.betas)
+    if r.train.batch_size % r.train.micro_batch:
+        raise bad("train.batch_size", f"expected a multiple of train.micro_batch ({r.train.micro_batch})",
+                  r.train.batch_size)
+    if r.method.name == "freeze" and not r.method.trainable:
+        raise bad("method.trainable", "expected at least one pattern for method 'freeze'", [])
+    for i, pattern in enumerate(r.method.trainable):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise bad(f"method.trainable[{i}]", f"invalid regular expression ({e})", pattern) from None
+    if not r.data.train:
+        raise bad("data.train", "expected at least one file", [])
+    if r.data.eval and r.data.eval_split:
+        raise bad("data.eval_split", "expected 0 when data.eval lists files", r.data.eval_split)
+    from crb.losses import LOSSES  # late: the registry imports torch
+
+    for i, loss in enumerate(r.losses):
+        if loss.name not in LOSSES:
+            near = difflib.get_close_matches(loss.name, list(LOSSES), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(LOSSES)})"
+            raise RecipeError(_where_key(f"losses[{i}].name", origins)
+                              + f"losses[{i}].name: unknown loss '{loss.name}'{hint}")
+
+
+def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
+    """Data files are relative to the recipe that names them; they must exist."""
+    for key in ("train", "eval"):
+        files = getattr(r.data, key)
+        for i, name in enumerate(files):
+            origin = origins.get(f"data.{key}", base / "x")
+            root = origin.parent if origin.name != "--set" else Path.cwd()
+            p = Path(name).expanduser()
+            p = p if p.is_absolute() else (root / p)
+            if not p.is_file():
+                raise RecipeError(_where_key(f"data.{key}", origins) + f"data.{key}[{i}]: file not found: {p}")
+            files[i] = str(p.resolve())
+    out_origin = origins.get("output.dir", base / "x")
+    out_root = out_origin.parent if out_origin.name != "--set" else Path.cwd()
+    out = Path(r.output.dir).expanduser()
+    r.output.dir = str(out if out.is_absolute() else (out_root / out).resolve())
+    model = Path(r.model.name).expanduser()
+    model_root = origins.get("model.name", base / "x")
+    local = model if model.is_absolute() else model_root.parent / model
+    if r.model.name.startswith((".", "/", "~")) or local.is_dir():
+        if not local.is_dir():
+            raise RecipeError(_where_key("model.name", origins) + f"model.name: folder not found: {local}")
+        r.model.name = str(local.resolve())
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return {type(None): "none", str: "string", int: "integer", float: "float", bool: "boolean"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _where_file(origins: dict[str, Path]) -> str:
+    files = {p for p in origins.values() if p.name != "--set"}
+    return f"{sorted(files)[0]}: " if files else ""
+
+
+def _where_key(key: str, origins: dict[str, Path]) -> str:
+    """'file:line: ' for a key path such as 'train.lr' or 'losses[0].name'."""
+    probe = key
+    while probe and probe not in origins:
+        probe = probe.rsplit(".", 1)[0] if "." in probe else re.sub(r"\[\d+\]$", "", probe)
+        if probe == key:
+            break
+    path = origins.get(probe)
+    if path is None:
+        return _where_file(origins)
+    return _where(path, probe, origins)
+
+
+def _where(path: Path, key: str, origins: dict[str, Path]) -> str:
+    if path.name == "--set":
+        return "--set: "
+    line = find_line(path.read_text(encoding="utf-8", errors="replace"), key)
+    return f"{path}:{line}: " if line else f"{path}: "
+
+
+def find_line(text: str, key: str) -> int | None:
+    """The line defining `key` ('train.lr', 'losses[1].name') in TOML `text`: the key's own line,
+    else its table's header. A small scanner, since tomllib gives no positions."""
+    parts = re.sub(r"\[(\d+)\]", r".#\1", key).split(".")
+    table: list[str] = []
+    counts: dict[str, int] = {}
+    best = None
+    for no, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if m := re.match(r"^\[\[\s*([^\]]+?)\s*\]\]", s):
+            name = m.group(1)
+            counts[name] = counts.get(name, -1) + 1
+            table = [*name.split("."), f"#{counts[name]}"]
+        elif m := re.match(r"^\[\s*([^\]]+?)\s*\]", s):
+            table = m.group(1).split(".")
+        elif m := re.match(r"^([A-Za-z0-9_.\"' -]+?)\s*=", s):
+            path = table + [k.strip().strip("\"'") for k in m.group(1).split(".")]
+            if path == parts[: len(path)]:
+                best = no
+            continue
+        else:
+            continue
+        if table == parts[: len(table)] and best is None:
+            best = no
+    return best
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as a plain dict (None values dropped: TOML has no null)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    d = clean(dataclasses.asdict(recipe))
+    d.pop("extends", None)
+    return d
+
+
+def dumps(recipe: Recipe) -> str:
+    return tomli_w.dumps(to_dict(recipe))

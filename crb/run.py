@@ -1,0 +1,156 @@
+"""python -m crb.run RECIPE [--set key=value ...] [--resume [CHECKPOINT]]
+
+The whole flow, top-down: recipe -> hardware -> data -> build -> loop -> artifacts.
+The same code runs under `python`, `accelerate launch` and `torchrun`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+
+from crb.data import prepare
+from crb.engine import checkpoint, hardware, recipe as recipes
+from crb.engine.build import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_tokenizer,
+    count_parameters,
+    resolve_precision,
+)
+from crb.engine.loop import make_schedule, train
+from crb.errors import CrbError
+from crb.losses import LOSSES
+
+
+def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None = None) -> dict:
+    recipe = recipes.load(recipe_path, overrides)
+    hw = hardware.detect()
+    state = PartialState()
+    out = Path(recipe.output.dir)
+    say = state.print
+    say(f"crb: {recipe.source} -> {out}\ncrb: {hw.describe()}")
+
+    set_seed(recipe.train.seed)
+    mixed = resolve_precision(recipe.train.precision, state.device)
+    tokenizer = build_tokenizer(recipe)
+    with state.main_process_first():
+        train_rows, eval_rows, report = prepare(recipe.data, tokenizer, recipe.train.seed)
+    say(f"crb: data: {report.summary()}")
+    sched = make_schedule(recipe, len(train_rows), state.num_processes)
+    say(f"crb: {sched.total_steps} steps of {recipe.train.batch_size} rows (micro-batch {recipe.train.micro_batch} "
+        f"x accumulation {sched.accum} x {state.num_processes} process(es)), precision {mixed}")
+
+    trackers = [t for t in recipe.train.report_to if t != "wandb" or _has("wandb")]
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=sched.accum,
+                              log_with=trackers or None, project_dir=str(out))
+    checkpoint.keep_trainable_only(accelerator)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.resolved.toml").write_text(recipes.dumps(recipe))
+
+    model = build_model(recipe, mixed, accelerator.device)
+    trainable, total = count_parameters(model)
+    say(f"crb: {recipe.method.name}: {trainable:,} of {total:,} parameters train")
+    optimizer = build_optimizer(recipe, model)
+    scheduler = build_scheduler(recipe, optimizer, sched.total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe)))
+    losses = [(LOSSES[loss.name], loss.weight, loss.options) for loss in recipe.losses] or [(LOSSES["causal_lm"], 1.0, {})]
+
+    start = _resume_point(resume, out)
+    final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,
+                  tokenizer.pad_token_id, sched, out, start)
+    artifact = save_final(accelerator, model, tokenizer, out)
+    if accelerator.is_main_process:
+        summary = {"final": final, "data": report.__dict__, "trainable_params": trainable, "total_params": total,
+                   "artifact": str(artifact)}
+        (out / "run.json").write_text(json.dumps(summary, indent=1))
+    accelerator.end_training()
+    say(f"crb: done: {artifact}")
+    return final
+
+
+def _resume_point(resume: str | None, out: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / checkpoint.STATE_FILE).is_file():
+            raise CrbError(f"--resume {resume}: not a complete crb checkpoint")
+        return path
+    found = checkpoint.latest(out / "checkpoints")
+    if found is None:
+        PartialState().print(f"crb: no checkpoint under {out / 'checkpoints'}: starting fresh")
+    return found
+
+
+def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out: Path) -> Path:
+    """`final_adapter/` (PEFT) or `final_model/`, with the tokenizer; written then renamed."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    is_peft = hasattr(unwrapped, "peft_config")
+    dest = out / ("final_adapter" if is_peft else "final_model")
+    if accelerator.is_main_process:
+        tmp = out / f".tmp-{dest.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    accelerator.wait_for_everyone()
+    return dest
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Recipe as flat scalars, for trackers' hyperparameter tables."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="crb run", description="Train what a recipe says.")
+    p.add_argument("recipe", help="recipe TOML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint folder, or the run's latest when no folder is given")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args.recipe, args.overrides, args.resume)
+    except CrbError as e:
+        if args.debug:
+            raise
+        print(f"crb: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Fixtures: tiny models and tokenizers built from configs (no hub), and small recipes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(texts: list[str], vocab: int = 400) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def make_model_dir(path: Path, texts: list[str], vocab: int = 400, seed: int = 0) -> Path:
+    import torch
+
+    tok = make_tokenizer(texts, vocab)
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    MistralForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    items = ["navy suit", "white shirt", "running shoes", "red dress", "leather belt", "wool coat"]
+    sizes = ["small", "medium", "large", "38", "40", "42"]
+    out = []
+    for _ in range(n):
+        item, size = rng.choice(items), rng.choice(sizes)
+        msgs = [{"role": "user", "content": f"Do you have the {item} in {size}?"},
+                {"role": "assistant", "content": f"Yes, the {item} is in stock in size {size}."}]
+        if rng.random() < 0.5:
+            msgs.insert(0, {"role": "system", "content": "You are a helpful retail assistant."})
+        if rng.random() < 0.4:
+            msgs += [{"role": "user", "content": "How much is it?"},
+                     {"role": "assistant", "content": f"The {item} costs {rng.randint(20, 300)} dollars."}]
+        out.append({"messages": msgs})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny Mistral and BPE tokenizer (no chat template) trained on the chat fixture's text."""
+    texts = [m["content"] for r in chat_records(300) for m in r["messages"]]
+    return make_model_dir(tmp_path_factory.mktemp("tiny-mistral"), texts)
+
+
+@pytest.fixture
+def chat_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "chat.jsonl", chat_records(64))
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def chat_recipe(tmp_path, tiny_model, chat_file) -> Path:
+    return write_recipe(tmp_path / "recipe.toml", f"""
+[model]
+name = "{tiny_model}"
+
+[method]
+name = "lora"
+lora = {{ r = 8, alpha = 16, dropout = 0.0, target_modules = "all-linear" }}
+
+[data]
+train = ["{chat_file}"]
+format = "chatml"
+max_length = 128
+eval_split = 0.125
+cache_dir = "{tmp_path / 'cache'}"
+
+[train]
+epochs = 1
+lr = 1e-3
+batch_size = 8
+micro_batch = 4
+scheduler = "cosine"
+warmup_ratio = 0.1
+report_to = []
+
+[output]
+dir = "{tmp_path / 'out'}"
+""")

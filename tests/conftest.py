@@ -108,3 +108,10 @@ report_to = []
 [output]
 dir = "{tmp_path / 'out'}"
 """)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)

@@ -353,6 +353,9 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
     if r.train.batch_size % r.train.micro_batch:
         raise bad("train.batch_size", f"expected a multiple of train.micro_batch ({r.train.micro_batch})",
                   r.train.batch_size)
+    if r.model.random_init and r.method.name != "full":
+        raise bad("model.random_init", "expected method 'full' (a random base can't be reloaded under an adapter)",
+                  r.method.name)
     if r.method.name == "freeze" and not r.method.trainable:
         raise bad("method.trainable", "expected at least one pattern for method 'freeze'", [])
     for i, pattern in enumerate(r.method.trainable):

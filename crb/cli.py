@@ -1,0 +1,113 @@
+"""crb run | validate | show | plan | merge | verify | demo
+
+Errors print as one line (`crb: error: ...`) with exit code 2; `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from crb.errors import CrbError
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "language.toml"
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from crb.run import run
+
+    run(args.recipe, args.overrides, args.resume)
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from crb.engine import recipe
+
+    r = recipe.load(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok ({r.method.name} {r.model.name}, {r.data.format} data, {len(r.data.train)} file(s))")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from crb.engine import recipe
+
+    print(recipe.dumps(recipe.load(args.recipe, args.overrides)), end="")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from crb.engine import hardware, plan, recipe
+
+    r = recipe.load(args.recipe, args.overrides)
+    p = plan.plan(r, hardware.detect(args.gpu_memory))
+    print(p.to_json() if args.json else p.table())
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from crb.artifacts import merge
+
+    print(f"crb: merged model written to {merge(Path(args.output), args.out)}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from crb.artifacts import verify
+
+    print(verify(Path(args.output), args.prompt, args.max_new_tokens))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="crb", description="Train the Cognitive Retail Brain's models from TOML recipes.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_recipe(name: str, help_: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe", help="recipe TOML file")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+        return s
+
+    s = with_recipe("run", "train what the recipe says")
+    s.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint folder, or the run's latest when none is given")
+    s.set_defaults(func=cmd_run)
+    with_recipe("validate", "check a recipe and its data files").set_defaults(func=cmd_validate)
+    with_recipe("show", "print the resolved recipe (extends and --set applied) as TOML").set_defaults(func=cmd_show)
+    s = with_recipe("plan", "estimate the memory a recipe needs, before any GPU work")
+    s.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a card of this size")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_plan)
+    s = sub.add_parser("merge", help="merge a run's final adapter into its base model")
+    s.add_argument("output", help="the run's output folder")
+    s.add_argument("--out", default=None, help="where to write (default OUTPUT/merged_model)")
+    s.set_defaults(func=cmd_merge)
+    s = sub.add_parser("verify", help="load a run's result and generate from a prompt")
+    s.add_argument("output", help="the run's output folder")
+    s.add_argument("--prompt", required=True, help="user message (chat recipes) or text to continue")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.set_defaults(func=cmd_verify)
+    s = sub.add_parser("demo", help="train the CPU demo recipe, then answer a question with the result")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_demo)
+
+    args = p.parse_args(argv)
+    try:
+        args.func(args)
+    except CrbError as e:
+        if args.debug:
+            raise
+        print(f"crb: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from crb.artifacts import verify
+    from crb.engine import recipe
+    from crb.run import run
+
+    run(str(DEMO_RECIPE), args.overrides)
+    out = Path(recipe.load(DEMO_RECIPE, args.overrides).output.dir)
+    question = "Do you have the navy suit in size 40?"
+    print(f"\nuser: {question}\nassistant: {verify(out, question, 40)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,7 +34,8 @@ from crb.losses import LOSSES
 def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None = None) -> dict:
     recipe = recipes.load(recipe_path, overrides)
     hw = hardware.detect()
-    state = PartialState()
+    cpu = not torch.cuda.is_available()  # so torchrun on CPU becomes gloo data parallel
+    state = PartialState(cpu=cpu)
     out = Path(recipe.output.dir)
     say = state.print
     say(f"crb: {recipe.source} -> {out}\ncrb: {hw.describe()}")
@@ -50,7 +51,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
         f"x accumulation {sched.accum} x {state.num_processes} process(es)), precision {mixed}")
 
     trackers = [t for t in recipe.train.report_to if t != "wandb" or _has("wandb")]
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=sched.accum,
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=sched.accum,
                               log_with=trackers or None, project_dir=str(out))
     checkpoint.keep_trainable_only(accelerator)
     if accelerator.is_main_process:
@@ -63,6 +64,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     optimizer = build_optimizer(recipe, model)
     scheduler = build_scheduler(recipe, optimizer, sched.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by the loop once per optimizer step
     accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe)))
     losses = [(LOSSES[loss.name], loss.weight, loss.options) for loss in recipe.losses] or [(LOSSES["causal_lm"], 1.0, {})]
 

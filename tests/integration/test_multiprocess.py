@@ -1,0 +1,39 @@
+"""Two CPU processes (torchrun, gloo) train like one process at doubled micro-batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crb.run import run
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_at_double_micro_batch(chat_recipe, tmp_path):
+    common = ["train.max_steps=4", "train.batch_size=8", "method.lora.dropout=0.0"]
+    one = tmp_path / "one"
+    run(str(chat_recipe), [*common, "train.micro_batch=8", f"output.dir='{one}'"])
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "crb.run", str(chat_recipe)]
+    for item in [*common, "train.micro_batch=4", f"output.dir='{two}'"]:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "accumulation 1" in proc.stdout
+
+    def losses(out):
+        return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    a = load_file(one / "final_adapter/adapter_model.safetensors")
+    b = load_file(two / "final_adapter/adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

@@ -147,3 +147,22 @@ def test_cli_errors_are_one_line(chat_recipe, tmp_path, capsys):
     assert cli(["run", str(chat_recipe), "--set", f"data.train=['{bad}']"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad}:2: bad JSON" in err[0]
+
+
+def test_qlora_with_paged_8bit_adamw_runs_on_cpu(chat_recipe, tmp_path):
+    out = tmp_path / "q"
+    final = run(str(chat_recipe), ["method.name='qlora'", "train.optimizer='paged_adamw_8bit'",
+                                   "train.gradient_checkpointing=true", "train.max_steps=3", f"output.dir='{out}'"])
+    assert final["loss"] == final["loss"]  # finite (not NaN)
+    assert any(v.abs().sum() > 0 for k, v in adapter(out).items() if "lora_B" in k)
+
+
+def test_freeze_trains_only_matching_parameters(chat_recipe, tmp_path, tiny_model):
+    out = tmp_path / "fz"
+    run(str(chat_recipe), ["method.name='freeze'", "method.trainable=['lm_head', 'layers\\.1\\.']",
+                           "train.optimizer='adamw_8bit'", "train.max_steps=3", f"output.dir='{out}'"])
+    before = load_file(tiny_model / "model.safetensors")
+    after = load_file(out / "final_model" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lm_head" in k or "layers.1." in k for k in changed)
+    assert "model.layers.1.mlp.down_proj.weight" in changed and "lm_head.weight" in changed

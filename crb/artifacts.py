@@ -3,9 +3,9 @@ chat rendering as training). Both read only the run folder: its resolved recipe 
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

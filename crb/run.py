@@ -17,7 +17,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from crb.data import prepare
-from crb.engine import checkpoint, hardware, recipe as recipes
+from crb.engine import checkpoint, hardware
+from crb.engine import recipe as recipes
 from crb.engine.build import (
     build_model,
     build_optimizer,
@@ -66,7 +67,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by the loop once per optimizer step
     accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe)))
-    losses = [(LOSSES[loss.name], loss.weight, loss.options) for loss in recipe.losses] or [(LOSSES["causal_lm"], 1.0, {})]
+    losses = [(LOSSES[x.name], x.weight, x.options) for x in recipe.losses] or [(LOSSES["causal_lm"], 1.0, {})]
 
     start = _resume_point(resume, out)
     final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,

@@ -33,7 +33,8 @@ class Hardware:
 
 
 def detect(gpu_memory_gb: float | None = None) -> Hardware:
-    override = gpu_memory_gb or (float(os.environ["CRB_GPU_MEMORY_GB"]) if os.environ.get("CRB_GPU_MEMORY_GB") else None)
+    env = os.environ.get("CRB_GPU_MEMORY_GB")
+    override = gpu_memory_gb or (float(env) if env else None)
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -55,7 +55,10 @@ def verify(out: Path, prompt: str, max_new_tokens: int = 64) -> str:
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
+    stop = [tok.eos_token_id]
+    if "<|im_end|>" in tok.get_vocab():  # a ChatML turn ends there
+        stop.append(tok.convert_tokens_to_ids("<|im_end|>"))
     with torch.no_grad():
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stop)
     return tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()

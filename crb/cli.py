@@ -5,6 +5,7 @@ Errors print as one line (`crb: error: ...`) with exit code 2; `--debug` shows t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -105,8 +106,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run(str(DEMO_RECIPE), args.overrides)
     out = Path(recipe.load(DEMO_RECIPE, args.overrides).output.dir)
+    evals = [row["eval_loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in row]
+    print(f"\ncrb demo: held-out loss {evals[0]:.2f} before training -> {evals[-1]:.2f} after; result in {out}")
     question = "Do you have the navy suit in size 40?"
-    print(f"\nuser: {question}\nassistant: {verify(out, question, 40)}")
+    print(f"user: {question}\nassistant: {verify(out, question, 40)}")
 
 
 if __name__ == "__main__":

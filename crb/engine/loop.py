@@ -87,6 +87,10 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
     order, order_epoch = None, -1
     last: dict = {}
     tokens_seen, t0 = 0, time.perf_counter()
+    if eval_rows and start == 0:  # the baseline, so every run shows what training changed
+        base = evaluate(acc, model, total_loss, eval_rows, t.micro_batch, pad_id)
+        metrics.write({"step": 0, "eval_loss": base})
+        acc.print(f"step 0: eval_loss {base:.4f} (before training)")
     with progress:
         for step in range(start, sched.total_steps):
             epoch, in_epoch = divmod(step, sched.steps_per_epoch)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+import tomllib
 
 from crb.errors import RecipeError
 
@@ -164,6 +164,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load `path`, follow `extends`, apply `--set key=value` overrides, validate."""
     path = Path(path)
     raw, origins = _load_tree(path, seen=())
+    origins[""] = path  # the recipe as a whole (a missing table is reported here, not in a parent)
     for item in overrides or []:
         _apply_override(raw, origins, item)
     raw.pop("extends", None)
@@ -208,6 +209,9 @@ def _load_tree(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, Path
     parent_path = (path.parent / parent)
     if not parent_path.is_file():
         raise RecipeError(_where(path, "extends", origins) + f"extends: file not found: {parent_path}")
+    if parent_path.resolve() in (*seen, resolved):
+        chain = " -> ".join(str(p) for p in (*seen, resolved, parent_path.resolve()))
+        raise RecipeError(_where(path, "extends", origins) + f"extends: circular chain {chain}")
     base, base_origins = _load_tree(parent_path, (*seen, resolved))
     base_origins.update(origins)
     return _merge(base, raw), base_origins
@@ -242,7 +246,9 @@ def _apply_override(raw: dict, origins: dict[str, Path], item: str) -> None:
         value = text
     node = raw
     parts = key.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
+        if p not in node:
+            origins.setdefault(".".join(parts[: i + 1]), Path("--set"))
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise RecipeError(f"--set {item}: {p} is not a table")
@@ -330,12 +336,12 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
                        ("train.micro_batch", r.train.micro_batch), ("data.max_length", r.data.max_length),
                        ("method.lora.r", r.method.lora.r), ("method.lora.alpha", r.method.lora.alpha),
                        ("train.log_every", r.train.log_every), ("train.keep_checkpoints", r.train.keep_checkpoints)]:
-        if value <= 0:
+        if not value > 0:  # (nan too)
             raise bad(key, "expected a value > 0", value)
     for key, value in [("train.epochs", r.train.epochs), ("train.max_steps", r.train.max_steps),
                        ("train.eval_every", r.train.eval_every), ("train.save_every", r.train.save_every),
                        ("train.weight_decay", r.train.weight_decay), ("train.max_grad_norm", r.train.max_grad_norm)]:
-        if value < 0:
+        if not value >= 0:
             raise bad(key, "expected a value >= 0", value)
     if r.train.epochs == 0 and r.train.max_steps == 0:
         raise bad("train.epochs", "expected epochs > 0 or max_steps > 0", 0)
@@ -346,8 +352,8 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
     if r.train.scheduler not in SCHEDULERS:
         near = difflib.get_close_matches(r.train.scheduler, SCHEDULERS, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise RecipeError(_where_key("train.scheduler", origins)
-                          + f"train.scheduler: expected one of {', '.join(SCHEDULERS)}, got '{r.train.scheduler}'{hint}")
+        raise RecipeError(_where_key("train.scheduler", origins) + "train.scheduler: expected one of "
+                          + f"{', '.join(SCHEDULERS)}, got '{r.train.scheduler}'{hint}")
     if len(r.train.betas) != 2 or not all(0 <= b < 1 for b in r.train.betas):
         raise bad("train.betas", "expected two values in [0, 1)", r.train.betas)
     if r.train.batch_size % r.train.micro_batch:
@@ -424,6 +430,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _where_file(origins: dict[str, Path]) -> str:
+    if "" in origins:
+        return f"{origins['']}: "
     files = {p for p in origins.values() if p.name != "--set"}
     return f"{sorted(files)[0]}: " if files else ""
 
@@ -432,10 +440,8 @@ def _where_key(key: str, origins: dict[str, Path]) -> str:
     """'file:line: ' for a key path such as 'train.lr' or 'losses[0].name'."""
     probe = key
     while probe and probe not in origins:
-        probe = probe.rsplit(".", 1)[0] if "." in probe else re.sub(r"\[\d+\]$", "", probe)
-        if probe == key:
-            break
-    path = origins.get(probe)
+        probe = re.sub(r"\[\d+\]$", "", probe) if probe.endswith("]") else probe.rpartition(".")[0]
+    path = origins.get(probe) if probe else None
     if path is None:
         return _where_file(origins)
     return _where(path, probe, origins)
@@ -450,29 +456,38 @@ def _where(path: Path, key: str, origins: dict[str, Path]) -> str:
 
 def find_line(text: str, key: str) -> int | None:
     """The line defining `key` ('train.lr', 'losses[1].name') in TOML `text`: the key's own line,
-    else its table's header. A small scanner, since tomllib gives no positions."""
+    else its table's header, else the first dotted key inside it. A small scanner, since tomllib
+    gives no positions."""
     parts = re.sub(r"\[(\d+)\]", r".#\1", key).split(".")
     table: list[str] = []
     counts: dict[str, int] = {}
-    best = None
+    own = header = inner = None
+    depth = 0  # of the matching header: the key's own table beats its ancestors
     for no, line in enumerate(text.splitlines(), 1):
         s = line.strip()
         if m := re.match(r"^\[\[\s*([^\]]+?)\s*\]\]", s):
-            name = m.group(1)
+            name = ".".join(_key_parts(m.group(1)))
             counts[name] = counts.get(name, -1) + 1
             table = [*name.split("."), f"#{counts[name]}"]
         elif m := re.match(r"^\[\s*([^\]]+?)\s*\]", s):
-            table = m.group(1).split(".")
+            table = _key_parts(m.group(1))
         elif m := re.match(r"^([A-Za-z0-9_.\"' -]+?)\s*=", s):
-            path = table + [k.strip().strip("\"'") for k in m.group(1).split(".")]
-            if path == parts[: len(path)]:
-                best = no
+            path = table + _key_parts(m.group(1))
+            if own is None and path == parts[: len(path)]:  # the key, or an inline table holding it
+                own = no
+            elif inner is None and path[: len(parts)] == parts:  # a dotted key inside it
+                inner = no
             continue
         else:
             continue
-        if table == parts[: len(table)] and best is None:
-            best = no
-    return best
+        if (table == parts[: len(table)] or table[: len(parts)] == parts) and min(len(table), len(parts)) > depth:
+            header, depth = no, min(len(table), len(parts))
+    exact = header if depth == len(parts) else None  # the key's own [table], not an ancestor's
+    return own or exact or inner or header
+
+
+def _key_parts(dotted: str) -> list[str]:
+    return [k.strip().strip("\"'") for k in dotted.split(".")]
 
 
 # ---------------------------------------------------------------- output
@@ -494,4 +509,6 @@ def to_dict(recipe: Recipe) -> dict:
 
 
 def dumps(recipe: Recipe) -> str:
-    return tomli_w.dumps(to_dict(recipe))
+    d = to_dict(recipe)
+    source = d.pop("source", "")  # set by crb, not a recipe key: `crb show` output must load again
+    return (f"# resolved from {source}\n" if source else "") + tomli_w.dumps(d)

@@ -65,8 +65,8 @@ dir = "{tmp_path / 'out'}"
     assert last < first - 0.7, (first, last)  # about 6.9 -> 5.8 measured
     evals = [json.loads(ln)["eval_loss"] for ln in (tmp_path / "out/metrics.jsonl").read_text().splitlines()
              if "eval_loss" in ln]
-    assert len(evals) == 2 and evals[1] < evals[0]
-    assert final["eval_loss"] == evals[1]
+    assert len(evals) == 3 and evals[2] < evals[1] < evals[0]  # before training, step 25, step 50
+    assert final["eval_loss"] == evals[2]
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:

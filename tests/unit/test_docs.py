@@ -1,0 +1,38 @@
+"""docs/recipes.md is generated from the recipe schema and must match it."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from crb.engine import recipe
+from crb.engine.recipe_docs import DOCS, render
+
+
+def test_recipes_md_is_up_to_date():
+    assert DOCS.read_text(encoding="utf-8") == render(), (
+        "docs/recipes.md is out of date with crb/engine/recipe.py: run `python -m crb.engine.recipe_docs`")
+
+
+def test_every_schema_key_is_documented():
+    text = render()
+
+    def walk(cls: type, key: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "source":
+                continue
+            tp = hints[f.name]
+            sub = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+            if dataclasses.is_dataclass(sub):
+                name = f"{key}.{f.name}" if key else f.name
+                assert f"## [{name}]\n" in text or f"## [[{name}]]\n" in text, name
+                walk(sub, name)
+            else:
+                assert f"| `{f.name}` |" in text and f.metadata["doc"] in text, f"{key}.{f.name}"
+
+    walk(recipe.Recipe, "")
+
+
+def test_example_error_is_real():
+    assert "crb: error: recipe.toml:9: train.lrr: unknown key (did you mean 'train.lr'?)\n" in render()

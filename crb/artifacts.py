@@ -19,7 +19,7 @@ def _resolved(out: Path) -> dict:
     return tomllib.loads(path.read_text())
 
 
-def load_result(out: Path, dtype: torch.dtype = torch.float32):
+def load_result(out: Path, dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer, recipe dict) of a finished run: final_model/, or base + final_adapter/."""
     recipe = _resolved(out)
     if (out / "final_model").is_dir():
@@ -40,7 +40,7 @@ def load_result(out: Path, dtype: torch.dtype = torch.float32):
 def merge(out: Path, dest: str | None = None) -> Path:
     if not (out / "final_adapter").is_dir():
         raise CrbError(f"{out}: no final_adapter/ to merge (full fine-tunes are already whole: final_model/)")
-    model, tok, _ = load_result(out, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model, tok, _ = load_result(out, "auto")  # merged and saved in the base model's own dtype
     target = Path(dest) if dest else out / "merged_model"
     model.merge_and_unload().save_pretrained(target)
     tok.save_pretrained(target)

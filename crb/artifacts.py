@@ -1,5 +1,6 @@
 """Using a run's result: `crb merge` (adapter into base) and `crb verify` (generate with the same
-chat rendering as training). Both read only the run folder: its resolved recipe and artifacts."""
+rendering as training: the chat template, or the target-language token). Both read only the run
+folder: its resolved recipe and artifacts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import tomllib
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from crb.engine.build import AUTO_CLASSES, KINDS
 from crb.errors import CrbError
 
 
@@ -22,15 +24,21 @@ def _resolved(out: Path) -> dict:
 def load_result(out: Path, dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer, recipe dict) of a finished run: final_model/, or base + final_adapter/."""
     recipe = _resolved(out)
+    kind = KINDS[recipe["data"]["format"]]
+    if kind == "embedding":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(out / "final_model"), device="cpu")
+        return model.eval(), model.tokenizer, recipe
+    auto = AUTO_CLASSES[kind]
     if (out / "final_model").is_dir():
         path = out / "final_model"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = auto.from_pretrained(path, dtype=dtype)
     elif (out / "final_adapter").is_dir():
         from peft import PeftModel
 
         path = out / "final_adapter"
-        base = AutoModelForCausalLM.from_pretrained(recipe["model"]["name"], dtype=dtype,
-                                                    revision=recipe["model"].get("revision"))
+        base = auto.from_pretrained(recipe["model"]["name"], dtype=dtype, revision=recipe["model"].get("revision"))
         model = PeftModel.from_pretrained(base, path)
     else:
         raise CrbError(f"{out}: no final_model/ or final_adapter/ (did the run finish?)")
@@ -47,9 +55,17 @@ def merge(out: Path, dest: str | None = None) -> Path:
     return target
 
 
-def verify(out: Path, prompt: str, max_new_tokens: int = 64) -> str:
+def verify(out: Path, prompt: str, max_new_tokens: int = 64, target_lang: str | None = None,
+           source_lang: str | None = None) -> str:
+    """The result's answer to `prompt`: a chat reply, a continuation, a translation into
+    `target_lang`, or (retrieval) the prompt's nearest documents in the run's eval corpus."""
     model, tok, recipe = load_result(out)
-    if recipe["data"]["format"] == "chatml":
+    fmt = recipe["data"]["format"]
+    if fmt == "translation":
+        return _translate(model, tok, recipe, prompt, max_new_tokens, target_lang, source_lang)
+    if fmt == "retrieval":
+        return _search(model, recipe, prompt)
+    if fmt == "chatml":
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -62,3 +78,36 @@ def verify(out: Path, prompt: str, max_new_tokens: int = 64) -> str:
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stop)
     return tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _translate(model, tok, recipe: dict, text: str, max_new_tokens: int, target_lang: str | None,
+               source_lang: str | None) -> str:
+    data = recipe["data"]
+    source_lang = source_lang or data.get("source_lang") or "eng_Latn"
+    if not target_lang:
+        raise CrbError("verify: translation results need --target-lang CODE (e.g. hin_Deva)")
+    for flag, code in (("--source-lang", source_lang), ("--target-lang", target_lang)):
+        if code not in data["languages"]:
+            raise CrbError(f"verify: {flag} {code}: not in the recipe's data.languages")
+    import numpy as np
+
+    from crb.engine.metrics import translate
+
+    tok.src_lang = source_lang
+    ids = tok(text)["input_ids"]
+    return translate(model, tok, [np.asarray(ids)], tok.convert_tokens_to_ids(target_lang), max_new_tokens, 1, 1)[0]
+
+
+def _search(model, recipe: dict, query: str, k: int = 3) -> str:
+    from crb.data import retrieval
+    from crb.data.reader import read_jsonl
+
+    rows = []
+    for file in [*recipe["data"]["train"], *recipe["data"].get("eval", [])]:
+        rows += [retrieval.row(retrieval.check_triple(r.data, r.where())) for r in read_jsonl(file)
+                 if not isinstance(r, Exception)]
+    corpus = retrieval.corpus(recipe["data"].get("corpus", []), rows)
+    scores = model.similarity(model.encode([query], convert_to_tensor=True),
+                              model.encode(corpus, convert_to_tensor=True, batch_size=64))[0]
+    top = torch.topk(scores, min(k, len(corpus)))
+    return "\n".join(f"{s:.3f}  {corpus[i]}" for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True))

@@ -5,13 +5,16 @@ Errors print as one line (`crb: error: ...`) with exit code 2; `--debug` shows t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from crb.errors import CrbError
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "language.toml"
+DEMO_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
+# What each demo asks its result afterwards.
+DEMO_PROMPTS = {"retrieval": "waterproof boots for hiking in the rain",
+                "language": "Do you have the navy suit in size 40?", "translation": "Do you have this shirt in size medium?",
+                "code": "def total_price("}
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -50,7 +53,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> None:
     from crb.artifacts import verify
 
-    print(verify(Path(args.output), args.prompt, args.max_new_tokens))
+    print(verify(Path(args.output), args.prompt, args.max_new_tokens, args.target_lang, args.source_lang))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("output", help="the run's output folder")
     s.add_argument("--prompt", required=True, help="user message (chat recipes) or text to continue")
     s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--target-lang", default=None, help="translation: the language to translate into (FLORES-200)")
+    s.add_argument("--source-lang", default=None, help="translation: the prompt's language (default the recipe's)")
     s.set_defaults(func=cmd_verify)
-    s = sub.add_parser("demo", help="train the CPU demo recipe, then answer a question with the result")
+    s = sub.add_parser("demo", help="train a CPU demo recipe (recipes/demo/), show held-out metrics before and "
+                                    "after, and try the result")
+    s.add_argument("agent", nargs="?", default="retrieval", choices=sorted(DEMO_PROMPTS),
+                   help="which demo (default retrieval: fine-tunes the pretrained all-MiniLM-L6-v2)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=cmd_demo)
 
@@ -104,13 +112,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from crb.engine import recipe
     from crb.run import run
 
-    run(str(DEMO_RECIPE), args.overrides)
-    out = Path(recipe.load(DEMO_RECIPE, args.overrides).output.dir)
-    evals = [row["eval_loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if "eval_loss" in row]
-    print(f"\ncrb demo: held-out loss {evals[0]:.2f} before training -> {evals[-1]:.2f} after; result in {out}")
-    question = "Do you have the navy suit in size 40?"
-    print(f"user: {question}\nassistant: {verify(out, question, 40)}")
+    path = DEMO_RECIPES / f"{args.agent}.toml"
+    final = run(str(path), args.overrides)
+    out = Path(recipe.load(path, args.overrides).output.dir)
+    before, after = final.get("baseline", {}), final
+    print(f"\ncrb demo ({args.agent}): held-out metrics, before training -> after (result in {out})")
+    for key, value in before.items():
+        print(f"  {key:<10} {value:8.4f} -> {after.get(key, float('nan')):8.4f}")
+    prompt = DEMO_PROMPTS[args.agent]
+    target = "fra_Latn" if args.agent == "translation" else None
+    print(f"\n{prompt}{f' -> {target}' if target else ''}:\n{verify(out, prompt, 40, target)}")
 
 
 if __name__ == "__main__":

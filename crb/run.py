@@ -17,9 +17,11 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from crb.data import prepare
+from crb.data.collate import Batcher, causal_batcher, retrieval_batcher, seq2seq_batcher
 from crb.engine import checkpoint, hardware
 from crb.engine import recipe as recipes
 from crb.engine.build import (
+    KINDS,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -28,8 +30,9 @@ from crb.engine.build import (
     resolve_precision,
 )
 from crb.engine.loop import make_schedule, train
+from crb.engine.metrics import task_metrics
 from crb.errors import CrbError
-from crb.losses import LOSSES
+from crb.losses import DEFAULT_LOSS, LOSSES
 
 
 def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None = None) -> dict:
@@ -48,7 +51,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
         train_rows, eval_rows, report = prepare(recipe.data, tokenizer, recipe.train.seed)
     say(f"crb: data: {report.summary()}")
     sched = make_schedule(recipe, len(train_rows), state.num_processes)
-    say(f"crb: {sched.total_steps} steps of {recipe.train.batch_size} rows (micro-batch {recipe.train.micro_batch} "
+    say(f"crb: {sched.total_steps} steps of {recipe.train.batch_size} rows (micro-batch {sched.micro} "
         f"x accumulation {sched.accum} x {state.num_processes} process(es)), precision {mixed}")
 
     trackers = [t for t in recipe.train.report_to if t != "wandb" or _has("wandb")]
@@ -67,19 +70,34 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by the loop once per optimizer step
     accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe)))
-    losses = [(LOSSES[x.name], x.weight, x.options) for x in recipe.losses] or [(LOSSES["causal_lm"], 1.0, {})]
+    losses = ([(LOSSES[x.name], x.weight, x.options) for x in recipe.losses]
+              or [(LOSSES[DEFAULT_LOSS[recipe.data.format]], 1.0, {})])
 
     start = _resume_point(resume, out)
     final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,
-                  tokenizer.pad_token_id, sched, out, start)
+                  make_batcher(recipe, tokenizer, accelerator.unwrap_model(model)), sched, out, start,
+                  task_metrics(recipe, tokenizer, train_rows, eval_rows))
     artifact = save_final(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:
         summary = {"final": final, "data": report.__dict__, "trainable_params": trainable, "total_params": total,
                    "artifact": str(artifact)}
         (out / "run.json").write_text(json.dumps(summary, indent=1))
     accelerator.end_training()
+    if final.get("baseline"):
+        say("crb: held-out " + ", ".join(f"{k} {v:.4f} -> {final.get(k, float('nan')):.4f}"
+                                         for k, v in final["baseline"].items()) + " (before -> after)")
     say(f"crb: done: {artifact}")
     return final
+
+
+def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> Batcher:
+    """How rows become batches for this recipe's kind of model."""
+    kind = KINDS[recipe.data.format]
+    if kind == "seq2seq":
+        return seq2seq_batcher(tokenizer.pad_token_id, model.config.decoder_start_token_id)
+    if kind == "embedding":
+        return retrieval_batcher(getattr(model, "preprocess", None) or model.tokenize, recipe.data.hard_negatives)
+    return causal_batcher(tokenizer.pad_token_id)
 
 
 def _resume_point(resume: str | None, out: Path) -> Path | None:
@@ -106,8 +124,11 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out:
     if accelerator.is_main_process:
         tmp = out / f".tmp-{dest.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        if hasattr(unwrapped, "encode"):  # a sentence-transformers model: its own folder layout, tokenizer included
+            unwrapped.save(str(tmp))
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
     accelerator.wait_for_everyone()

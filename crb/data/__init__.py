@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from crb.data import retrieval, translation
 from crb.data.chatml import chat_template, check_messages, tokenize_chat
 from crb.data.packing import Doc, one_per_row, pack
 from crb.data.reader import Record, read_jsonl
@@ -21,7 +22,7 @@ from crb.engine.recipe import DataConfig
 from crb.errors import DataError
 
 Row = dict[str, np.ndarray]
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 @dataclass
@@ -31,6 +32,7 @@ class DataReport:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_target: int = 0
+    other_directions: int = 0
     train_rows: int = 0
     eval_rows: int = 0
     train_tokens: int = 0
@@ -41,12 +43,14 @@ class DataReport:
         s = (f"{self.records} records -> {self.train_rows} train rows ({self.train_tokens:,} tokens, "
              f"{self.target_tokens:,} trained on), {self.eval_rows} eval rows; truncated {self.truncated}, "
              f"dropped {self.dropped_overlong} over-long and {self.dropped_no_target} with no target")
+        if self.other_directions:
+            s += f"; skipped {self.other_directions} in directions the recipe does not train"
         if self.bad_skipped:
             s += f"; skipped {self.bad_skipped} malformed (first: {self.first_bad[0]})"
         return s
 
 
-def tokenize_record(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str) -> Doc:
+def _lm_doc(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str) -> Doc:
     if cfg.format == "chatml":
         name = cfg.field or "messages"
         if name not in rec.data:
@@ -58,40 +62,71 @@ def tokenize_record(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizer
     return tokenize_text(check_text(rec.data[name], rec.where(), name), tokenizer)
 
 
-def _read_docs(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-               report: DataReport) -> list[Doc]:
-    docs = []
+def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
+              report: DataReport) -> tuple[Row | Doc, int] | None:
+    """One record in its format's shape, with its length in tokens (None: not in the recipe's directions)."""
+    if cfg.format == "translation":
+        pair = translation.check_pair(rec.data, rec.where(), cfg, tokenizer)
+        if not translation.in_directions(pair, cfg):
+            report.other_directions += 1
+            return None
+        row = translation.tokenize_pair(pair, tokenizer)
+        return row, max(len(row["input_ids"]), len(row["labels"]))
+    if cfg.format == "retrieval":
+        texts = retrieval.check_triple(rec.data, rec.where())
+        return retrieval.row(texts), max(len(ids) for ids in tokenizer(texts)["input_ids"])
+    doc = _lm_doc(rec, cfg, tokenizer, template)
+    return doc, len(doc[0])
+
+
+def _truncate(item: Row | Doc, cfg: DataConfig) -> Row | Doc:
+    if cfg.format == "translation":
+        return translation.truncate(item, cfg.max_length)
+    if cfg.format == "retrieval":
+        return item  # the encoder's tokenizer cuts at max_length (model.max_seq_length)
+    ids, labels = item
+    return ids[: cfg.max_length], labels[: cfg.max_length]
+
+
+def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
+          report: DataReport) -> list:
+    items = []
     for file in files:
         for rec in read_jsonl(file):
             try:
                 if isinstance(rec, DataError):
                     raise rec
                 report.records += 1
-                ids, labels = tokenize_record(rec, cfg, tokenizer, template)
+                made = _make_row(rec, cfg, tokenizer, template, report)
             except DataError as e:
                 if cfg.bad_records == "error":
                     raise
                 report.bad_skipped += 1
                 report.first_bad = report.first_bad or [str(e)]
                 continue
-            if len(ids) > cfg.max_length:
+            if made is None:
+                continue
+            item, length = made
+            if length > cfg.max_length:
                 if cfg.overlong == "error":
-                    raise DataError(f"{rec.where()}: {len(ids)} tokens > data.max_length {cfg.max_length} "
+                    raise DataError(f"{rec.where()}: {length} tokens > data.max_length {cfg.max_length} "
                                     "(set data.overlong = \"truncate\" or \"drop\")")
                 if cfg.overlong == "drop":
                     report.dropped_overlong += 1
                     continue
-                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+                item = _truncate(item, cfg)
                 report.truncated += 1
-            if all(t == -100 for t in labels[1:]):
+            if cfg.format in ("chatml", "text") and all(t == -100 for t in item[1][1:]):
                 report.dropped_no_target += 1
                 continue
-            docs.append((ids, labels))
-    return docs
+            items.append(item)
+    return items
 
 
-def _rows(docs: list[Doc], cfg: DataConfig) -> list[Row]:
-    return pack(docs, cfg.max_length) if cfg.packing else one_per_row(docs)
+def _rows(items: list, cfg: DataConfig) -> list[Row]:
+    if cfg.format not in ("chatml", "text"):
+        return items  # already rows
+    return pack(items, cfg.max_length) if cfg.packing else one_per_row(items)
 
 
 def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[list[Row], list[Row], DataReport]:
@@ -102,9 +137,9 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> t
     if cache.is_file():
         return _load_cache(cache)
     report = DataReport()
-    docs = _read_docs(cfg.train, cfg, tokenizer, template, report)
+    docs = _read(cfg.train, cfg, tokenizer, template, report)
     if cfg.eval:
-        eval_docs = _read_docs(cfg.eval, cfg, tokenizer, template, report)
+        eval_docs = _read(cfg.eval, cfg, tokenizer, template, report)
     elif cfg.eval_split > 0:
         order = np.random.default_rng(seed).permutation(len(docs))
         n_eval = max(1, round(len(docs) * cfg.eval_split))
@@ -116,8 +151,10 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> t
         raise DataError(f"{cfg.train[0]}: no usable training records ({report.summary()})")
     train, evals = _rows(docs, cfg), _rows(eval_docs, cfg)
     report.train_rows, report.eval_rows = len(train), len(evals)
-    report.train_tokens = int(sum(len(r["input_ids"]) for r in train))
-    report.target_tokens = int(sum((r["labels"][1:] != -100).sum() for r in train))
+    if "input_ids" in train[0]:
+        report.train_tokens = int(sum(len(r["input_ids"]) for r in train))
+        shift = 1 if cfg.format in ("chatml", "text") else 0  # causal labels shift by one
+        report.target_tokens = int(sum((r["labels"][shift:] != -100).sum() for r in train))
     _save_cache(cache, train, evals, report)
     return train, evals, report
 
@@ -136,18 +173,22 @@ def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: st
 
 
 def _flatten(rows: list[Row], prefix: str) -> dict[str, np.ndarray]:
-    lengths = np.asarray([len(r["input_ids"]) for r in rows], np.int64)
-    out = {f"{prefix}_lengths": lengths}
-    for k in ("input_ids", "labels", "position_ids"):
-        out[f"{prefix}_{k}"] = np.concatenate([r[k] for r in rows]) if rows else np.zeros(0, np.int64)
+    """Rows (dicts of 1-d arrays, ids or texts) as one concatenated array + lengths per key."""
+    out: dict[str, np.ndarray] = {}
+    for k in (rows[0] if rows else {}):
+        out[f"{prefix}.{k}.len"] = np.asarray([len(r[k]) for r in rows], np.int64)
+        out[f"{prefix}.{k}"] = np.concatenate([r[k] for r in rows])
     return out
 
 
 def _unflatten(arrays: dict[str, np.ndarray], prefix: str) -> list[Row]:
-    ends = np.cumsum(arrays[f"{prefix}_lengths"])
-    starts = ends - arrays[f"{prefix}_lengths"]
-    return [{k: arrays[f"{prefix}_{k}"][s:e] for k in ("input_ids", "labels", "position_ids")}
-            for s, e in zip(starts, ends, strict=True)]
+    keys = [k.split(".")[1] for k in arrays if k.startswith(prefix + ".") and k.endswith(".len")]
+    columns = {}
+    for k in keys:
+        ends = np.cumsum(arrays[f"{prefix}.{k}.len"])
+        columns[k] = np.split(arrays[f"{prefix}.{k}"], ends[:-1]) if len(ends) else []
+    n = len(next(iter(columns.values()))) if columns else 0
+    return [{k: columns[k][i] for k in keys} for i in range(n)]
 
 
 def _save_cache(path: Path, train: list[Row], evals: list[Row], report: DataReport) -> None:

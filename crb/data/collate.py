@@ -1,25 +1,80 @@
-"""Batches: right-pad rows to the longest; the padding is a document of its own (fresh position
-ids, labels ignored), so no attention mask is needed and real tokens never attend to it."""
+"""Batches, one builder per kind of model, and what each batch counts.
+
+Causal LM rows are right-padded to the longest; the padding is a document of its own (fresh
+position ids, labels ignored), so no attention mask is needed and real tokens never attend to
+it. Seq2seq rows pad with an attention mask, and carry the decoder inputs (labels shifted right).
+Retrieval rows are texts that the encoder's own preprocessing tokenizes, one column at a time."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 IGNORE = -100
+Row = dict[str, np.ndarray]
 
 
-def collate(rows: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Batcher:
+    collate: Callable[[list[Row]], dict[str, Any]]
+    count: Callable[[dict[str, Any]], int]  # the items the loss averages over: target tokens, or queries
+    tokens: Callable[[dict[str, Any]], int]  # input tokens that are not padding (throughput)
+
+
+def _pad(arrays: list[np.ndarray], value: int, width: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.concatenate([a, np.full(width - len(a), value, np.int64)]) for a in arrays]))
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Causal LM rows -> input_ids, labels, position_ids."""
     width = max(len(r["input_ids"]) for r in rows)
-    out = {"input_ids": [], "labels": [], "position_ids": []}
-    for r in rows:
-        n = width - len(r["input_ids"])
-        out["input_ids"].append(np.concatenate([r["input_ids"], np.full(n, pad_id, np.int64)]))
-        out["labels"].append(np.concatenate([r["labels"], np.full(n, IGNORE, np.int64)]))
-        out["position_ids"].append(np.concatenate([r["position_ids"], np.arange(n, dtype=np.int64)]))
-    return {k: torch.from_numpy(np.stack(v)) for k, v in out.items()}
+    positions = [np.concatenate([r["position_ids"], np.arange(width - len(r["position_ids"]), dtype=np.int64)])
+                 for r in rows]
+    return {"input_ids": _pad([r["input_ids"] for r in rows], pad_id, width),
+            "labels": _pad([r["labels"] for r in rows], IGNORE, width),
+            "position_ids": torch.from_numpy(np.stack(positions)),
+            "n_tokens": sum(len(r["input_ids"]) for r in rows)}
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry a loss: labels after the causal shift that are not ignored."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def causal_batcher(pad_id: int) -> Batcher:
+    return Batcher(lambda rows: collate(rows, pad_id), count_targets, lambda b: b["n_tokens"])
+
+
+def seq2seq_batcher(pad_id: int, decoder_start_id: int) -> Batcher:
+    """Source ids + attention mask; labels; decoder inputs = [decoder start] + labels[:-1]."""
+
+    def make(rows: list[Row]) -> dict[str, Any]:
+        src = max(len(r["input_ids"]) for r in rows)
+        tgt = max(len(r["labels"]) for r in rows)
+        labels = _pad([r["labels"] for r in rows], IGNORE, tgt)
+        decoder = torch.cat([torch.full((len(rows), 1), decoder_start_id), labels[:, :-1]], dim=1)
+        return {"input_ids": _pad([r["input_ids"] for r in rows], pad_id, src),
+                "attention_mask": _pad([np.ones(len(r["input_ids"]), np.int64) for r in rows], 0, src),
+                "decoder_input_ids": decoder.masked_fill(decoder == IGNORE, pad_id), "labels": labels}
+
+    return Batcher(make, lambda b: int((b["labels"] != IGNORE).sum()),
+                   lambda b: int(b["attention_mask"].sum() + (b["labels"] != IGNORE).sum()))
+
+
+def retrieval_batcher(preprocess: Callable[[list[str]], dict], hard_negatives: int) -> Batcher:
+    """Columns [anchor, positive, negatives...] each through the encoder's preprocessing; a batch
+    keeps as many hard negatives as its poorest record has (at most `hard_negatives`)."""
+
+    def make(rows: list[Row]) -> dict[str, Any]:
+        columns = 2 + min(hard_negatives, *(len(r["texts"]) - 2 for r in rows))
+        features = [preprocess([str(r["texts"][c]) for r in rows]) for c in range(columns)]
+        return {"features": features, "n_rows": len(rows)}
+
+    def tokens(batch: dict[str, Any]) -> int:
+        return int(sum(f["attention_mask"].sum() for f in batch["features"] if "attention_mask" in f))
+
+    return Batcher(make, lambda b: b["n_rows"], tokens)

@@ -11,6 +11,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedTokenizerBase,
@@ -22,6 +23,9 @@ from crb.engine.recipe import Recipe
 from crb.errors import CrbError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The kind of model each data format trains.
+KINDS = {"chatml": "causal", "text": "causal", "translation": "seq2seq", "retrieval": "embedding"}
+AUTO_CLASSES = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -51,6 +55,10 @@ def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
 
 def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Module:
     m, method = recipe.model, recipe.method
+    kind = KINDS[recipe.data.format]
+    if kind == "embedding":
+        return build_encoder(recipe)
+    auto = AUTO_CLASSES[kind]
     dtype = DTYPES.get(m.dtype) or (half_dtype(mixed) if method.name in ("lora", "qlora") else torch.float32)
     kwargs: dict = {"dtype": dtype, "attn_implementation": m.attn_implementation, "revision": m.revision}
     if method.name == "qlora":
@@ -60,9 +68,9 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         if method.name == "qlora":
             raise CrbError("model.random_init: not with method 'qlora' (save the random model, then load it)")
         config = AutoConfig.from_pretrained(m.name, revision=m.revision)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=m.attn_implementation)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=m.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(m.name, **kwargs)
+        model = auto.from_pretrained(m.name, **kwargs)
     model.config.use_cache = False
     gc = recipe.train.gradient_checkpointing
     if method.name == "qlora":
@@ -75,9 +83,23 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         if method.name in ("lora", "freeze"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that wants grad
     if method.name in ("lora", "qlora"):
-        model = add_lora(model, recipe)
+        model = add_lora(model, recipe, "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM")
     elif method.name == "freeze":
         freeze(model, method.trainable)
+    return model
+
+
+def build_encoder(recipe: Recipe) -> torch.nn.Module:
+    """A sentence-transformers model (full or freeze), fp32 weights (mixed precision autocasts)."""
+    from sentence_transformers import SentenceTransformer
+
+    m = recipe.model
+    model = SentenceTransformer(m.name, revision=m.revision, device="cpu")
+    model.max_seq_length = recipe.data.max_length
+    if recipe.train.gradient_checkpointing:
+        model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.method.name == "freeze":
+        freeze(model, recipe.method.trainable)
     return model
 
 
@@ -90,13 +112,13 @@ def quant_config(recipe: Recipe, mixed: str) -> BitsAndBytesConfig:
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
 
 
-def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, recipe: Recipe, task_type: str) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = recipe.method.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, bias=lora.bias,
-                        modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM")
+                        modules_to_save=lora.modules_to_save or None, task_type=task_type)
     return get_peft_model(model, config)
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from crb.data.collate import collate, count_targets
+from crb.data.collate import Batcher
 from crb.engine import checkpoint
+from crb.engine.metrics import Metric
 from crb.engine.recipe import Recipe
 from crb.errors import CrbError
 
@@ -31,6 +33,7 @@ LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Schedule:
+    micro: int  # rows per micro-batch per process
     accum: int  # micro-batches per process per optimizer step
     steps_per_epoch: int
     total_steps: int
@@ -38,7 +41,12 @@ class Schedule:
 
 def make_schedule(recipe: Recipe, n_rows: int, world: int) -> Schedule:
     t = recipe.train
-    per_step = t.micro_batch * world
+    micro = t.micro_batch
+    if recipe.data.format == "retrieval":  # one pass per step: the batch is split over processes, not accumulated
+        if t.batch_size % world:
+            raise CrbError(f"train.batch_size: {t.batch_size} is not a multiple of {world} processes")
+        micro = t.batch_size // world
+    per_step = micro * world
     if t.batch_size % per_step:
         raise CrbError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch {t.micro_batch} "
                        f"x {world} processes")
@@ -47,7 +55,7 @@ def make_schedule(recipe: Recipe, n_rows: int, world: int) -> Schedule:
     if steps_per_epoch == 0:
         raise CrbError(f"train.batch_size: {t.batch_size} rows per step but the data has only {n_rows} rows")
     total = t.max_steps or t.epochs * steps_per_epoch
-    return Schedule(accum, steps_per_epoch, total)
+    return Schedule(micro, accum, steps_per_epoch, total)
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -57,7 +65,7 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
 def step_batches(order: np.ndarray, step_in_epoch: int, recipe: Recipe, sched: Schedule,
                  world: int, rank: int) -> list[np.ndarray]:
     """This process's micro-batches (row indices) for one optimizer step."""
-    mb = recipe.train.micro_batch
+    mb = sched.micro
     start = step_in_epoch * recipe.train.batch_size
     return [order[start + (a * world + rank) * mb: start + (a * world + rank + 1) * mb]
             for a in range(sched.accum)]
@@ -65,8 +73,9 @@ def step_batches(order: np.ndarray, step_in_epoch: int, recipe: Recipe, sched: S
 
 def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
           losses: list[tuple[LossFn, float, dict]], train_rows: list[Row], eval_rows: list[Row],
-          pad_id: int, sched: Schedule, out_dir: Path, resume: Path | None = None) -> dict:
-    """Run the optimizer steps of `sched`; returns the final metrics."""
+          batcher: Batcher, sched: Schedule, out_dir: Path, resume: Path | None = None,
+          task_metrics: list[Metric] = ()) -> dict:
+    """Run the optimizer steps of `sched`; returns the final metrics (and `baseline`: step 0's eval)."""
     acc, t = accelerator, recipe.train
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     ckpt_root = out_dir / "checkpoints"
@@ -87,10 +96,19 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
     order, order_epoch = None, -1
     last: dict = {}
     tokens_seen, t0 = 0, time.perf_counter()
-    if eval_rows and start == 0:  # the baseline, so every run shows what training changed
-        base = evaluate(acc, model, total_loss, eval_rows, t.micro_batch, pad_id)
-        metrics.write({"step": 0, "eval_loss": base})
-        acc.print(f"step 0: eval_loss {base:.4f} (before training)")
+    def run_eval(step: int) -> dict:
+        ev = {"eval_loss": evaluate(acc, model, total_loss, eval_rows, sched.micro, batcher)}
+        if task_metrics:
+            if acc.is_main_process:
+                for fn in task_metrics:
+                    ev.update(fn(acc.unwrap_model(model)))
+            acc.wait_for_everyone()
+        metrics.write({"step": step, **ev})
+        acc.print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                  + (" (before training)" if step == 0 else ""))
+        return ev
+
+    baseline = run_eval(0) if eval_rows and start == 0 else {}  # so every run shows what training changed
     with progress:
         for step in range(start, sched.total_steps):
             epoch, in_epoch = divmod(step, sched.steps_per_epoch)
@@ -99,16 +117,15 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             model.train()
             tick = time.perf_counter()
             mine = step_batches(order, in_epoch, recipe, sched, world, rank)
-            batches = [collate([train_rows[i] for i in idx], pad_id) for idx in mine]
-            counts = torch.tensor([sum(count_targets(b) for b in batches),
-                                   sum(len(train_rows[i]["input_ids"]) for idx in mine for i in idx)],
+            batches = [batcher.collate([train_rows[i] for i in idx]) for idx in mine]
+            counts = torch.tensor([sum(batcher.count(b) for b in batches), sum(batcher.tokens(b) for b in batches)],
                                   device=device, dtype=torch.float64)
             targets, real_tokens = acc.reduce(counts, "sum").tolist()
             num_items = torch.tensor(targets / (world * sched.accum), device=device)
             step_loss = torch.zeros((), device=device)
             grad_norm = None
             for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = send_to_device(batch, device)
                 with acc.accumulate(model):
                     loss = total_loss(batch, num_items)
                     acc.backward(loss)
@@ -143,27 +160,26 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             progress.update(task, completed=done)
             epoch_end = done % sched.steps_per_epoch == 0
             if eval_rows and ((t.eval_every and done % t.eval_every == 0) or (not t.eval_every and epoch_end)):
-                ev = {"step": done, "eval_loss": evaluate(acc, model, total_loss, eval_rows, t.micro_batch, pad_id)}
-                metrics.write(ev)
-                last.update(ev)
-                acc.print(f"step {done}: eval_loss {ev['eval_loss']:.4f}")
+                last.update(run_eval(done))
             if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
                 checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen}, t.keep_checkpoints)
     last["train_s"] = time.perf_counter() - t0
+    if baseline:
+        last["baseline"] = baseline
     return last
 
 
 def evaluate(acc: Accelerator, model: torch.nn.Module, total_loss: Callable, rows: list[Row], micro: int,
-             pad_id: int) -> float:
-    """Token-mean loss over the eval rows, split across processes."""
+             batcher: Batcher) -> float:
+    """Mean loss per item (target token, or query) over the eval rows, split across processes."""
     mine = rows[acc.process_index:: acc.num_processes]
     sums = torch.zeros(2, device=acc.device, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
         for i in range(0, len(mine), micro):
-            batch = {k: v.to(acc.device) for k, v in collate(mine[i: i + micro], pad_id).items()}
+            batch = send_to_device(batcher.collate(mine[i: i + micro]), acc.device)
             sums[0] += total_loss(batch, torch.tensor(1.0, device=acc.device)).double()
-            sums[1] += count_targets(batch)
+            sums[1] += batcher.count(batch)
     sums = acc.reduce(sums, "sum")
     model.train()
     return (sums[0] / sums[1].clamp(min=1)).item()

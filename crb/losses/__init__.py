@@ -1,10 +1,14 @@
 """Losses by name: a plain dict from the recipe's `[[losses]] name` to a function
-`(model, batch, num_items) -> loss tensor` (sum over items / num_items)."""
+`(model, batch, num_items, **options) -> loss tensor` (sum over items / num_items)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from crb.losses.causal_lm import causal_lm
+from crb.losses.contrastive import cached_mnrl, mnrl
+from crb.losses.seq2seq import seq2seq
 
-LOSSES: dict[str, Callable] = {"causal_lm": causal_lm}
+LOSSES: dict[str, Callable] = {"causal_lm": causal_lm, "seq2seq": seq2seq, "mnrl": mnrl, "cached_mnrl": cached_mnrl}
+# The loss a recipe without [[losses]] gets, by data format.
+DEFAULT_LOSS = {"chatml": "causal_lm", "text": "causal_lm", "translation": "seq2seq", "retrieval": "mnrl"}

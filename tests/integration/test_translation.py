@@ -38,7 +38,8 @@ def test_language_tokens_and_label_masking(translation_recipe, tiny_nllb):
     batch = batcher.collate(train[:2])
     short = int(batch["attention_mask"].sum(1).argmin())
     n_src, n_tgt = len(train[short]["input_ids"]), len(train[short]["labels"])
-    assert (batch["attention_mask"][short, n_src:] == 0).all() and (batch["input_ids"][short, n_src:] == tok.pad_token_id).all()
+    assert (batch["attention_mask"][short, n_src:] == 0).all()
+    assert (batch["input_ids"][short, n_src:] == tok.pad_token_id).all()
     assert (batch["labels"][short, n_tgt:] == IGNORE).all() or n_tgt == batch["labels"].shape[1]
     # decoder inputs: the decoder start, then the labels shifted right (language token first)
     assert batch["decoder_input_ids"][0, 0] == tok.eos_token_id and batch["decoder_input_ids"][0, 1] == fra

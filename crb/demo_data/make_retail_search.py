@@ -26,11 +26,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SEED = 20240612
 INSTRUCTION = "Represent the shopper's search query for retrieving products:"
-QUERIES_PER_PRODUCT = 3
-N_EVAL_PRODUCTS = 90
-N_CORPUS_ONLY = 60
+TRAIN_QUERIES, EVAL_QUERIES = 4, 3  # per product
+N_EVAL_PRODUCTS = 85
+N_CORPUS_ONLY = 45
 TYPO_RATE = 0.1
-FILL = 0.55  # share of each category's attribute grid that becomes products
+FILL = 0.5  # share of each category's attribute grid that becomes products
 EXTRA_RATE = 0.3
 BRAND_RATE = 0.2
 
@@ -39,7 +39,8 @@ BRAND_RATE = 0.2
 class Value:
     """One value of an attribute: its word in the title ('' for none), a catalog sentence and shopper phrasings.
 
-    A phrasing starting with '+' goes after the product noun ('+for wide feet'), the others before it ('womens').
+    A phrasing starting with '+' goes after the product noun ('+for wide feet'), one with '=' replaces the noun
+    ('=skillet'), the others go before it ('womens').
     """
 
     label: str
@@ -82,7 +83,7 @@ CATEGORIES = [
         ("Grippy lugged sole for loose ground.", "Padded collar for long days out."),
         who=(MEN, WOMEN, KIDS),
         water=(V("Storm", "A sealed DryLock membrane and gusseted tongue keep water out.", "waterproof", "wp",
-                 "+for wet trails", "+that keep feet dry in the rain", "+for bogs"),
+                 "+for wet trails", "+that keep feet dry in the rain", "+for boggy walks"),
                V("Vent", "Mesh panels let heat escape on warm days.", "breathable", "summer", "+for hot weather",
                  "+that dont make feet sweat")),
         fit=(V("Wide", "Built on a wide last with extra toe room.", "wide fit", "2E", "+for wide feet",
@@ -128,13 +129,13 @@ CATEGORIES = [
     ),
     cat("Backpack", ("backpack", "rucksack", "bag", "pack"), ("Transit Supply", "Larchmont", "Kitebag"), (30, 150),
         ("Padded mesh back panel and chest strap.", "Lifetime warranty on zips and seams."),
-        size=(V("18L", "18-litre daypack with a slim profile.", "small", "daypack", "+for day trips",
+        size=(V("18L", "18-litre daypack with a slim profile.", "small", "=daypack", "+for day trips",
                 "+for a day hike"),
               V("30L", "30-litre main compartment with organiser pockets.", "medium", "commuter", "+for school",
                 "+for work"),
               V("45L", "45-litre capacity, sized to airline cabin limits.", "big", "large", "travel",
                 "+for a week away", "carry-on", "+for backpacking")),
-        shell=(V("Roll-Top", "Welded roll-top shell stays dry in a downpour.", "waterproof", "dry bag",
+        shell=(V("Roll-Top", "Welded roll-top shell stays dry in a downpour.", "waterproof", "=dry bag",
                  "+for cycling in the rain", "+that keeps stuff dry"),
                V("", "Canvas body with a two-way zip.", "canvas", "zip", "+with a zip top")),
         laptop=(V("Laptop", "Padded sleeve fits a 16-inch laptop.", "laptop", "+for my laptop",
@@ -155,7 +156,7 @@ CATEGORIES = [
                  "+for workouts"),
                V("", "Tuned for rich, detailed sound at home.", "+for listening at home", "hifi")),
         form=(V("Over-Ear", "Cushioned cups sit around the ears.", "over ear", "full size", "+that go over the ears"),
-              V("In-Ear", "Tiny buds with three sizes of silicone tips.", "earbuds", "in ear", "buds",
+              V("In-Ear", "Tiny buds with three sizes of silicone tips.", "=earbuds", "in ear", "=buds",
                 "+that go in the ear"),
               V("On-Ear", "Compact pads rest on the ears and fold flat.", "on ear", "compact foldable")),
         colour=colours(("matte black", "black"), ("ivory", "white"), ("midnight blue", "navy")),
@@ -178,12 +179,12 @@ CATEGORIES = [
                  "+who loves cows and sheep"),
                V("Unicorn", "Unicorns, rainbows and a fairy castle.", "unicorn", "+who loves unicorns", "magical",
                  "rainbow")),
-        kind=(V("Building Set", "Chunky interlocking bricks to build and rebuild.", "building blocks", "construction",
-                "+to build", "bricks"),
-              V("Jigsaw", "Thick jigsaw pieces in a sturdy box.", "jigsaw", "puzzle", "+with puzzle pieces"),
-              V("Plush", "Soft, huggable and machine washable.", "cuddly", "stuffed animal", "soft toy",
+        kind=(V("Building Set", "Chunky interlocking bricks to build and rebuild.", "=building blocks", "construction",
+                "+to build", "=bricks"),
+              V("Jigsaw", "Thick jigsaw pieces in a sturdy box.", "=jigsaw", "=puzzle", "+with puzzle pieces"),
+              V("Plush", "Soft, huggable and machine washable.", "cuddly", "=stuffed animal", "=soft toy",
                 "+to cuddle at bedtime"),
-              V("Board Game", "A board game for 2 to 4 players.", "board game", "+to play as a family", "family game")),
+              V("Board Game", "A board game for 2 to 4 players.", "=board game", "+to play as a family", "=family game")),
     ),
     cat("", ("pan", "pot", "cookware"), ("Hearthwell", "Copperline", "Panora"), (20, 150),
         ("Oven-safe to 220 C.", "Stay-cool riveted handle."),
@@ -195,9 +196,9 @@ CATEGORIES = [
                  "+that lasts a lifetime"),
                V("Steel", "Tri-ply stainless steel, dishwasher safe.", "stainless", "steel",
                  "+that goes in the dishwasher")),
-        kind=(V("Frying Pan", "A shallow skillet with sloped sides.", "frying pan", "skillet", "+for frying eggs"),
-              V("Saucepan", "Deep sides and a glass lid.", "saucepan", "+for sauces and soup", "+with a lid"),
-              V("Wok", "Round-bottomed for fast, high-heat stir-fries.", "wok", "+for stir fry")),
+        kind=(V("Frying Pan", "A shallow skillet with sloped sides.", "=frying pan", "=skillet", "+for frying eggs"),
+              V("Saucepan", "Deep sides and a glass lid.", "=saucepan", "+for sauces and soup", "+with a lid"),
+              V("Wok", "Round-bottomed for fast, high-heat stir-fries.", "=wok", "+for stir fry")),
         hob=(V("", "Magnetic base works on induction, gas and electric.", "induction", "+for an induction hob",
                "+for induction"),
              V("", "For gas and electric hobs only.", "+for a gas stove", "+for gas hobs")),
@@ -225,7 +226,7 @@ CATEGORIES = [
         size=(V("500 ml", "Holds 500 ml.", "small", "+that fits a cup holder", "half litre", "17oz"),
               V("750 ml", "Holds 750 ml.", "medium", "+for the gym bag", "25oz"),
               V("1 L", "Holds 1 litre.", "big", "1l", "+for all day hydration", "large")),
-        wall=(V("Thermal", "Double-wall vacuum steel keeps drinks cold 24 h or hot 12 h.", "insulated", "thermos",
+        wall=(V("Thermal", "Double-wall vacuum steel keeps drinks cold 24 h or hot 12 h.", "insulated", "=thermos",
                 "+that keeps drinks cold all day", "+for hot coffee"),
               V("", "Single-wall BPA-free Tritan, very light.", "plastic", "bpa free", "lightweight",
                 "+that is light to carry")),
@@ -242,10 +243,10 @@ CATEGORIES = [
         power=(V("Cordless", "USB-C rechargeable battery, no cable needed.", "cordless", "rechargeable", "battery",
                  "+without a cable"),
                V("", "Mains powered with an inline switch.", "plug in", "mains", "+with a plug")),
-        kind=(V("Desk Lamp", "Weighted base and an adjustable arm.", "desk lamp", "+for my desk", "study lamp"),
-              V("Floor Lamp", "Stands 160 cm tall on a slim pole.", "floor lamp", "standing", "tall lamp",
+        kind=(V("Desk Lamp", "Weighted base and an adjustable arm.", "=desk lamp", "+for my desk", "=study lamp"),
+              V("Floor Lamp", "Stands 160 cm tall on a slim pole.", "=floor lamp", "standing", "=tall lamp",
                 "+for the living room corner"),
-              V("Clip Lamp", "Sprung clamp grips shelves and headboards.", "clip on", "clamp",
+              V("Clip Lamp", "Sprung clamp grips shelves and headboards.", "clip on", "=clamp light",
                 "+that attaches to the bed")),
         finish=(V("", "Brushed brass finish.", "brass", "gold"),
                 V("", "Matte black finish.", "black", "+in black"),
@@ -274,17 +275,17 @@ CATEGORIES = [
                 "+with no armrests")),
         kind=(V("Mesh Task", "Breathable mesh back with a synchro tilt.", "ergonomic", "mesh", "+for long days wfh",
                 "+for back pain"),
-              V("Gaming", "Racing-style bucket seat with a neck pillow.", "gaming", "racing style", "+for gaming"),
-              V("Saddle", "Saddle seat that keeps the hips open.", "saddle", "+for a standing desk", "perching stool")),
+              V("Gaming", "Racing-style bucket seat with a neck pillow.", "=gaming chair", "racing style", "+for gaming"),
+              V("Saddle", "Saddle seat that keeps the hips open.", "saddle", "+for a standing desk", "=perching stool")),
         colour=colours(("black", "black"), ("grey", "grey"), ("white", "white"), ("teal", "blue")),
     ),
     cat("Coffee Maker", ("coffee maker", "coffee machine", "coffee thing"), ("Brewster", "Crema Co", "Morning Mill"),
         (25, 600), ("Descaling reminder built in.", "Removable drip tray."),
-        kind=(V("Espresso", "15-bar pump for real espresso shots.", "espresso", "+for lattes", "+that makes cappuccino",
+        kind=(V("Espresso", "15-bar pump for real espresso shots.", "=espresso machine", "+for lattes", "+that makes cappuccino",
                 "bean to cup"),
               V("Filter", "Drip brewer with a glass jug.", "filter", "drip", "+for filter coffee"),
               V("Pod", "Takes capsules for one-touch drinks.", "pod", "capsule", "+that takes pods"),
-              V("French Press", "Plunger press with a steel mesh filter.", "cafetiere", "french press", "plunger")),
+              V("French Press", "Plunger press with a steel mesh filter.", "=cafetiere", "=french press", "plunger")),
         cups=(V("", "Makes 1 to 2 cups at a time.", "single serve", "+for one person", "+for a small kitchen"),
               V("", "Makes up to 10 cups at a time.", "+for the office", "+for a big family", "+for lots of people")),
         extra=(V("", "Steam wand for frothing milk.", "+with a milk frother", "+with a steam wand"),
@@ -380,13 +381,13 @@ def make_query(rng: random.Random, products: list[Product], p: Product) -> tuple
     n = next(k for k in range(1, len(order) + 1) if len(matches(products, p, order[:k])) == 1)
     dims = order[:n + (rng.random() < EXTRA_RATE)]  # shoppers often ask for more than they need to
     values = [list(cat.dims.values())[d][p.values[d]] for d in dims]
-    pre, post = [], []
+    pre, post, nouns = [], [], []
     for v in values:
         ask = rng.choice(v.asks)
-        (post if ask.startswith("+") else pre).append(ask.lstrip("+"))
+        {"+": post, "=": nouns}.get(ask[0], pre).append(ask.lstrip("+="))
     rng.shuffle(pre)
     rng.shuffle(post)
-    query = " ".join([*pre, rng.choice(cat.asks)])
+    query = " ".join([*pre, *nouns] if nouns else [*pre, rng.choice(cat.asks)])
     if post:
         query += " " + post[0] + "".join(rng.choice([" ", ", ", " and "]) + x for x in post[1:])
     if rng.random() < BRAND_RATE:
@@ -399,28 +400,27 @@ def make_query(rng: random.Random, products: list[Product], p: Product) -> tuple
     return query.lower(), dims
 
 
-def hard_negative(rng: random.Random, products: list[Product], p: Product, dims: list[int]) -> Product:
-    """A product of the same category that matches the query on all asked-for attributes but one."""
-    for k in range(len(dims), 0, -1):
-        pool = [q for q in products if q.cat == p.cat and q is not p
-                and sum(q.values[d] == p.values[d] for d in dims) == k - 1]
-        if pool:
-            return rng.choice(pool)
-    raise AssertionError(p.text)
+def hard_negative(rng: random.Random, pool: list[Product], p: Product, dims: list[int]) -> Product:
+    """A product of p's category from pool that matches the query on as many asked-for attributes as can be."""
+    same = [q for q in pool if q.cat == p.cat and q is not p]
+    best = max(sum(q.values[d] == p.values[d] for d in dims) for q in same)
+    return rng.choice([q for q in same if sum(q.values[d] == p.values[d] for d in dims) == best])
 
 
-def records(rng: random.Random, products: list[Product], chosen: list[Product]) -> list[dict[str, str]]:
+def records(rng: random.Random, products: list[Product], chosen: list[Product], k: int,
+            negatives: list[Product]) -> list[dict[str, str]]:
+    """k distinct queries for each chosen product, each with a hard negative drawn from negatives."""
     out = []
     for p in chosen:
         seen: set[str] = set()
-        for _ in range(20 * QUERIES_PER_PRODUCT):
+        for _ in range(20 * k):
             query, dims = make_query(rng, products, p)
             if query in seen:
                 continue
             seen.add(query)
-            neg = hard_negative(rng, products, p, dims)
+            neg = hard_negative(rng, negatives, p, dims)
             out.append({"instruction": INSTRUCTION, "query": query, "positive": p.text, "negative": neg.text})
-            if len(seen) == QUERIES_PER_PRODUCT:
+            if len(seen) == k:
                 break
     rng.shuffle(out)
     return out
@@ -441,9 +441,10 @@ def main() -> None:
     rng.shuffle(order)
     eval_products = order[:N_EVAL_PRODUCTS]
     train_products = order[N_EVAL_PRODUCTS + N_CORPUS_ONLY:]
+    rest = order[N_EVAL_PRODUCTS:]  # train never sees an eval product, not even as a negative
     write_jsonl(HERE / "retail_search_corpus.jsonl", [{"text": p.text} for p in products])
-    write_jsonl(HERE / "retail_search_train.jsonl", records(rng, products, train_products))
-    write_jsonl(HERE / "retail_search_eval.jsonl", records(rng, products, eval_products))
+    write_jsonl(HERE / "retail_search_train.jsonl", records(rng, products, train_products, TRAIN_QUERIES, rest))
+    write_jsonl(HERE / "retail_search_eval.jsonl", records(rng, products, eval_products, EVAL_QUERIES, products))
 
 
 if __name__ == "__main__":

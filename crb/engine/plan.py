@@ -58,11 +58,14 @@ class Plan:
 
 def meta_model(recipe: Recipe) -> torch.nn.Module:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel
+
+    from crb.engine.build import AUTO_CLASSES, KINDS
 
     config = AutoConfig.from_pretrained(recipe.model.name, revision=recipe.model.revision)
+    auto = AUTO_CLASSES.get(KINDS[recipe.data.format], AutoModel)  # an embedding model: the bare encoder
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
+        return auto.from_config(config)
 
 
 def lora_targets(model: torch.nn.Module, targets: list[str] | str) -> list[torch.nn.Linear]:
@@ -112,7 +115,8 @@ def plan(recipe: Recipe, hw: Hardware) -> Plan:
     else:
         act = tokens * (16 * hidden + 6 * inter) * half * layers
     c["activations"] = act
-    c["logits + loss (fp32)"] = tokens * cfg.vocab_size * (half + 4 + 4)
+    if recipe.data.format != "retrieval":  # an encoder has no vocabulary logits
+        c["logits + loss (fp32)"] = tokens * cfg.vocab_size * (half + 4 + 4)
     c["CUDA context + allocator"] = CUDA_CONTEXT
     total = sum(c.values())
     p = Plan(components=c, total=total)

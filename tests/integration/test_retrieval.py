@@ -79,8 +79,10 @@ def test_cached_loss_equals_plain_loss(tmp_path, minilm):
 
     a = load_file(tmp_path / "plain" / "final_model" / "model.safetensors")
     b = load_file(tmp_path / "cached" / "final_model" / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)  # Adam moves each weight ~lr=1e-3
+    # Adam's first step moves every weight by about lr (1e-3) along the sign of its gradient: gradients that
+    # differ anywhere but in rounding would move ~half the weights apart by ~2e-3.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff > 1e-4).float().mean() < 1e-4 and diff.max() < 2.5e-3
 
 
 def test_finetuning_raises_ndcg_on_held_out_retail_queries(tmp_path, minilm):

@@ -155,6 +155,7 @@ def tiny_nllb(tmp_path_factory) -> Path:
     config = M2M100Config(vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2,
                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                           decoder_ffn_dim=128, max_position_embeddings=128, dropout=0.0,
+                          encoder_layerdrop=0.0, decoder_layerdrop=0.0,
                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id)
     path = tmp_path_factory.mktemp("tiny-nllb")

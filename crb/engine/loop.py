@@ -159,7 +159,8 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                     acc.print(f"step {done}/{sched.total_steps}  {info}")
             progress.update(task, completed=done)
             epoch_end = done % sched.steps_per_epoch == 0
-            if eval_rows and ((t.eval_every and done % t.eval_every == 0) or (not t.eval_every and epoch_end)):
+            due = (t.eval_every and done % t.eval_every == 0) or (not t.eval_every and epoch_end)
+            if eval_rows and (due or done == sched.total_steps):  # and always at the end
                 last.update(run_eval(done))
             if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
                 checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen}, t.keep_checkpoints)

@@ -37,3 +37,27 @@ def test_two_processes_match_one_at_double_micro_batch(chat_recipe, tmp_path):
     b = load_file(two / "final_adapter/adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_translation_two_processes_match_one(translation_recipe, tmp_path):
+    """Seq2seq under 2 CPU processes: the loss is normalised over the whole step's target tokens.
+    (`accelerate launch --cpu` starts one process; torchrun starts several.)"""
+    common = ["train.max_steps=3", "train.batch_size=8", "data.eval=[]", "train.log_every=1"]
+    one = tmp_path / "one"
+    run(str(translation_recipe), [*common, "train.micro_batch=8", f"output.dir='{one}'"])
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "crb.run", str(translation_recipe)]
+    for item in [*common, "train.micro_batch=4", f"output.dir='{two}'"]:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+
+    def losses(out):
+        return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+
+    # padding differs (each micro-batch pads to its own longest row): float noise of ~1e-4, where a wrong
+    # normalisation would be off by the ratio of the processes' target tokens (several %)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-3)

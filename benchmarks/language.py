@@ -141,7 +141,7 @@ def check_crb_rows(cache_dir: Path, rows_file: Path) -> bool | None:
         return None
     rows = np.load(rows_file)
     with np.load(caches[-1]) as z:
-        lengths, ids = z["train_lengths"], z["train_input_ids"]
+        lengths, ids = z["train.input_ids.len"], z["train.input_ids"]
     return bool(len(lengths) == len(rows) and (lengths == rows.shape[1]).all()
                 and np.array_equal(ids.reshape(rows.shape), rows))
 

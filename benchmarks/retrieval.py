@@ -21,7 +21,9 @@ Speed (the default; GPU), in order, each heavy part in its own process so that e
 5. crb again at batch 1024 with `cached_mnrl` (GradCache, mini_batch_size 64), 2 steps: its peak memory shows
    that GradCache trains batch 1024 in the memory of a small batch;
 6. samples/s = batch / mean step time over the steps after the warm-up ones; peak GiB =
-   torch.cuda.max_memory_allocated(). Prints a table; writes OUT/retrieval.json.
+   torch.cuda.max_memory_allocated(). Prints a table; writes OUT/retrieval.json. crb's step time includes
+   tokenizing the step's texts (its batcher runs in the step); the Trainer's DataLoader has the batch tokenized
+   before on_step_begin, so st_interval_s (step end to step end, the tokenizing included) is kept beside it.
 
 Both sides checkpoint activations (crb's `train.gradient_checkpointing`; on the ST side the same call on the
 encoder that crb makes; --no-gradient-checkpointing turns it off on both): without it, plain MNRL at batch 64 x 3
@@ -323,6 +325,7 @@ def side_result(side: str, args: argparse.Namespace, steps: list[dict], rc: int,
     ok = rc == 0 and len(steps) == warmup + n
     timed = steps[warmup:]
     step_s = sum(s["step_s"] for s in timed) / len(timed) if ok else None
+    gaps = [s["interval_s"] for s in timed if s.get("interval_s") is not None]  # Trainer sides: step end to end
     mems = [s["gpu_mem_gib"] for s in steps if s.get("gpu_mem_gib") is not None]
     note, tail = None, []
     if not ok:
@@ -330,6 +333,7 @@ def side_result(side: str, args: argparse.Namespace, steps: list[dict], rc: int,
         note = f"exit {rc}, {len(steps)} of {warmup + n} steps: {tail[-1] if tail else ''} (log: {log})"
     return {"side": side, "status": "ok" if ok else "failed", "note": note, "log_tail": tail, "config": config_of(args),
             "batch": batch, "samples_per_s": batch / step_s if step_s else None, "step_s": step_s,
+            "interval_s": sum(gaps) / len(gaps) if ok and gaps else None,
             "peak_gib": max(mems) if ok and mems else None, "wall_s": wall,
             "losses": [s.get("loss") for s in steps], "steps": steps}
 
@@ -351,6 +355,7 @@ def report(args: argparse.Namespace, results: dict[str, dict], probe: dict) -> d
                "crb_peak_gib": m["crb"].get("peak_gib"), "st_peak_gib": m["st"].get("peak_gib"),
                "crb_peak_gib_b1024": m["crb_b1024"].get("peak_gib"),
                "crb_step_s": m["crb"].get("step_s"), "st_step_s": m["st"].get("step_s"),
+               "st_interval_s": m["st"].get("interval_s"),  # ST's step end to step end: with its batch's tokenizing
                "crb_vs_st": crb / st if crb and st else None,
                "crb_b1024_samples_per_s": m["crb_b1024"].get("samples_per_s"),
                "crb_b1024_step_s": m["crb_b1024"].get("step_s"),

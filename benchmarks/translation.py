@@ -310,6 +310,7 @@ def side_result(side: str, args: argparse.Namespace, steps: list[dict], rc: int,
     timed = steps[args.warmup:]
     ok = rc == 0 and len(steps) == args.warmup + args.steps
     step_s = sum(s["step_s"] for s in timed) / len(timed) if ok else None
+    gaps = [s["interval_s"] for s in timed if s.get("interval_s") is not None]  # Trainer sides: step end to end
     mems = [s["gpu_mem_gib"] for s in steps if s.get("gpu_mem_gib") is not None]
     note, tail = None, []
     if not ok:
@@ -317,6 +318,7 @@ def side_result(side: str, args: argparse.Namespace, steps: list[dict], rc: int,
         note = f"exit {rc}, {len(steps)} of {args.warmup + args.steps} steps: {tail[-1] if tail else ''} (log: {log})"
     return {"side": side, "status": "ok" if ok else "failed", "note": note, "log_tail": tail, "config": config_of(args),
             "samples_per_s": args.batch / step_s if step_s else None, "step_s": step_s,
+            "interval_s": sum(gaps) / len(gaps) if ok and gaps else None,
             "peak_gib": max(mems) if ok and mems else None, "wall_s": wall,
             "losses": [s.get("loss") for s in steps], "steps": steps}
 
@@ -337,6 +339,7 @@ def report(args: argparse.Namespace, results: dict[str, dict], probe: dict) -> d
         metrics[f"{side}_samples_per_s"] = r.get("samples_per_s")
         metrics[f"{side}_peak_gib"] = r.get("peak_gib")
         metrics[f"{side}_step_s"] = r.get("step_s")
+    metrics["hf_interval_s"] = (results.get("hf") or {}).get("interval_s")  # step end to step end, with the data
     a, b = metrics["crb_samples_per_s"], metrics["hf_samples_per_s"]
     metrics["crb_vs_hf"] = a / b if a and b else None
     metrics.update(batch=args.batch, src_tokens=args.src_tokens, tgt_tokens=args.tgt_tokens, steps=args.steps)

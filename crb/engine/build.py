@@ -90,11 +90,13 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
 
 
 def build_encoder(recipe: Recipe) -> torch.nn.Module:
-    """A sentence-transformers model (full or freeze), fp32 weights (mixed precision autocasts)."""
+    """A sentence-transformers model (full or freeze); fp32 weights unless model.dtype says otherwise (mixed
+    precision autocasts), whatever dtype the folder was saved in."""
     from sentence_transformers import SentenceTransformer
 
     m = recipe.model
-    model = SentenceTransformer(m.name, revision=m.revision, device="cpu")
+    model = SentenceTransformer(m.name, revision=m.revision, device="cpu",
+                                model_kwargs={"dtype": DTYPES.get(m.dtype) or torch.float32})
     model.max_seq_length = recipe.data.max_length
     if recipe.train.gradient_checkpointing:
         model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,10 +7,12 @@ order of each epoch is a seeded permutation), so resuming is exact."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,7 @@ def make_schedule(recipe: Recipe, n_rows: int, world: int) -> Schedule:
     return Schedule(micro, accum, steps_per_epoch, total)
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
@@ -93,7 +96,6 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                         TimeRemainingColumn(), console=console,
                         disable=not (acc.is_main_process and console.is_terminal))
     task = progress.add_task("train", total=sched.total_steps, completed=start, info="")
-    order, order_epoch = None, -1
     last: dict = {}
     tokens_seen, t0 = 0, time.perf_counter()
     def run_eval(step: int) -> dict:
@@ -108,16 +110,23 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                   + (" (before training)" if step == 0 else ""))
         return ev
 
+    def step_data(step: int) -> list[dict]:
+        """This process's micro-batches for optimizer step `step`."""
+        epoch, in_epoch = divmod(step, sched.steps_per_epoch)
+        mine = step_batches(epoch_order(len(train_rows), t.seed, epoch), in_epoch, recipe, sched, world, rank)
+        return [batcher.collate([train_rows[i] for i in idx]) for idx in mine]
+
     baseline = run_eval(0) if eval_rows and start == 0 else {}  # so every run shows what training changed
+    ahead = ThreadPoolExecutor(max_workers=1)  # builds (tokenizes, pads) the next step's batches during this one
+    upcoming = ahead.submit(step_data, start)
     with progress:
         for step in range(start, sched.total_steps):
-            epoch, in_epoch = divmod(step, sched.steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(len(train_rows), t.seed, epoch), epoch
+            epoch = step // sched.steps_per_epoch
             model.train()
             tick = time.perf_counter()
-            mine = step_batches(order, in_epoch, recipe, sched, world, rank)
-            batches = [batcher.collate([train_rows[i] for i in idx]) for idx in mine]
+            batches = upcoming.result()
+            if step + 1 < sched.total_steps:
+                upcoming = ahead.submit(step_data, step + 1)
             counts = torch.tensor([sum(batcher.count(b) for b in batches), sum(batcher.tokens(b) for b in batches)],
                                   device=device, dtype=torch.float64)
             targets, real_tokens = acc.reduce(counts, "sum").tolist()
@@ -161,9 +170,11 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             epoch_end = done % sched.steps_per_epoch == 0
             due = (t.eval_every and done % t.eval_every == 0) or (not t.eval_every and epoch_end)
             if eval_rows and (due or done == sched.total_steps):  # and always at the end
+                upcoming.result()  # the tokenizer is not shared across threads
                 last.update(run_eval(done))
             if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
                 checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen}, t.keep_checkpoints)
+    ahead.shutdown()
     last["train_s"] = time.perf_counter() - t0
     if baseline:
         last["baseline"] = baseline

@@ -21,7 +21,7 @@ DEMO_PROMPTS = {"retrieval": "waterproof boots for hiking in the rain",
 def cmd_run(args: argparse.Namespace) -> None:
     from crb.run import run
 
-    run(args.recipe, args.overrides, args.resume)
+    run(args.recipe, args.overrides, args.resume, args.stage)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     s = with_recipe("run", "train what the recipe says")
     s.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint folder, or the run's latest when none is given")
+    s.add_argument("--stage", default=None, help="run only this [[stages]] entry (default: all, in order)")
     s.set_defaults(func=cmd_run)
     with_recipe("validate", "check a recipe and its data files").set_defaults(func=cmd_validate)
     with_recipe("show", "print the resolved recipe (extends and --set applied) as TOML").set_defaults(func=cmd_show)

@@ -17,7 +17,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from crb.data import prepare
-from crb.data.collate import Batcher, causal_batcher, retrieval_batcher, seq2seq_batcher
+from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
 from crb.engine import checkpoint, hardware
 from crb.engine import recipe as recipes
 from crb.engine.build import (
@@ -35,20 +35,31 @@ from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
 
 
-def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None = None) -> dict:
-    recipe = recipes.load(recipe_path, overrides)
+def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None = None,
+        stage: str | None = None) -> dict:
+    recipe = recipes.load(recipe_path, overrides, stage)
+    if recipe.stages and stage is None:  # every stage in order, each from the previous one's output
+        finals = {}
+        for name in (s["name"] for s in recipe.stages):
+            done = Path(recipes.load(recipe_path, overrides, name).output.dir) / "run.json"
+            if resume and done.is_file():  # finished before: keep it
+                PartialState().print(f"crb: stage {name}: already finished ({done.parent})")
+                finals[name] = json.loads(done.read_text())["final"]
+                continue
+            finals[name] = run(recipe_path, overrides, resume, name)
+        return finals
     hw = hardware.detect()
     cpu = not torch.cuda.is_available()  # so torchrun on CPU becomes gloo data parallel
     state = PartialState(cpu=cpu)
     out = Path(recipe.output.dir)
     say = state.print
-    say(f"crb: {recipe.source} -> {out}\ncrb: {hw.describe()}")
+    say(f"crb: {recipe.source}{f' stage {recipe.stage}' if recipe.stage else ''} -> {out}\ncrb: {hw.describe()}")
 
     set_seed(recipe.train.seed)
     mixed = resolve_precision(recipe.train.precision, state.device)
     tokenizer = build_tokenizer(recipe)
     with state.main_process_first():
-        train_rows, eval_rows, report = prepare(recipe.data, tokenizer, recipe.train.seed)
+        train_rows, eval_rows, report = prepare(recipe.data, tokenizer, recipe.train.seed, recipe.clara)
     say(f"crb: data: {report.summary()}")
     sched = make_schedule(recipe, len(train_rows), state.num_processes)
     say(f"crb: {sched.total_steps} steps of {recipe.train.batch_size} rows (micro-batch {sched.micro} "
@@ -97,6 +108,9 @@ def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> B
         return seq2seq_batcher(tokenizer.pad_token_id, model.config.decoder_start_token_id)
     if kind == "embedding":
         return retrieval_batcher(getattr(model, "preprocess", None) or model.tokenize, recipe.data.hard_negatives)
+    if kind == "clara":
+        c = recipe.clara
+        return clara_batcher(tokenizer.pad_token_id, c.doc_max_length + 3 + c.doc_max_length // c.compress_rate)
     return causal_batcher(tokenizer.pad_token_id)
 
 
@@ -119,13 +133,16 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out:
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
-    is_peft = hasattr(unwrapped, "peft_config")
+    is_peft = hasattr(unwrapped, "peft_config") or hasattr(unwrapped, "adapters")
     dest = out / ("final_adapter" if is_peft else "final_model")
     if accelerator.is_main_process:
         tmp = out / f".tmp-{dest.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         if hasattr(unwrapped, "encode"):  # a sentence-transformers model: its own folder layout, tokenizer included
             unwrapped.save(str(tmp))
+        elif hasattr(unwrapped, "adapters"):  # CLaRa: every adapter, the added tokens and their embedding rows
+            unwrapped.save(tmp)
+            tokenizer.save_pretrained(tmp)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
@@ -160,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint folder, or the run's latest when no folder is given")
+    p.add_argument("--stage", default=None, help="run only this [[stages]] entry (default: all, in order)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -167,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args.recipe, args.overrides, args.resume)
+        run(args.recipe, args.overrides, args.resume, args.stage)
     except CrbError as e:
         if args.debug:
             raise

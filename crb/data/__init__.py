@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from crb.data import retrieval, translation
+from crb.data import clara, retrieval, translation
+from crb.data.clara_inputs import decoder_ids, document_ids
 from crb.data.chatml import chat_template, check_messages, tokenize_chat
 from crb.data.packing import Doc, one_per_row, pack
 from crb.data.reader import Record, read_jsonl
 from crb.data.text import check_text, tokenize_text
-from crb.engine.recipe import DataConfig
+from crb.engine.recipe import ClaraConfig, DataConfig
 from crb.errors import DataError
 
 Row = dict[str, np.ndarray]
@@ -64,7 +65,7 @@ def _lm_doc(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, te
 
 
 def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-              report: DataReport) -> tuple[Row | Doc, int] | None:
+              report: DataReport, clara_cfg: ClaraConfig | None = None) -> tuple[Row | Doc, int] | None:
     """One record in its format's shape, with its length in tokens (None: not in the recipe's directions)."""
     if cfg.format == "translation":
         pair = translation.check_pair(rec.data, rec.where(), cfg, tokenizer)
@@ -76,8 +77,36 @@ def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
     if cfg.format == "retrieval":
         texts = retrieval.check_triple(rec.data, rec.where())
         return retrieval.row(texts), max(len(ids) for ids in tokenizer(texts)["input_ids"])
+    if cfg.format == "clara":
+        row = clara_row(rec, clara_cfg, tokenizer, template)
+        return row, len(row["dec_ids"])
     doc = _lm_doc(rec, cfg, tokenizer, template)
     return doc, len(doc[0])
+
+
+def clara_row(rec: Record, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, template: str) -> Row:
+    """A CLaRa record as token ids: documents for the encoder (flattened), the decoder prompt and labels,
+    and in stage 3 the question for the query reasoner and the gold documents."""
+    n_mem = c.doc_max_length // c.compress_rate
+    where = rec.where()
+    if c.stage == "compression":
+        r = clara.check_stage1(rec.data, where)
+        docs, question, answer, gold, slots = [r["doc"]], None, clara.stage1_target(r["qa"]), [0], 1
+    else:
+        r = clara.check_stage23(rec.data, where)
+        docs, question, answer, gold = r["docs"], r["question"], r["answer"], r["pos_index"]
+        if len(docs) < c.top_k:
+            raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(docs)}")
+        if c.stage == "instruction":
+            docs = docs[: c.top_k]
+        slots = c.top_k
+    encoded = [document_ids(d, tokenizer, c.doc_max_length, n_mem) for d in docs]
+    dec_ids, dec_labels = decoder_ids(question, answer, slots, n_mem, tokenizer, template, where)
+    row = {"doc_ids": np.concatenate([e[0] for e in encoded]), "doc_mask": np.concatenate([e[1] for e in encoded]),
+           "dec_ids": dec_ids, "dec_labels": dec_labels, "gold": np.asarray(gold, np.int64)}
+    if c.stage == "end_to_end":
+        row["query_ids"], row["query_mask"] = document_ids(question, tokenizer, c.doc_max_length, n_mem)
+    return row
 
 
 def _truncate(item: Row | Doc, cfg: DataConfig) -> Row | Doc:
@@ -85,12 +114,14 @@ def _truncate(item: Row | Doc, cfg: DataConfig) -> Row | Doc:
         return translation.truncate(item, cfg.max_length)
     if cfg.format == "retrieval":
         return item  # the encoder's tokenizer cuts at max_length (model.max_seq_length)
+    if cfg.format == "clara":
+        return {**item, "dec_ids": item["dec_ids"][: cfg.max_length], "dec_labels": item["dec_labels"][: cfg.max_length]}
     ids, labels = item
     return ids[: cfg.max_length], labels[: cfg.max_length]
 
 
 def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-          report: DataReport) -> list:
+          report: DataReport, clara_cfg: ClaraConfig | None = None) -> list:
     items = []
     for file in files:
         for rec in read_jsonl(file):
@@ -98,7 +129,7 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                 if isinstance(rec, DataError):
                     raise rec
                 report.records += 1
-                made = _make_row(rec, cfg, tokenizer, template, report)
+                made = _make_row(rec, cfg, tokenizer, template, report, clara_cfg)
             except DataError as e:
                 if cfg.bad_records == "error":
                     raise
@@ -130,17 +161,18 @@ def _rows(items: list, cfg: DataConfig) -> list[Row]:
     return pack(items, cfg.max_length) if cfg.packing else one_per_row(items)
 
 
-def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[list[Row], list[Row], DataReport]:
+def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clara_cfg: ClaraConfig | None = None
+            ) -> tuple[list[Row], list[Row], DataReport]:
     """(train rows, eval rows, report), from the cache when the same data was prepared before."""
     template = chat_template(tokenizer, cfg.chat_template)
-    key = _cache_key(cfg, tokenizer, template, seed)
+    key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if cfg.format == "clara" else None)
     cache = Path(cfg.cache_dir).expanduser() / f"{key}.npz"
     if cache.is_file():
         return _load_cache(cache)
     report = DataReport()
-    docs = _read(cfg.train, cfg, tokenizer, template, report)
+    docs = _read(cfg.train, cfg, tokenizer, template, report, clara_cfg)
     if cfg.eval:
-        eval_docs = _read(cfg.eval, cfg, tokenizer, template, report)
+        eval_docs = _read(cfg.eval, cfg, tokenizer, template, report, clara_cfg)
     elif cfg.eval_split > 0:
         order = np.random.default_rng(seed).permutation(len(docs))
         n_eval = max(1, round(len(docs) * cfg.eval_split))
@@ -160,8 +192,11 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> t
     return train, evals, report
 
 
-def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str, seed: int) -> str:
+def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str, seed: int,
+               clara_cfg: ClaraConfig | None = None) -> str:
     h = hashlib.sha256(CACHE_VERSION.encode())
+    if clara_cfg is not None:
+        h.update(json.dumps({k: v for k, v in dataclasses.asdict(clara_cfg).items() if k != "init_from"}).encode())
     for file in [*cfg.train, *cfg.eval]:
         h.update(hashlib.sha256(Path(file).read_bytes()).digest())
     section = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "train", "eval")}

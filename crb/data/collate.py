@@ -78,3 +78,28 @@ def retrieval_batcher(preprocess: Callable[[list[str]], dict], hard_negatives: i
         return int(sum(f["attention_mask"].sum() for f in batch["features"] if "attention_mask" in f))
 
     return Batcher(make, lambda b: b["n_rows"], tokens)
+
+
+def clara_batcher(pad_id: int, doc_length: int) -> Batcher:
+    """CLaRa rows: documents stacked (rows x documents, doc_length); the decoder prompt right-padded
+    with an attention mask; stage 3 adds the question (as a document) and the gold documents."""
+
+    def make(rows: list[Row]) -> dict[str, Any]:
+        width = max(len(r["dec_ids"]) for r in rows)
+        batch = {"doc_ids": torch.from_numpy(np.concatenate([r["doc_ids"] for r in rows]).reshape(-1, doc_length)),
+                 "doc_mask": torch.from_numpy(np.concatenate([r["doc_mask"] for r in rows]).reshape(-1, doc_length)),
+                 "dec_ids": _pad([r["dec_ids"] for r in rows], pad_id, width),
+                 "dec_mask": _pad([np.ones(len(r["dec_ids"]), np.int64) for r in rows], 0, width),
+                 "dec_labels": _pad([r["dec_labels"] for r in rows], IGNORE, width),
+                 "gold": [r["gold"].tolist() for r in rows]}
+        if "query_ids" in rows[0]:
+            batch["query_ids"] = torch.from_numpy(np.stack([r["query_ids"] for r in rows]))
+            batch["query_mask"] = torch.from_numpy(np.stack([r["query_mask"] for r in rows]))
+        return batch
+
+    return Batcher(make, count_targets_of("dec_labels"),
+                   lambda b: int(b["doc_mask"].sum() + b["dec_mask"].sum()))
+
+
+def count_targets_of(key: str) -> Callable[[dict[str, Any]], int]:
+    return lambda b: int((b[key][:, 1:] != IGNORE).sum())

@@ -24,7 +24,8 @@ from crb.errors import CrbError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The kind of model each data format trains.
-KINDS = {"chatml": "causal", "text": "causal", "translation": "seq2seq", "retrieval": "embedding"}
+KINDS = {"chatml": "causal", "text": "causal", "translation": "seq2seq", "retrieval": "embedding",
+         "clara": "clara"}
 AUTO_CLASSES = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
 
 
@@ -48,9 +49,17 @@ def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(m.tokenizer or m.name, revision=None if m.tokenizer else m.revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is never attended to nor trained on
-    if recipe.data.format == "chatml":
+    if recipe.data.format in ("chatml", "clara"):
         tok.chat_template = chat_template(tok, recipe.data.chat_template)  # saved with the result
+    if recipe.data.format == "clara":
+        from crb.models.clara import special_tokens
+
+        tok.add_special_tokens({"additional_special_tokens": special_tokens(n_memory(recipe))})
     return tok
+
+
+def n_memory(recipe: Recipe) -> int:
+    return recipe.clara.doc_max_length // recipe.clara.compress_rate
 
 
 def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Module:
@@ -58,7 +67,7 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
     kind = KINDS[recipe.data.format]
     if kind == "embedding":
         return build_encoder(recipe)
-    auto = AUTO_CLASSES[kind]
+    auto = AUTO_CLASSES.get(kind, AutoModelForCausalLM)
     dtype = DTYPES.get(m.dtype) or (half_dtype(mixed) if method.name in ("lora", "qlora") else torch.float32)
     kwargs: dict = {"dtype": dtype, "attn_implementation": m.attn_implementation, "revision": m.revision}
     if method.name == "qlora":
@@ -82,11 +91,59 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method.name in ("lora", "freeze"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that wants grad
+    if kind == "clara":
+        return build_clara(model, recipe)
     if method.name in ("lora", "qlora"):
         model = add_lora(model, recipe, "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM")
     elif method.name == "freeze":
         freeze(model, method.trainable)
     return model
+
+
+def build_clara(base: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """The CLaRa wrapper: memory tokens added, the stage's LoRA adapters (fresh, or a previous stage's)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    from crb.models.clara import Clara
+
+    c, lora = recipe.clara, recipe.method.lora
+    tok = build_tokenizer(recipe)
+    base.resize_token_embeddings(len(tok))
+    mem_ids = tok.convert_tokens_to_ids([f"<MEM{i}>" for i in range(n_memory(recipe))])
+    adapters = ("encoder", "decoder", "query_reasoner") if c.stage == "end_to_end" else ("encoder", "decoder")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                        bias=lora.bias, task_type="CAUSAL_LM")
+    if c.init_from:
+        src = _clara_source(c.init_from)
+        rows = load_file(src / "clara_embeddings.safetensors")
+        with torch.no_grad():  # the previous stage's added-token rows
+            base.get_input_embeddings().weight[rows["ids"]] = rows["rows"].to(base.get_input_embeddings().weight.dtype)
+        model = PeftModel.from_pretrained(base, src / "encoder", adapter_name="encoder", is_trainable=True)
+        for name in adapters[1:]:
+            if (src / name).is_dir():
+                model.load_adapter(str(src / name), adapter_name=name, is_trainable=True)
+            elif name == "query_reasoner":  # stage 3 starts the query reasoner from the encoder
+                model.load_adapter(str(src / "encoder"), adapter_name=name, is_trainable=True)
+            else:
+                model.add_adapter(name, config)
+    else:
+        model = get_peft_model(base, config, adapter_name="encoder")
+        for name in adapters[1:]:
+            model.add_adapter(name, config)
+    for n, p in model.named_parameters():  # every adapter of the stage trains
+        p.requires_grad = any(f".{a}." in n for a in adapters) and "lora_" in n
+    return Clara(model, mem_ids, adapters, c.top_k if c.stage != "compression" else 1, c.temperature)
+
+
+def _clara_source(path: str):
+    from pathlib import Path
+
+    src = Path(path)
+    src = src / "final_adapter" if (src / "final_adapter").is_dir() else src
+    if not (src / "encoder").is_dir():
+        raise CrbError(f"clara.init_from: {path}: no CLaRa adapters there (expected final_adapter/encoder/)")
+    return src
 
 
 def build_encoder(recipe: Recipe) -> torch.nn.Module:

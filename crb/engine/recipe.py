@@ -38,7 +38,7 @@ LANGUAGES = (
 )
 # What each data format trains: the model class it loads, and the losses that fit it.
 FORMAT_LOSSES = {"chatml": ("causal_lm",), "text": ("causal_lm",), "translation": ("seq2seq",),
-                 "retrieval": ("mnrl", "cached_mnrl")}
+                 "retrieval": ("mnrl", "cached_mnrl"), "clara": ("clara_generation", "clara_mse")}
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -93,10 +93,11 @@ class MethodConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train: list[str] = doc("JSONL files of training records.")
-    format: Literal["chatml", "text", "translation", "retrieval"] = doc(
+    format: Literal["chatml", "text", "translation", "retrieval", "clara"] = doc(
         "chatml: records with `messages`; text: records with `text` (raw documents); translation: "
         "`source_lang, target_lang, source_text, target_text` (seq2seq); retrieval: `instruction, query, "
-        "positive, negative` (contrastive embeddings; negative optional, a string or a list).")
+        "positive, negative` (contrastive embeddings; negative optional, a string or a list); clara: stage 1 "
+        "`data_type, question[], answers[], docs[]`, stages 2-3 `question, docs[], answer, pos_index[]`.")
     eval: list[str] = doc("JSONL files held out for evaluation.", factory=list)
     eval_split: float = doc("Fraction of train held out for eval when `eval` is empty.", 0.0)
     max_length: int = doc("Tokens per row (context length).", 2048)
@@ -162,6 +163,19 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class ClaraConfig:
+    stage: Literal["compression", "instruction", "end_to_end"] = doc(
+        "CLaRa stage: 1 compression pretraining, 2 instruction tuning, 3 end-to-end with differentiable top-k.",
+        "compression")
+    compress_rate: int = doc("Document tokens per memory token: n memory tokens = doc_max_length / compress_rate.", 32)
+    doc_max_length: int = doc("Tokens of a document as the encoder reads it.", 256)
+    top_k: int = doc("Documents the decoder reads (stage 1: 1).", 5)
+    temperature: float = doc("Stage 3: temperature of the differentiable top-k's softmax.", 0.02)
+    init_from: str = doc("A previous CLaRa run folder whose adapters and memory-token embeddings this run starts "
+                         "from (relative to the recipe); empty = fresh adapters.", "")
+
+
+@dataclass(kw_only=True)
 class LossConfig:
     name: str = doc("A loss from crb.losses' registry.")
     weight: float = doc("Multiplier on this loss in the total.", 1.0)
@@ -185,29 +199,78 @@ class Recipe:
     data: DataConfig = doc("[data]")
     train: TrainConfig = doc("[train]", factory=TrainConfig)
     eval: EvalConfig = doc("[eval]: the metrics beside eval loss (BLEU/chrF, nDCG/MRR/recall).", factory=EvalConfig)
+    clara: ClaraConfig = doc("[clara]: the CLaRa stage and its compression settings.", factory=ClaraConfig)
     losses: list[LossConfig] = doc("[[losses]]; default by data format: causal_lm, seq2seq (translation), "
                                    "mnrl (retrieval).", factory=list)
     output: OutputConfig = doc("[output]")
     hardware: HardwareConfig = doc("[hardware]", factory=HardwareConfig)
     extends: str | None = doc("A recipe file this one inherits from (relative to this file).", None)
+    stages: list[dict[str, Any]] = doc(
+        "[[stages]]: a `name` and the keys this stage sets over the rest of the recipe (e.g. `train.lr = 5e-6`). "
+        "`crb run` runs them in order, each in output.dir/<name>, each CLaRa stage starting from the previous "
+        "one's adapters; `--stage NAME` runs one.", factory=list)
+    stage: str = doc("Set by crb: the stage this recipe is (empty: no stages).", "")
     source: str = doc("Set by crb: the recipe file this was loaded from.", "")
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load `path`, follow `extends`, apply `--set key=value` overrides, validate."""
+def load(path: str | Path, overrides: list[str] | None = None, stage: str | None = None) -> Recipe:
+    """Load `path`, follow `extends`, apply `--set key=value` overrides, validate. With [[stages]], every
+    stage is validated; `stage` picks one (its keys over the rest, its own output folder)."""
     path = Path(path)
     raw, origins = _load_tree(path, seen=())
     origins[""] = path  # the recipe as a whole (a missing table is reported here, not in a parent)
     for item in overrides or []:
         _apply_override(raw, origins, item)
     raw.pop("extends", None)
+    stages = raw.get("stages", [])
+    names = _stage_names(stages, origins)
+    if stage is not None and stage not in names:
+        raise RecipeError(f"{path}: --stage {stage}: no such stage (stages: {', '.join(names) or 'none'})")
+    for i, name in enumerate(names):
+        if stage is None or name == stage:
+            built = _stage_recipe(raw, origins, path, i, name, names[i - 1] if i else None)
+            if name == stage:
+                return built
     recipe = _build(Recipe, raw, "", origins)
     recipe.source = str(path)
     _check_values(recipe, origins)
     _resolve_paths(recipe, path.parent, origins)
+    return recipe
+
+
+def _stage_names(stages: Any, origins: dict[str, Path]) -> list[str]:
+    if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+        raise RecipeError(_where_key("stages", origins) + f"stages: expected [[stages]] tables, got {_got(stages)}")
+    names = []
+    for i, s in enumerate(stages):
+        name = s.get("name")
+        if not isinstance(name, str) or not name or name in names:
+            raise RecipeError(_where_key(f"stages[{i}]", origins) + f"stages[{i}].name: expected a unique name, "
+                              f"got {_got(name)}")
+        names.append(name)
+    return names
+
+
+def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name: str, previous: str | None) -> Recipe:
+    """The recipe of stage i: its keys over the rest; output in output.dir/<name>; a CLaRa stage after the
+    first starts from the previous stage's output unless it names clara.init_from."""
+    body = {k: v for k, v in raw["stages"][i].items() if k != "name"}
+    merged = _merge({k: v for k, v in raw.items() if k != "stages"}, body)
+    stage_origins = dict(origins)
+    for key, origin in origins.items():  # a stage's keys are reported where the stage sets them
+        prefix = f"stages[{i}]."
+        if key.startswith(prefix):
+            stage_origins[key[len(prefix):]] = origin
+    recipe = _build(Recipe, merged, "", stage_origins)
+    recipe.source, recipe.stage = str(path), name
+    _check_values(recipe, stage_origins)
+    _resolve_paths(recipe, path.parent, stage_origins)
+    recipe.output.dir = str(Path(recipe.output.dir) / name)
+    if previous and recipe.data.format == "clara" and not recipe.clara.init_from:
+        recipe.clara.init_from = str(Path(recipe.output.dir).parent / previous)
     return recipe
 
 
@@ -441,6 +504,19 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
                 near = difflib.get_close_matches(code, d.languages, n=1)
                 hint = f" (did you mean '{near[0]}'?)" if near else ""
                 raise RecipeError(_where_key(key, origins) + f"{key}: '{code}' is not in data.languages{hint}")
+    if d.format == "clara":
+        c = r.clara
+        if r.method.name not in ("lora", "qlora"):
+            raise bad("method.name", "expected 'lora' or 'qlora' for clara (three LoRA adapters on one base)",
+                      r.method.name)
+        if c.compress_rate <= 0 or c.doc_max_length % c.compress_rate:
+            raise bad("clara.compress_rate", f"expected a divisor of clara.doc_max_length ({c.doc_max_length})",
+                      c.compress_rate)
+        if c.top_k <= 0 or not c.temperature > 0:
+            raise bad("clara.top_k", "expected top_k > 0 and temperature > 0", (c.top_k, c.temperature))
+        if r.train.gradient_checkpointing:
+            raise bad("train.gradient_checkpointing", "expected false for clara (recomputation in backward "
+                      "would run under the wrong adapter)", True)
     if d.format == "retrieval":
         if r.method.name not in ("full", "freeze"):
             raise bad("method.name", "expected 'full' or 'freeze' for retrieval (the encoder trains whole)",
@@ -466,6 +542,11 @@ def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
     out_root = out_origin.parent if out_origin.name != "--set" else Path.cwd()
     out = Path(r.output.dir).expanduser()
     r.output.dir = str(out if out.is_absolute() else (out_root / out).resolve())
+    if r.clara.init_from:
+        origin = origins.get("clara.init_from", base / "x")
+        root = origin.parent if origin.name != "--set" else Path.cwd()
+        init = Path(r.clara.init_from).expanduser()
+        r.clara.init_from = str(init if init.is_absolute() else (root / init).resolve())
     if r.model.name.startswith("package:"):  # a model shipped inside a Python package (the demo's MiniLM)
         r.model.name = _package_model(r.model.name, origins)
         return

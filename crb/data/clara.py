@@ -1,0 +1,140 @@
+"""CLaRa records (../shared/clara.md): stage 1 `{"data_type": "qa", "question": [...], "answers": [...],
+"docs": [...]}` (one document, its questions and answers); stages 2 and 3 `{"question", "docs", "answer",
+"pos_index"}` (pos_index: which docs are gold). `build_stage23` makes stage-2/3 records from stage-1 ones:
+
+    python -m crb.data.clara build-stages IN.jsonl OUT.jsonl --docs 5 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crb.data.reader import read_jsonl
+from crb.errors import CrbError, DataError
+
+
+def _require(data: dict, where: str, name: str) -> Any:
+    if name not in data:
+        raise DataError(f"{where}: missing field '{name}'")
+    return data[name]
+
+
+def _text(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: {name}: expected non-empty text")
+    return value
+
+
+def _texts(value: Any, where: str, name: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {name}: expected a non-empty list of texts")
+    return [_text(v, where, f"{name}[{i}]") for i, v in enumerate(value)]
+
+
+def check_stage1(data: dict, where: str) -> dict:
+    """{"doc": the first document, "qa": [(question, answer), ...]} of a stage-1 record, or a DataError."""
+    kind = data.get("data_type", "qa")
+    if kind != "qa":
+        raise DataError(f"{where}: data_type: expected 'qa', got {kind!r}")
+    questions = _texts(_require(data, where, "question"), where, "question")
+    answers = _texts(_require(data, where, "answers"), where, "answers")
+    docs = _texts(_require(data, where, "docs"), where, "docs")
+    if len(answers) != len(questions):
+        raise DataError(f"{where}: answers: expected as many answers as questions ({len(answers)} vs {len(questions)})")
+    return {"doc": docs[0], "qa": list(zip(questions, answers, strict=True))}
+
+
+def stage1_target(qa: list[tuple[str, str]]) -> str:
+    """The stage-1 QA target: every "Question: q\\nAnswer: a", one after another on new lines."""
+    return "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in qa)
+
+
+def check_stage23(data: dict, where: str) -> dict:
+    """{"question", "docs", "answer", "pos_index"} of a stage-2/3 record, or a DataError."""
+    question = _text(_require(data, where, "question"), where, "question")
+    docs = _texts(_require(data, where, "docs"), where, "docs")
+    answer = _text(_require(data, where, "answer"), where, "answer")
+    pos = _require(data, where, "pos_index")
+    if not isinstance(pos, list) or not pos:
+        raise DataError(f"{where}: pos_index: expected a non-empty list of document indices")
+    for i, p in enumerate(pos):
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise DataError(f"{where}: pos_index[{i}]: expected an integer, got {json.dumps(p)}")
+        if not 0 <= p < len(docs):
+            raise DataError(f"{where}: pos_index[{i}]: {p} is out of range for {len(docs)} docs (0..{len(docs) - 1})")
+    if len(set(pos)) != len(pos):
+        dup = next(p for i, p in enumerate(pos) if p in pos[:i])
+        raise DataError(f"{where}: pos_index: index {dup} appears more than once")
+    return {"question": question, "docs": docs, "answer": answer, "pos_index": list(pos)}
+
+
+def build_stage23(stage1_records: list[dict], n_docs: int, seed: int) -> list[dict]:
+    """One stage-2/3 record per (question, answer) of each stage-1 record (as `check_stage1` returns them):
+    its own document and n_docs - 1 distinct other documents drawn from the other records, shuffled;
+    pos_index is where its own document landed. The same inputs and seed give the same records."""
+    if n_docs < 1:
+        raise DataError(f"--docs: expected at least 1 document per record, got {n_docs}")
+    unique = list(dict.fromkeys(r["doc"] for r in stage1_records))
+    if stage1_records and len(unique) < n_docs:
+        raise DataError(f"--docs: {n_docs} documents per record need at least {n_docs} distinct documents, "
+                        f"the data has {len(unique)}")
+    index = {doc: i for i, doc in enumerate(unique)}
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in stage1_records:
+        own = index[r["doc"]]
+        for question, answer in r["qa"]:
+            others = rng.choice(len(unique) - 1, size=n_docs - 1, replace=False)
+            others = others + (others >= own)  # skip the record's own document
+            docs = [unique[own], *(unique[i] for i in others)]
+            order = rng.permutation(n_docs)
+            out.append({"question": question, "docs": [docs[i] for i in order], "answer": answer,
+                        "pos_index": [int(np.flatnonzero(order == 0)[0])]})
+    return out
+
+
+def read_stage1(path: str | Path) -> list[dict]:
+    """Every record of a stage-1 file, checked; the first malformed one raises its DataError."""
+    records = []
+    for rec in read_jsonl(path):
+        if isinstance(rec, DataError):
+            raise rec
+        records.append(check_stage1(rec.data, rec.where()))
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m crb.data.clara", description="CLaRa data tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build-stages", help="build stage-2/3 records (question, docs, answer, pos_index) "
+                                            "from a stage-1 file")
+    b.add_argument("input", help="stage-1 JSON Lines file")
+    b.add_argument("output", help="stage-2/3 JSON Lines file to write")
+    b.add_argument("--docs", type=int, default=5, help="documents per record, the question's own included "
+                                                       "(default: 5)")
+    b.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    args = parser.parse_args(argv)
+    try:
+        records = build_stage23(read_stage1(args.input), args.docs, args.seed)
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    except CrbError as e:
+        print(f"crb: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"crb: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(records)} records to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

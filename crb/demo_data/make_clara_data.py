@@ -1,0 +1,44 @@
+"""Writes the CLaRa sample data crb ships: clara_stage1.jsonl (a product description as the document, with
+questions and answers read off it: name, colour, price) from retail_search_corpus.jsonl, and
+clara_stage23.jsonl (each question with its document among 4 others; pos_index marks it). Re-run:
+
+    python crb/demo_data/make_clara_data.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def qa_of(text: str) -> list[tuple[str, str]]:
+    title = text.split(". ", 1)[0]
+    pairs = [("What product does the document describe?", title)]
+    if m := re.search(r"Colour: ([^.]+)\.", text):
+        pairs.append((f"What colour is the {title}?", m.group(1)))
+    if m := re.search(r"\$(\d+\.\d\d)", text):
+        pairs.append((f"How much does the {title} cost?", f"${m.group(1)}"))
+    return pairs
+
+
+def main() -> None:
+    from crb.data.clara import build_stage23
+
+    texts = [json.loads(line)["text"] for line in (HERE / "retail_search_corpus.jsonl").read_text().splitlines()]
+    stage1 = []
+    for text in texts[::4][:120]:
+        qa = qa_of(text)
+        stage1.append({"data_type": "qa", "question": [q for q, _ in qa], "answers": [a for _, a in qa], "docs": [text]})
+    (HERE / "clara_stage1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stage1))
+    records = build_stage23([{"doc": r["docs"][0], "qa": list(zip(r["question"], r["answers"], strict=True))}
+                             for r in stage1], n_docs=5, seed=0)
+    records = [r for r in records if not r["question"].startswith("What product")]  # needs its document named
+    (HERE / "clara_stage23.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"wrote {len(stage1)} stage-1 and {len(records)} stage-2/3 records")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Models crb must write by hand: only the CLaRa compressor/generator wrapper."""

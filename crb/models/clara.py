@@ -1,0 +1,117 @@
+"""CLaRa: one causal LM base with three LoRA adapters, `encoder` (compresses each document into
+n memory embeddings), `decoder` (answers from them) and `query_reasoner` (stage 3: encodes the
+question to score candidate documents). See ../shared/clara.md for the method.
+
+The active adapter is switched per sub-forward by setting each LoRA layer's active adapter
+directly (PEFT's set_adapter would also flip requires_grad); every adapter of the stage trains.
+Added tokens: <MEM0>..<MEM{n-1}>, <AE>, <ENC>, <SEP>; only the memory rows of the input
+embedding matrix receive gradient (a gradient mask on the embedding weight)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from crb.losses.clara import clara_mse, differentiable_topk, recall_at_k, select
+
+ADAPTERS = ("encoder", "decoder", "query_reasoner")
+
+
+def special_tokens(n_mem: int) -> list[str]:
+    return [f"<MEM{i}>" for i in range(n_mem)] + ["<AE>", "<ENC>", "<SEP>"]
+
+
+@dataclass
+class ClaraOutput:
+    generation: torch.Tensor  # answer CE, summed over answer tokens / num_items
+    mse: torch.Tensor  # clara_mse of the compressed documents (0 in stage 3: no gradient there)
+    recall: float | None = None  # stage 3: recall@k of the gold documents among the selected
+
+
+class Clara(torch.nn.Module):
+    def __init__(self, peft_model: torch.nn.Module, mem_ids: list[int], adapters: tuple[str, ...], top_k: int,
+                 temperature: float) -> None:
+        super().__init__()
+        self.peft = peft_model
+        self.adapters = adapters
+        self.top_k, self.temperature = top_k, temperature
+        self.register_buffer("mem_ids", torch.tensor(mem_ids), persistent=False)
+        self.config = peft_model.config
+        embed = self.embeddings()
+        embed.weight.requires_grad_(True)
+        rows = torch.zeros(embed.weight.shape[0], 1, dtype=embed.weight.dtype)
+        rows[mem_ids] = 1
+        self.register_buffer("trainable_rows", rows, persistent=False)
+        embed.weight.register_hook(lambda g: g * self.trainable_rows.to(g.device, g.dtype))
+
+    def embeddings(self) -> torch.nn.Embedding:
+        return self.peft.get_input_embeddings()
+
+    def use(self, name: str) -> None:
+        """Route every LoRA layer through adapter `name` (requires_grad untouched)."""
+        for module in self.peft.modules():
+            if isinstance(module, BaseTunerLayer):
+                module._active_adapter = name
+
+    def backbone_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm), without the LM head."""
+        inner = self.peft.get_base_model().model
+        return inner(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def compress(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = "encoder"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(documents, n_mem, hidden) memory embeddings, and the MSE between memory and text means."""
+        self.use(adapter)
+        hidden = self.backbone_hidden(ids, mask)
+        mem = torch.isin(ids, self.mem_ids)
+        n = int(mem[0].sum())
+        return hidden[mem].view(ids.shape[0], n, -1), clara_mse(hidden, mask, mem)
+
+    def generate_loss(self, batch: dict, docs: torch.Tensor, num_items: torch.Tensor) -> torch.Tensor:
+        """Decoder forward with the memory slots' input embeddings replaced by `docs` (batch, slots, hidden)."""
+        self.use("decoder")
+        ids = batch["dec_ids"]
+        emb = self.embeddings()(ids)
+        slots = torch.isin(ids, self.mem_ids).unsqueeze(-1)
+        emb = emb.masked_scatter(slots, docs.to(emb.dtype).reshape(-1))
+        logits = self.peft(inputs_embeds=emb, attention_mask=batch["dec_mask"], use_cache=False).logits
+        labels = batch["dec_labels"]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                               reduction="sum")
+        return loss / num_items
+
+    def forward(self, batch: dict, num_items: torch.Tensor) -> ClaraOutput:
+        b, k = batch["dec_ids"].shape[0], batch["doc_ids"].shape[0] // batch["dec_ids"].shape[0]
+        if "query_reasoner" not in self.adapters:  # stages 1-2: the given documents, compressed with grad
+            docs, mse = self.compress(batch["doc_ids"], batch["doc_mask"])
+            return ClaraOutput(self.generate_loss(batch, docs.reshape(b, -1, docs.shape[-1]), num_items), mse)
+        with torch.no_grad():  # stage 3: candidates compressed without grad, the query with grad
+            cands, _ = self.compress(batch["doc_ids"], batch["doc_mask"])
+        query, _ = self.compress(batch["query_ids"], batch["query_mask"], "query_reasoner")
+        flat = cands.reshape(b, k, -1)  # (b, candidates, n_mem * hidden)
+        scores = torch.einsum("bd,bkd->bk", F.normalize(query.reshape(b, -1).float(), dim=-1),
+                              F.normalize(flat.float(), dim=-1))
+        weights = differentiable_topk(scores, self.top_k, self.temperature)  # (b, top_k, candidates)
+        recall = recall_at_k(weights.detach().argmax(-1), batch["gold"])
+        docs = select(weights, flat.float()).reshape(b, -1, cands.shape[-1])  # forward: exactly the top-k
+        return ClaraOutput(self.generate_loss(batch, docs, num_items), torch.zeros((), device=scores.device), recall)
+
+    def save(self, folder) -> None:
+        """PEFT folders per adapter (folder/encoder, folder/decoder, ...), the added tokens' embedding rows
+        and clara.json (what a later stage or `crb verify` needs)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        self.peft.save_pretrained(folder, selected_adapters=list(self.adapters))
+        weight = self.embeddings().weight.detach()
+        ids = torch.arange(int(self.mem_ids.min()), weight.shape[0])  # the added tokens come last
+        save_file({"ids": ids.contiguous(), "rows": weight[ids].float().cpu().contiguous()},
+                  folder / "clara_embeddings.safetensors")
+        (folder / "clara.json").write_text(json.dumps({"adapters": list(self.adapters), "top_k": self.top_k,
+                                                       "n_mem": len(self.mem_ids), "temperature": self.temperature}))

@@ -14,8 +14,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from crb.data import clara, retrieval, translation
-from crb.data.clara_inputs import decoder_ids, document_ids
 from crb.data.chatml import chat_template, check_messages, tokenize_chat
+from crb.data.clara_inputs import decoder_ids, document_ids
 from crb.data.packing import Doc, one_per_row, pack
 from crb.data.reader import Record, read_jsonl
 from crb.data.text import check_text, tokenize_text
@@ -115,7 +115,8 @@ def _truncate(item: Row | Doc, cfg: DataConfig) -> Row | Doc:
     if cfg.format == "retrieval":
         return item  # the encoder's tokenizer cuts at max_length (model.max_seq_length)
     if cfg.format == "clara":
-        return {**item, "dec_ids": item["dec_ids"][: cfg.max_length], "dec_labels": item["dec_labels"][: cfg.max_length]}
+        cut = cfg.max_length
+        return {**item, "dec_ids": item["dec_ids"][:cut], "dec_labels": item["dec_labels"][:cut]}
     ids, labels = item
     return ids[: cfg.max_length], labels[: cfg.max_length]
 

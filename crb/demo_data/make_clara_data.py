@@ -31,7 +31,8 @@ def main() -> None:
     stage1 = []
     for text in texts[::4][:120]:
         qa = qa_of(text)
-        stage1.append({"data_type": "qa", "question": [q for q, _ in qa], "answers": [a for _, a in qa], "docs": [text]})
+        stage1.append({"data_type": "qa", "question": [q for q, _ in qa], "answers": [a for _, a in qa],
+                       "docs": [text]})
     (HERE / "clara_stage1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stage1))
     records = build_stage23([{"doc": r["docs"][0], "qa": list(zip(r["question"], r["answers"], strict=True))}
                              for r in stage1], n_docs=5, seed=0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from crb.data import clara, retrieval, translation
+from crb.data import retrieval, translation
 from crb.data.chatml import chat_template, check_messages, tokenize_chat
 from crb.data.clara_inputs import decoder_ids, document_ids
 from crb.data.packing import Doc, one_per_row, pack
@@ -87,6 +87,8 @@ def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
 def clara_row(rec: Record, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, template: str) -> Row:
     """A CLaRa record as token ids: documents for the encoder (flattened), the decoder prompt and labels,
     and in stage 3 the question for the query reasoner and the gold documents."""
+    from crb.data import clara  # here, so `python -m crb.data.clara` runs without a double import
+
     n_mem = c.doc_max_length // c.compress_rate
     where = rec.where()
     if c.stage == "compression":

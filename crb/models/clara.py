@@ -108,7 +108,8 @@ class Clara(torch.nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        self.peft.save_pretrained(folder, selected_adapters=list(self.adapters))
+        self.peft.save_pretrained(folder, selected_adapters=list(self.adapters),
+                                  save_embedding_layers=False)  # the added rows go to clara_embeddings
         weight = self.embeddings().weight.detach()
         ids = torch.arange(int(self.mem_ids.min()), weight.shape[0])  # the added tokens come last
         save_file({"ids": ids.contiguous(), "rows": weight[ids].float().cpu().contiguous()},

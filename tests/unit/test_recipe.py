@@ -97,9 +97,9 @@ def test_unknown_top_level_key_suggests_the_nearest(write):
 
 
 def test_unknown_top_level_key_without_a_near_one_lists_the_valid_keys(write):
-    path = write('colour = "blue"\n' + BASE)
-    assert error(path) == (f"{path}:1: colour: unknown key "
-                           "(valid: model, method, data, train, eval, losses, output, hardware, extends)")
+    path = write('xyz = "blue"\n' + BASE)
+    assert error(path) == (f"{path}:1: xyz: unknown key (valid: model, method, data, train, eval, "
+                           "clara, losses, output, hardware, extends, stages, stage)")
 
 
 def test_unknown_nested_key_suggests_the_nearest(write):
@@ -341,7 +341,7 @@ def test_unknown_loss_suggests_the_nearest(write):
 
 def test_unknown_loss_without_a_near_one_lists_the_known(write):
     path = write(BASE + LOSSES.format(name="dpo"))
-    known = "causal_lm, seq2seq, mnrl, cached_mnrl"
+    known = "causal_lm, seq2seq, mnrl, cached_mnrl, clara_generation, clara_mse"
     assert error(path) == f"{path}:20: losses[1].name: unknown loss 'dpo' (known: {known})"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import tomllib
 import torch
 from transformers import AutoTokenizer
@@ -56,9 +57,12 @@ def merge(out: Path, dest: str | None = None) -> Path:
 
 
 def verify(out: Path, prompt: str, max_new_tokens: int = 64, target_lang: str | None = None,
-           source_lang: str | None = None) -> str:
+           source_lang: str | None = None, docs: list[str] | None = None) -> str:
     """The result's answer to `prompt`: a chat reply, a continuation, a translation into
-    `target_lang`, or (retrieval) the prompt's nearest documents in the run's eval corpus."""
+    `target_lang`, (retrieval) the prompt's nearest documents in the run's eval corpus, or (CLaRa)
+    the answer to the question from `docs`, read through their compressed memory tokens."""
+    if _resolved(out)["data"]["format"] == "clara":
+        return _clara_answer(out, prompt, docs or [], max_new_tokens)
     model, tok, recipe = load_result(out)
     fmt = recipe["data"]["format"]
     if fmt == "translation":
@@ -89,13 +93,37 @@ def _translate(model, tok, recipe: dict, text: str, max_new_tokens: int, target_
     for flag, code in (("--source-lang", source_lang), ("--target-lang", target_lang)):
         if code not in data["languages"]:
             raise CrbError(f"verify: {flag} {code}: not in the recipe's data.languages")
-    import numpy as np
-
     from crb.engine.metrics import translate
 
     tok.src_lang = source_lang
     ids = tok(text)["input_ids"]
     return translate(model, tok, [np.asarray(ids)], tok.convert_tokens_to_ids(target_lang), max_new_tokens, 1, 1)[0]
+
+
+def _clara_answer(out: Path, question: str, docs: list[str], max_new_tokens: int) -> str:
+    """Build the run's CLaRa model from its saved adapters; compress `docs`, answer `question`."""
+    from crb.data.chatml import chat_template
+    from crb.data.clara_inputs import decoder_prompt_ids, document_ids
+    from crb.engine import recipe as recipes
+    from crb.engine.build import build_model, build_tokenizer, n_memory
+
+    if not (out / "final_adapter" / "encoder").is_dir():
+        raise CrbError(f"{out}: no final_adapter/encoder/ (did the CLaRa run finish?)")
+    recipe = recipes.load(out / "recipe.resolved.toml", [f"clara.init_from={out.resolve()}"])
+    if not docs:
+        raise CrbError("verify: CLaRa results answer from documents: give them with --doc TEXT (repeatable)")
+    tok = build_tokenizer(recipe)
+    model = build_model(recipe, "no", torch.device("cpu")).eval()
+    c, n_mem = recipe.clara, n_memory(recipe)
+    encoded = [document_ids(d, tok, c.doc_max_length, n_mem) for d in docs]
+    doc_ids = torch.tensor(np.stack([ids for ids, _ in encoded]))
+    doc_mask = torch.tensor(np.stack([mask for _, mask in encoded]))
+    template = chat_template(tok, recipe.data.chat_template)
+    prompt = torch.tensor(decoder_prompt_ids(question, len(docs), n_mem, tok, template))[None]
+    stop = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tok.get_vocab() else [])
+    gen = model.answer(doc_ids, doc_mask, prompt, max_new_tokens=max_new_tokens, do_sample=False,
+                       pad_token_id=tok.pad_token_id, eos_token_id=stop)
+    return tok.decode(gen[0], skip_special_tokens=True).strip()
 
 
 def _search(model, recipe: dict, query: str, k: int = 3) -> str:

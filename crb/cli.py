@@ -54,7 +54,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> None:
     from crb.artifacts import verify
 
-    print(verify(Path(args.output), args.prompt, args.max_new_tokens, args.target_lang, args.source_lang))
+    print(verify(Path(args.output), args.prompt, args.max_new_tokens, args.target_lang, args.source_lang, args.docs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--target-lang", default=None, help="translation: the language to translate into (FLORES-200)")
     s.add_argument("--source-lang", default=None, help="translation: the prompt's language (default the recipe's)")
+    s.add_argument("--doc", dest="docs", action="append", default=[], metavar="TEXT",
+                   help="CLaRa: a document to answer from (repeatable); the prompt is the question")
     s.set_defaults(func=cmd_verify)
     s = sub.add_parser("demo", help="train a CPU demo recipe (recipes/demo/), show held-out metrics before and "
                                     "after, and try the result")

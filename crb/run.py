@@ -81,8 +81,9 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by the loop once per optimizer step
     accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe)))
-    losses = ([(LOSSES[x.name], x.weight, x.options) for x in recipe.losses]
-              or [(LOSSES[DEFAULT_LOSS[recipe.data.format]], 1.0, {})])
+    default = DEFAULT_LOSS[recipe.data.format]
+    losses = ([(x.name, LOSSES[x.name], x.weight, x.options) for x in recipe.losses]
+              or [(default, LOSSES[default], 1.0, {})])
 
     start = _resume_point(resume, out)
     final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from crb.data.chatml import tokenize_chat
+from crb.data.chatml import render, tokenize_chat
 
 SYSTEM = "You are a helpful assistant. Answer the question using the compressed background documents."
 
@@ -27,12 +27,23 @@ def document_ids(text: str, tokenizer: PreTrainedTokenizerBase, doc_max_length: 
     return np.asarray(all_ids, np.int64), np.asarray(mask, np.int64)
 
 
+def _user_turn(question: str | None, slots: int, n_mem: int) -> str:
+    slot = "".join(f"<MEM{i}>" for i in range(n_mem)) + "<SEP>"
+    return "Background:\n" + slot * slots + (f"\nQuestion: {question}" if question else "")
+
+
+def decoder_prompt_ids(question: str, slots: int, n_mem: int, tokenizer: PreTrainedTokenizerBase,
+                       template: str) -> np.ndarray:
+    """The decoder prompt up to the assistant's answer, for generation."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _user_turn(question, slots, n_mem)}]
+    text = render(messages, tokenizer, template, add_generation_prompt=True)
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+
+
 def decoder_ids(question: str | None, answer: str, slots: int, n_mem: int, tokenizer: PreTrainedTokenizerBase,
                 template: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, labels) of the decoder prompt with `slots` memory slots and the answer as target."""
-    slot = "".join(f"<MEM{i}>" for i in range(n_mem)) + "<SEP>"
-    user = "Background:\n" + slot * slots + (f"\nQuestion: {question}" if question else "")
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _user_turn(question, slots, n_mem)},
                 {"role": "assistant", "content": answer}]
     ids, labels = tokenize_chat(messages, tokenizer, template, where)
     return np.asarray(ids, np.int64), np.asarray(labels, np.int64)

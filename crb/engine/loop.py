@@ -31,6 +31,7 @@ from crb.errors import CrbError
 
 Row = dict[str, np.ndarray]
 LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
+# A loss may also leave scalars in batch["_metrics"] (e.g. CLaRa's recall@k): logged as their step mean.
 
 
 @dataclass
@@ -75,7 +76,7 @@ def step_batches(order: np.ndarray, step_in_epoch: int, recipe: Recipe, sched: S
 
 
 def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
-          losses: list[tuple[LossFn, float, dict]], train_rows: list[Row], eval_rows: list[Row],
+          losses: list[tuple[str, LossFn, float, dict]], train_rows: list[Row], eval_rows: list[Row],
           batcher: Batcher, sched: Schedule, out_dir: Path, resume: Path | None = None,
           task_metrics: list[Metric] = ()) -> dict:
     """Run the optimizer steps of `sched`; returns the final metrics (and `baseline`: step 0's eval)."""
@@ -88,8 +89,15 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
         acc.print(f"resumed from {resume} at step {start}")
     metrics = MetricsLog(out_dir / "metrics.jsonl", acc, keep_until=start)
 
-    def total_loss(batch: dict, num_items: torch.Tensor) -> torch.Tensor:
-        return sum(w * fn(model, batch, num_items, **opts) for fn, w, opts in losses)
+    def total_loss(batch: dict, num_items: torch.Tensor, parts: dict | None = None) -> torch.Tensor:
+        """The weighted sum of the recipe's losses; with `parts`, also adds each (unweighted) to it."""
+        total = 0
+        for name, fn, w, opts in losses:
+            value = fn(model, batch, num_items, **opts)
+            if parts is not None and len(losses) > 1:
+                parts[f"loss_{name}"] = parts.get(f"loss_{name}", 0) + value.detach().float()
+            total = total + w * value
+        return total
 
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -132,11 +140,14 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             targets, real_tokens = acc.reduce(counts, "sum").tolist()
             num_items = torch.tensor(targets / (world * sched.accum), device=device)
             step_loss = torch.zeros((), device=device)
+            parts: dict = {}  # per-loss sums and the losses' own metrics, logged beside the total
             grad_norm = None
             for batch in batches:
                 batch = send_to_device(batch, device)
                 with acc.accumulate(model):
-                    loss = total_loss(batch, num_items)
+                    loss = total_loss(batch, num_items, parts)
+                    for k, v in batch.get("_metrics", {}).items():
+                        parts[k] = parts.get(k, 0) + float(v)
                     acc.backward(loss)
                     step_loss += loss.detach().float()
                     if acc.sync_gradients and t.max_grad_norm > 0:
@@ -146,6 +157,9 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             if not acc.optimizer_step_was_skipped:
                 scheduler.step()
             loss_value = acc.reduce(step_loss, "sum").item() / (world * sched.accum)
+            if parts:  # every value is a sum over this process's micro-batches: the step's mean over all
+                sums = acc.reduce(torch.tensor([float(v) for v in parts.values()], device=device), "sum")
+                parts = dict(zip(parts, (sums / (world * sched.accum)).tolist(), strict=True))
             tokens_seen += real_tokens
             done = step + 1
             if not math.isfinite(loss_value):
@@ -154,7 +168,7 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                 elapsed = time.perf_counter() - tick
                 last = {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "loss": loss_value,
                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": real_tokens / max(elapsed, 1e-9),
-                        "tokens": tokens_seen, "step_s": elapsed}
+                        "tokens": tokens_seen, "step_s": elapsed, **parts}
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
                 if torch.cuda.is_available():

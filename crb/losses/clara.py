@@ -78,6 +78,8 @@ def _outputs(model: torch.nn.Module, batch: dict, num_items: torch.Tensor):
     """One CLaRa forward per batch, shared by the losses that read it (kept on the batch dict)."""
     if "_clara" not in batch:
         batch["_clara"] = model(batch, num_items)
+        if batch["_clara"].recall is not None:  # stage 3: logged by the loop
+            batch.setdefault("_metrics", {})["recall_at_k"] = batch["_clara"].recall
     return batch["_clara"]
 
 

@@ -70,13 +70,16 @@ class Clara(torch.nn.Module):
         n = int(mem[0].sum())
         return hidden[mem].view(ids.shape[0], n, -1), clara_mse(hidden, mask, mem)
 
-    def generate_loss(self, batch: dict, docs: torch.Tensor, num_items: torch.Tensor) -> torch.Tensor:
-        """Decoder forward with the memory slots' input embeddings replaced by `docs` (batch, slots, hidden)."""
-        self.use("decoder")
-        ids = batch["dec_ids"]
+    def decoder_embeds(self, ids: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+        """The decoder's input embeddings of `ids`, its memory slots replaced by `docs` (batch, slots, hidden)."""
         emb = self.embeddings()(ids)
         slots = torch.isin(ids, self.mem_ids).unsqueeze(-1)
-        emb = emb.masked_scatter(slots, docs.to(emb.dtype).reshape(-1))
+        return emb.masked_scatter(slots, docs.to(emb.dtype).reshape(-1))
+
+    def generate_loss(self, batch: dict, docs: torch.Tensor, num_items: torch.Tensor) -> torch.Tensor:
+        """Decoder forward on the prompt with the compressed documents in its memory slots; answer CE."""
+        self.use("decoder")
+        emb = self.decoder_embeds(batch["dec_ids"], docs)
         logits = self.peft(inputs_embeds=emb, attention_mask=batch["dec_mask"], use_cache=False).logits
         labels = batch["dec_labels"]
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
@@ -98,6 +101,15 @@ class Clara(torch.nn.Module):
         recall = recall_at_k(weights.detach().argmax(-1), batch["gold"])
         docs = select(weights, flat.float()).reshape(b, -1, cands.shape[-1])  # forward: exactly the top-k
         return ClaraOutput(self.generate_loss(batch, docs, num_items), torch.zeros((), device=scores.device), recall)
+
+    @torch.no_grad()
+    def answer(self, doc_ids: torch.Tensor, doc_mask: torch.Tensor, prompt_ids: torch.Tensor,
+               **generate: object) -> torch.Tensor:
+        """Generated ids for one prompt (1, length) whose memory slots take the given documents, compressed."""
+        docs, _ = self.compress(doc_ids, doc_mask)
+        self.use("decoder")
+        emb = self.decoder_embeds(prompt_ids, docs.reshape(1, -1, docs.shape[-1]))
+        return self.peft.generate(inputs_embeds=emb, attention_mask=torch.ones_like(prompt_ids), **generate)
 
     def save(self, folder) -> None:
         """PEFT folders per adapter (folder/encoder, folder/decoder, ...), the added tokens' embedding rows

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from crb.artifacts import verify
 from crb.data import prepare
 from crb.data.clara import build_stage23, check_stage1
 from crb.engine import recipe as recipes
 from crb.engine.build import build_model, build_tokenizer, n_memory
+from crb.errors import CrbError
 from crb.run import make_batcher, run
 from tests.conftest import SHARED_DATA, write_jsonl, write_recipe
 
@@ -169,10 +171,53 @@ losses = [{{ name = "clara_generation" }}]
     assert list(finals) == ["compression", "instruction", "end_to_end"]
     for name in finals:
         out = tmp_path / "out" / name
-        losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
         assert sum(losses[-3:]) < sum(losses[:3]), (name, losses)
+        if name != "end_to_end":  # each loss logged beside the total: generation + 0.1 x MSE
+            r = [r for r in rows if "loss" in r][-1]
+            assert r["loss"] == pytest.approx(r["loss_clara_generation"] + 0.1 * r["loss_clara_mse"], rel=1e-4)
+        else:
+            assert all(0 <= r["recall_at_k"] <= 1 for r in rows if "loss" in r)
         for adapter in ("encoder", "decoder"):
             assert (out / "final_adapter" / adapter / "adapter_config.json").is_file()
     assert (tmp_path / "out/end_to_end/final_adapter/query_reasoner/adapter_model.safetensors").is_file()
     resolved = (tmp_path / "out/instruction/recipe.resolved.toml").read_text()
     assert f'init_from = "{tmp_path / "out" / "compression"}"' in resolved  # each stage from the previous
+
+
+def test_verify_answers_through_compression_as_a_manual_greedy_decode_does(tmp_path, tiny_model):
+    """`crb verify` on a CLaRa run rebuilds the model from the saved adapters and memory-token rows and
+    generates from the compressed documents: the same ids as a step-by-step greedy decode of the decoder
+    over [prompt with memory slots filled] + answer so far."""
+    import numpy as np
+
+    from crb.data.chatml import chat_template
+    from crb.data.clara_inputs import decoder_prompt_ids, document_ids
+
+    path = _recipe(tmp_path, tiny_model, _stage1(tmp_path), "compression")
+    run(str(path), ["train.max_steps=3"])
+    out = tmp_path / "out"
+    question, docs = "What does the suit cost?", DOCS[:2]
+    answer = verify(out, question, max_new_tokens=6, docs=docs)
+
+    r = recipes.load(out / "recipe.resolved.toml", [f"clara.init_from={out}"])
+    tok, model = build_tokenizer(r), build_model(r, "no", torch.device("cpu")).eval()
+    enc = [document_ids(d, tok, r.clara.doc_max_length, n_memory(r)) for d in docs]
+    with torch.no_grad():
+        compressed, _ = model.compress(torch.tensor(np.stack([e[0] for e in enc])),
+                                       torch.tensor(np.stack([e[1] for e in enc])))
+        ids = torch.tensor(decoder_prompt_ids(question, 2, n_memory(r), tok, chat_template(tok, "tokenizer")))[None]
+        assert int(torch.isin(ids, model.mem_ids).sum()) == 2 * n_memory(r)
+        new = []
+        for _ in range(6):
+            model.use("decoder")
+            emb = model.decoder_embeds(torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1),
+                                       compressed.reshape(1, -1, compressed.shape[-1]))
+            nxt = int(model.peft(inputs_embeds=emb).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    assert answer == tok.decode(new, skip_special_tokens=True).strip()
+    with pytest.raises(CrbError, match="--doc"):
+        verify(out, question)

@@ -105,12 +105,14 @@ def build_clara(base: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
 
-    from crb.models.clara import Clara
+    from crb.models.clara import Clara, special_tokens
 
     c, lora = recipe.clara, recipe.method.lora
     tok = build_tokenizer(recipe)
-    base.resize_token_embeddings(len(tok))
-    mem_ids = tok.convert_tokens_to_ids([f"<MEM{i}>" for i in range(n_memory(recipe))])
+    if len(tok) > base.get_input_embeddings().num_embeddings:  # never shrink a padded vocabulary
+        base.resize_token_embeddings(len(tok))
+    added = tok.convert_tokens_to_ids(special_tokens(n_memory(recipe)))
+    mem_ids = added[:n_memory(recipe)]
     adapters = ("encoder", "decoder", "query_reasoner") if c.stage == "end_to_end" else ("encoder", "decoder")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                         bias=lora.bias, task_type="CAUSAL_LM")
@@ -133,7 +135,7 @@ def build_clara(base: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
             model.add_adapter(name, config)
     for n, p in model.named_parameters():  # every adapter of the stage trains
         p.requires_grad = any(f".{a}." in n for a in adapters) and "lora_" in n
-    return Clara(model, mem_ids, adapters, c.top_k if c.stage != "compression" else 1, c.temperature)
+    return Clara(model, mem_ids, added, adapters, c.top_k if c.stage != "compression" else 1, c.temperature)
 
 
 def _clara_source(path: str):

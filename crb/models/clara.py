@@ -32,13 +32,14 @@ class ClaraOutput:
 
 
 class Clara(torch.nn.Module):
-    def __init__(self, peft_model: torch.nn.Module, mem_ids: list[int], adapters: tuple[str, ...], top_k: int,
-                 temperature: float) -> None:
+    def __init__(self, peft_model: torch.nn.Module, mem_ids: list[int], added_ids: list[int],
+                 adapters: tuple[str, ...], top_k: int, temperature: float) -> None:
         super().__init__()
         self.peft = peft_model
         self.adapters = adapters
         self.top_k, self.temperature = top_k, temperature
         self.register_buffer("mem_ids", torch.tensor(mem_ids), persistent=False)
+        self.added_ids = torch.tensor(added_ids)  # every token crb added (memory, <AE>, <ENC>, <SEP>): saved rows
         self.config = peft_model.config
         embed = self.embeddings()
         embed.weight.requires_grad_(True)
@@ -123,7 +124,7 @@ class Clara(torch.nn.Module):
         self.peft.save_pretrained(folder, selected_adapters=list(self.adapters),
                                   save_embedding_layers=False)  # the added rows go to clara_embeddings
         weight = self.embeddings().weight.detach()
-        ids = torch.arange(int(self.mem_ids.min()), weight.shape[0])  # the added tokens come last
+        ids = self.added_ids
         save_file({"ids": ids.contiguous(), "rows": weight[ids].float().cpu().contiguous()},
                   folder / "clara_embeddings.safetensors")
         (folder / "clara.json").write_text(json.dumps({"adapters": list(self.adapters), "top_k": self.top_k,

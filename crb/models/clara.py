@@ -41,6 +41,7 @@ class Clara(torch.nn.Module):
         self.register_buffer("mem_ids", torch.tensor(mem_ids), persistent=False)
         self.added_ids = torch.tensor(added_ids)  # every token crb added (memory, <AE>, <ENC>, <SEP>): saved rows
         self.config = peft_model.config
+        self.lora_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]  # what use() sets
         embed = self.embeddings()
         embed.weight.requires_grad_(True)
         rows = torch.zeros(embed.weight.shape[0], 1, dtype=embed.weight.dtype)
@@ -53,9 +54,8 @@ class Clara(torch.nn.Module):
 
     def use(self, name: str) -> None:
         """Route every LoRA layer through adapter `name` (requires_grad untouched)."""
-        for module in self.peft.modules():
-            if isinstance(module, BaseTunerLayer):
-                module._active_adapter = name
+        for module in self.lora_layers:
+            module._active_adapter = name
 
     def backbone_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states (after the final norm), without the LM head."""

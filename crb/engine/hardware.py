@@ -1,5 +1,6 @@
 """What machine are we on: GPUs (memory each, bf16), CPU RAM, the process layout.
-`CRB_GPU_MEMORY_GB` overrides the detected GPU memory (to test profiles anywhere)."""
+`CRB_GPU_MEMORY_GB` overrides the detected GPU memory (to test profiles anywhere); on a real GPU a
+run also caps itself there (`cap_memory`), so an 80 GB card behaves as an 8 GB one."""
 
 from __future__ import annotations
 
@@ -32,9 +33,23 @@ class Hardware:
                 f"{self.ram_gib:.0f} GiB RAM, {self.processes} process(es)")
 
 
-def detect(gpu_memory_gb: float | None = None) -> Hardware:
+def memory_override(gpu_memory_gb: float | None = None) -> float | None:
     env = os.environ.get("CRB_GPU_MEMORY_GB")
-    override = gpu_memory_gb or (float(env) if env else None)
+    return gpu_memory_gb or (float(env) if env else None)
+
+
+def cap_memory(device: torch.device, gpu_memory_gb: float | None = None) -> float | None:
+    """Limit this process's CUDA allocations to the overridden memory size; returns the cap in GiB."""
+    override = memory_override(gpu_memory_gb)
+    if not override or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, override / total), device)
+    return min(override, total)
+
+
+def detect(gpu_memory_gb: float | None = None) -> Hardware:
+    override = memory_override(gpu_memory_gb)
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -173,6 +173,7 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                     last["grad_norm"] = float(grad_norm)
                 if torch.cuda.is_available():
                     last["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    last["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
                 metrics.write(last)
                 info = f"loss {loss_value:.4f}  lr {last['lr']:.2e}  {last['tokens_per_s']:,.0f} tok/s"
                 if "gpu_mem_gib" in last:

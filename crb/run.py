@@ -31,6 +31,8 @@ from crb.engine.build import (
 )
 from crb.engine.loop import make_schedule, train
 from crb.engine.metrics import task_metrics
+from crb.engine.plan import auto_micro_batch, plan
+from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
 
@@ -54,6 +56,10 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     out = Path(recipe.output.dir)
     say = state.print
     say(f"crb: {recipe.source}{f' stage {recipe.stage}' if recipe.stage else ''} -> {out}\ncrb: {hw.describe()}")
+    capped = hardware.cap_memory(state.device)
+    if capped:
+        say(f"crb: GPU memory capped at {capped:.1f} GiB (CRB_GPU_MEMORY_GB)")
+    profile, plugin = choose_profile(recipe, hw, out)
 
     set_seed(recipe.train.seed)
     mixed = resolve_precision(recipe.train.precision, state.device)
@@ -67,7 +73,8 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
 
     trackers = [t for t in recipe.train.report_to if t != "wandb" or _has("wandb")]
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=sched.accum,
-                              log_with=trackers or None, project_dir=str(out))
+                              log_with=trackers or None, project_dir=str(out),
+                              deepspeed_plugin=plugin(sched.accum) if plugin else None)
     checkpoint.keep_trainable_only(accelerator)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +99,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     artifact = save_final(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:
         summary = {"final": final, "data": report.__dict__, "trainable_params": trainable, "total_params": total,
+                   "profile": profile,
                    "artifact": str(artifact)}
         (out / "run.json").write_text(json.dumps(summary, indent=1))
     accelerator.end_training()
@@ -100,6 +108,29 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
                                          for k, v in final["baseline"].items()) + " (before -> after)")
     say(f"crb: done: {artifact}")
     return final
+
+
+def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
+    """The plan's profile (and micro-batch, when "auto"), said and written to OUT/profile.json; returns the
+    profile name and a maker of its DeepSpeed plugin (None: plain, or a launcher that set DeepSpeed itself)."""
+    say = PartialState().print
+    if recipe.train.micro_batch == "auto":
+        recipe.train.micro_batch, why = auto_micro_batch(recipe, hw)
+        say(f"crb: micro-batch auto -> {recipe.train.micro_batch} ({why})")
+    p = plan(recipe, hw)
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    name, reason = (p.profile, p.reason) if not launched else ("launcher", "DeepSpeed set by the accelerate config")
+    say(f"crb: profile {name}: {reason}")
+    if PartialState().is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.json").write_text(json.dumps(
+            {"profile": name, "reason": reason, "micro_batch": recipe.train.micro_batch,
+             "plan_gib": round(p.total / 2**30, 3), "capacity_gib": p.capacity and round(p.capacity / 2**30, 3),
+             "profiles_gib": {k: round(v / 2**30, 3) for k, v in p.profiles.items()}}, indent=1))
+    prof = PROFILES.get(name)
+    if launched or prof is None or prof.deepspeed_json is None:
+        return name, None
+    return name, lambda accum: deepspeed_plugin(prof, accum, recipe.train.max_grad_norm)
 
 
 def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> Batcher:

@@ -151,7 +151,9 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                     continue
                 item = _truncate(item, cfg)
                 report.truncated += 1
-            if cfg.format in ("chatml", "text") and all(t == -100 for t in item[1][1:]):
+            labels = item["dec_labels"] if cfg.format == "clara" else item[1] if cfg.format in ("chatml", "text") \
+                else None
+            if labels is not None and all(t == -100 for t in labels[1:]):  # nothing left to learn (cut)
                 report.dropped_no_target += 1
                 continue
             items.append(item)

@@ -133,7 +133,9 @@ class TrainConfig:
     scheduler: str = doc("A transformers `get_scheduler` name: " + ", ".join(SCHEDULERS) + ".", "cosine")
     warmup_ratio: float = doc("Fraction of the optimizer steps spent warming up.", 0.0)
     batch_size: int = doc("Effective batch: micro_batch x accumulation x processes.", 8)
-    micro_batch: int = doc("Rows per forward pass per process.", 1)
+    micro_batch: int | Literal["auto"] = doc(
+        'Rows per forward pass per process; "auto" = the largest divisor of the per-process batch that `crb plan` '
+        "fits on the card (accumulation keeps the effective batch).", 1)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = doc(
         "torch AdamW, or bitsandbytes 8-bit / paged 8-bit AdamW.", "adamw")
     weight_decay: float = doc("Decoupled weight decay.", 0.0)
@@ -432,7 +434,7 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
         return RecipeError(_where_key(key, origins) + f"{key}: {why}, got {_got(value)}")
 
     for key, value in [("train.lr", r.train.lr), ("train.batch_size", r.train.batch_size),
-                       ("train.micro_batch", r.train.micro_batch), ("data.max_length", r.data.max_length),
+                       ("data.max_length", r.data.max_length),
                        ("method.lora.r", r.method.lora.r), ("method.lora.alpha", r.method.lora.alpha),
                        ("train.log_every", r.train.log_every), ("train.keep_checkpoints", r.train.keep_checkpoints),
                        ("eval.batch_size", r.eval.batch_size), ("eval.max_new_tokens", r.eval.max_new_tokens),
@@ -458,7 +460,9 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
                           + f"{', '.join(SCHEDULERS)}, got '{r.train.scheduler}'{hint}")
     if len(r.train.betas) != 2 or not all(0 <= b < 1 for b in r.train.betas):
         raise bad("train.betas", "expected two values in [0, 1)", r.train.betas)
-    if r.train.batch_size % r.train.micro_batch:
+    if r.train.micro_batch != "auto" and not r.train.micro_batch > 0:
+        raise bad("train.micro_batch", "expected a value > 0", r.train.micro_batch)
+    if r.train.micro_batch != "auto" and r.train.batch_size % r.train.micro_batch:
         raise bad("train.batch_size", f"expected a multiple of train.micro_batch ({r.train.micro_batch})",
                   r.train.batch_size)
     if r.model.random_init and r.method.name != "full":
@@ -521,7 +525,7 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
         if r.method.name not in ("full", "freeze"):
             raise bad("method.name", "expected 'full' or 'freeze' for retrieval (the encoder trains whole)",
                       r.method.name)
-        if r.train.micro_batch != r.train.batch_size:
+        if r.train.micro_batch not in (r.train.batch_size, "auto"):
             raise bad("train.micro_batch", "expected train.batch_size for retrieval: in-batch negatives need the "
                       "whole batch in one pass (cached_mnrl saves the memory)", r.train.micro_batch)
 

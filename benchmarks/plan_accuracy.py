@@ -1,0 +1,250 @@
+"""How close `crb plan` comes to the real peak: for each of the guide's five recipes at its real model
+shape (random weights, built on the GPU), at two or three settings, and for the 8 GB cap, the plan's
+predicted peak against torch.cuda.max_memory_allocated (and reserved) over 3 real steps.
+
+    python benchmarks/plan_accuracy.py --out /tmp/crb-bench/plan --json benchmarks/results/plan_accuracy.json
+    python benchmarks/plan_accuracy.py --out /tmp/crb-bench/plan --only language,code     # some recipes
+    python benchmarks/plan_accuracy.py --out /tmp/crb-bench/plan-check --tiny               # CPU: paths only
+
+Each row runs `crb plan RECIPE --set ... --json` and `python -m crb.run RECIPE --set ...` with the same
+overrides (and CRB_GPU_MEMORY_GB for the 8 GB rows), each in its own process. Every row's data fills
+the planned lengths (rows of exactly data.max_length tokens), since the plan is a worst case. A run with
+--only merges its rows into OUT/plan_accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import clara as clara_bench  # benchmarks/ is on sys.path
+import language
+import retrieval
+import translation
+
+ROOT = Path(__file__).resolve().parents[1]
+q = json.dumps  # a JSON string is a TOML basic string
+
+
+def starcoder2_dir(path: Path, mistral: Path, tiny: bool) -> None:
+    """A StarCoder2-3B-shaped model (random bf16 weights, on the GPU) with the Mistral dir's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Starcoder2Config
+
+    shape = (dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2) if tiny else
+             dict(hidden_size=3072, intermediate_size=12288, num_hidden_layers=30, num_attention_heads=24,
+                  num_key_value_heads=2))
+    config = Starcoder2Config(vocab_size=49152, max_position_embeddings=16384, bos_token_id=1, eos_token_id=2,
+                              **shape)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(mistral).save_pretrained(tmp)
+    os.replace(tmp, path)
+
+
+def build(kind: str, path: Path, args: argparse.Namespace) -> None:
+    if (path / "config.json").is_file():
+        return
+    code = {"mistral": f"language.build_model_dir(Path({str(path)!r}), {args.tiny}, 0)",
+            "starcoder2": f"starcoder2_dir(Path({str(path)!r}), Path({str(args.models / 'mistral')!r}), {args.tiny})",
+            "nllb": f"translation.build_model_dir(Path({str(path)!r}), {args.tiny}, 0)",
+            "t5": f"retrieval.build_model_dir(Path({str(path)!r}), {args.tiny}, 0)"}[kind]
+    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+           f"from pathlib import Path; from plan_accuracy import *; {code}"]
+    rc, _ = language.run_logged(cmd, args.out / "logs" / f"build-{kind}.log", f"build {kind}")
+    if rc:
+        raise SystemExit(f"building the {kind} model failed (log {args.out / 'logs'})")
+
+
+# ---------------------------------------------------------------- rows: (recipe, label, overrides, env, stage)
+
+
+def rows(args: argparse.Namespace) -> list[dict]:
+    t, d, m = args.tiny, args.out / "data", args.models
+    out = []
+
+    def row(recipe: str, label: str, sets: list[str], env: dict | None = None, stage: str | None = None) -> None:
+        out.append({"recipe": recipe, "setting": label, "sets": sets, "env": env or {}, "stage": stage})
+
+    if "language" in args.only or "8gb" in args.only or "clara" in args.only:
+        build("mistral", m / "mistral", args)
+    for ctx, micro in ([(64, 1), (128, 2)] if t else [(2048, 1), (8192, 1), (8192, 4)]):
+        if "language" in args.only:
+            row("language", f"ctx {ctx}, micro-batch {micro}", text_sets(args, m / "mistral", ctx, micro, "language"))
+    if "code" in args.only or "8gb" in args.only:
+        build("starcoder2", m / "starcoder2", args)
+    for ctx, micro in ([(64, 1), (128, 2)] if t else [(4096, 1), (8192, 2)]):
+        if "code" in args.only:
+            row("code", f"ctx {ctx}, micro-batch {micro}", text_sets(args, m / "starcoder2", ctx, micro, "code"))
+    if "translation" in args.only:
+        build("nllb", m / "nllb", args)
+        for batch in ([2, 4] if t else [8, 16]):
+            n = 32 if t else 256
+            row("translation", f"batch {batch}, {n} + {n} tokens", translation_sets(args, m / "nllb", batch))
+    if "retrieval" in args.only:
+        build("t5", m / "t5", args)
+        for batch in ([4, 8] if t else [16, 64]):
+            row("retrieval", f"batch {batch}, 3 x {32 if t else 256} tokens, cached_mnrl mini-batch 16",
+                retrieval_sets(args, m / "t5", batch))
+    if "clara" in args.only:
+        for micro in ([1, 2] if t else [2, 8]):
+            row("clara", f"stage 1, micro-batch {micro}", clara_sets(args, m / "mistral", micro), stage="compression")
+    if "8gb" in args.only:
+        cap = {"CRB_GPU_MEMORY_GB": "8"}
+        ctx = 128 if t else 8192
+        row("language", f"8 GB cap, ctx {ctx}, micro-batch 1", text_sets(args, m / "mistral", ctx, 1, "language"), cap)
+        row("code", f"8 GB cap, ctx {ctx}, micro-batch 1", text_sets(args, m / "starcoder2", ctx, 1, "code"), cap)
+    del d
+    return out
+
+
+def common(args: argparse.Namespace, model: Path, micro: int, batch: int | None = None) -> list[str]:
+    return [f"model.name={q(str(model))}", "data.eval_split=0", "data.eval=[]",
+            f"data.cache_dir={q(str(args.out / 'data' / 'cache'))}", f"train.micro_batch={micro}",
+            f"train.batch_size={batch or micro}", "train.max_steps=3", "train.save_every=1000000",
+            "train.report_to=[]", "train.warmup_ratio=0.0"]
+
+
+def text_sets(args: argparse.Namespace, model: Path, ctx: int, micro: int, name: str) -> list[str]:
+    """Documents longer than ctx, packed: every row exactly ctx tokens."""
+    file = args.out / "data" / f"text-{name}-{ctx}-{micro}.jsonl"
+    if not file.is_file():
+        language.make_data(model, file, file.with_suffix(".npy"), ctx, micro * 3, 0)
+    return common(args, model, micro) + [f"data.train=[{q(str(file))}]", 'data.format="text"', "data.packing=true",
+                                         f"data.max_length={ctx}"]
+
+
+def translation_sets(args: argparse.Namespace, model: Path, batch: int) -> list[str]:
+    n = 32 if args.tiny else 256
+    a = SimpleNamespace(model_dir=model, seed=0, src_tokens=n, tgt_tokens=n, batch=batch, warmup=0, steps=3)
+    file = args.out / "data" / f"translation-{batch}.jsonl"
+    if not file.is_file():
+        translation.make_data(a, file, file.with_suffix(".npz"))
+    return common(args, model, batch) + [f"data.train=[{q(str(file))}]", "data.eval=[]", f"data.max_length={n}"]
+
+
+def retrieval_sets(args: argparse.Namespace, model: Path, batch: int) -> list[str]:
+    words = 31 if args.tiny else 255  # + 1 token each: query, positive and negative all at max_length
+    a = SimpleNamespace(model_dir=model, seed=0, query_words=words, doc_words=words, batch=batch, warmup=0, steps=3,
+                        big_batch=0, out=args.out)
+    file = args.out / "data" / f"retrieval-{batch}.jsonl"
+    if not file.is_file():
+        retrieval.make_data(a, file)
+    return common(args, model, batch) + [f"data.train=[{q(str(file))}]", "data.corpus=[]",
+                                         f"data.max_length={words + 1}"]
+
+
+def clara_sets(args: argparse.Namespace, model: Path, micro: int) -> list[str]:
+    length = 384 if args.tiny else 512
+    file = args.out / "data" / f"clara-{micro}.jsonl"
+    if not file.is_file():  # answers longer than the decoder's max_length: every row cut to it
+        clara_bench.make_data(file, micro * 3, doc_words=600, answer_words=length, seed=0)
+    return common(args, model, micro) + [f"data.train=[{q(str(file))}]", f"data.max_length={length}",
+                                         'data.overlong="truncate"']
+
+
+# ---------------------------------------------------------------- measuring a row
+
+
+def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
+    recipe = str(ROOT / "recipes" / f"{r['recipe']}.toml")
+    run_dir = args.out / "runs" / f"{i:02d}-{r['recipe']}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sets = [*r["sets"], f"output.dir={q(str(run_dir))}"]
+    flags = [x for s in sets for x in ("--set", s)]
+    env = {**os.environ, **r["env"], "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    planned = subprocess.run([sys.executable, "-m", "crb.cli", "plan", recipe, *flags, "--json"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    result = {k: r[k] for k in ("recipe", "setting")} | {"env": r["env"]}
+    if planned.returncode:
+        return result | {"status": "plan failed", "note": planned.stderr.strip().splitlines()[-1:]}
+    p = json.loads(planned.stdout)
+    result |= {"predicted_gib": p["total_gib"], "profile": p["profile"], "components_gib": p["components_gib"]}
+    os.environ.update(r["env"])
+    try:
+        rc, wall = language.run_logged([sys.executable, "-m", "crb.run", recipe, *flags,
+                                        *(["--stage", r["stage"]] if r["stage"] else [])],
+                                       args.out / "logs" / f"{i:02d}-{r['recipe']}.log", r["recipe"])
+    finally:
+        for k in r["env"]:
+            os.environ.pop(k, None)
+    folder = run_dir / r["stage"] if r["stage"] else run_dir
+    lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()] \
+        if (folder / "metrics.jsonl").is_file() else []
+    mem = [x["gpu_mem_gib"] for x in lines if "gpu_mem_gib" in x]
+    reserved = [x["gpu_reserved_gib"] for x in lines if "gpu_reserved_gib" in x]
+    chosen = json.loads((folder / "profile.json").read_text()) if (folder / "profile.json").is_file() else {}
+    result |= {"run_profile": chosen.get("profile"), "steps": len([x for x in lines if "loss" in x]),
+               "wall_s": round(wall, 1), "elapsed_s": round(time.perf_counter() - t0, 1)}
+    if rc:
+        log = (args.out / "logs" / f"{i:02d}-{r['recipe']}.log").read_text(errors="replace").strip().splitlines()
+        return result | {"status": f"run failed (exit {rc})", "note": log[-3:]}
+    if not mem:
+        return result | {"status": "no GPU", "measured_gib": None}
+    measured = max(mem)
+    shutil.rmtree(folder / "final_adapter", ignore_errors=True)
+    shutil.rmtree(folder / "final_model", ignore_errors=True)
+    return result | {"status": "ok", "measured_gib": round(measured, 3), "reserved_gib": round(max(reserved), 3),
+                     "error_pct": round(100 * (p["total_gib"] - measured) / measured, 1)}
+
+
+def table(rows_: list[dict]) -> str:
+    lines = ["| recipe | setting | profile | predicted GiB | measured GiB | reserved GiB | error % |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows_:
+        v = {k: "" if r.get(k) is None else f"{r[k]:.1f}" for k in ("predicted_gib", "measured_gib", "reserved_gib",
+                                                                     "error_pct")}
+        lines.append(f"| {r['recipe']} | {r['setting']} | {r.get('profile', '')} | {v['predicted_gib']} | "
+                     f"{v['measured_gib']} | {v['reserved_gib']} | {v['error_pct'] or r.get('status', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description="crb plan's predicted peak GPU memory against measured runs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--only", default="language,code,translation,retrieval,clara,8gb")
+    p.add_argument("--models", default=None, help="model dirs (default /tmp/crb-bench/plan-models[-tiny])")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes and lengths: runs every path on CPU")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    args.out = Path(args.out).resolve()
+    args.models = Path(args.models or f"/tmp/crb-bench/plan-models{'-tiny' if args.tiny else ''}")
+    args.only = args.only.split(",")
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    result_file = args.out / "plan_accuracy.json"
+    old = json.loads(result_file.read_text()) if result_file.is_file() else {"rows": []}
+    done = {(r["recipe"], r["setting"]): r for r in old["rows"]}
+    for i, r in enumerate(rows(args)):
+        row = measure(args, r, i)
+        print(f"[plan] {row['recipe']} / {row['setting']}: {row['status']} {row.get('predicted_gib')} vs "
+              f"{row.get('measured_gib')} GiB ({row.get('elapsed_s')} s)", flush=True)
+        done[(row["recipe"], row["setting"])] = row
+        summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": list(done.values()),
+                   "crb_commit": language._git_commit()}
+        errors = [abs(x["error_pct"]) for x in summary["rows"] if x.get("error_pct") is not None]
+        summary["max_abs_error_pct"] = max(errors) if errors else None
+        result_file.write_text(json.dumps(summary, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    print(table(list(done.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -50,6 +50,8 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
                 continue
             finals[name] = run(recipe_path, overrides, resume, name)
         return finals
+    # Before CUDA starts: growable segments keep the allocator's reserve close to what is allocated.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     hw = hardware.detect()
     cpu = not torch.cuda.is_available()  # so torchrun on CPU becomes gloo data parallel
     state = PartialState(cpu=cpu)
@@ -121,6 +123,8 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     name, reason = (p.profile, p.reason) if not launched else ("launcher", "DeepSpeed set by the accelerate config")
     say(f"crb: profile {name}: {reason}")
+    if p.fits is False and not launched:
+        say("crb: warning: the plan does not fit this card; it may run out of memory. " + "; ".join(p.advice))
     if PartialState().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "profile.json").write_text(json.dumps(

@@ -43,8 +43,9 @@ def cap_memory(device: torch.device, gpu_memory_gb: float | None = None) -> floa
     override = memory_override(gpu_memory_gb)
     if not override or device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    torch.cuda.set_per_process_memory_fraction(min(1.0, override / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, override / total), index)
     return min(override, total)
 
 

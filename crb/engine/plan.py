@@ -5,6 +5,8 @@ The method and its measured accuracy: docs/plan.md."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -18,12 +20,20 @@ from crb.engine.recipe import Recipe
 GIB = 2**30
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude
 HALF = 2  # bf16/fp16 bytes
+LOGIT_BYTES = HALF + 4 + 4 + 4  # per vocabulary entry and token: bf16 logits, fp32 copy, log-softmax, gradient
+LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate)
+FULL_LAYER = (10, 4)
+CONTEXT = "CUDA context (outside torch's allocator)"
+HEADROOM = 0.95  # of the card, for the allocator's fragmentation
+PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
+OUTSIDE = (CONTEXT, PAGED)
 
 
 @dataclass
 class Plan:
     components: dict[str, float] = field(default_factory=dict)  # bytes, of the chosen profile
-    total: float = 0.0
+    total: float = 0.0  # what the card must hold
+    allocated: float = 0.0  # of it, what torch's allocator holds (torch.cuda.max_memory_allocated's peak)
     capacity: float | None = None
     profile: str = "plain"
     reason: str = ""
@@ -44,6 +54,7 @@ class Plan:
         for name, b in self.components.items():
             t.add_row(name, f"{b / GIB:.2f}")
         t.add_row("[bold]total", f"[bold]{self.total / GIB:.2f}")
+        t.add_row("of it in torch's allocator", f"{self.allocated / GIB:.2f}")
         buf = StringIO()
         console = Console(file=buf, width=110)
         console.print(t)
@@ -61,21 +72,28 @@ class Plan:
         d["components_gib"] = {k: round(v / GIB, 3) for k, v in d.pop("components").items()}
         d["profiles_gib"] = {k: round(v / GIB, 3) for k, v in d.pop("profiles").items()}
         d["total_gib"] = round(d.pop("total") / GIB, 3)
+        d["allocated_gib"] = round(d.pop("allocated") / GIB, 3)
         d["capacity_gib"] = round(d.pop("capacity") / GIB, 3) if self.capacity else None
         return json.dumps(d, indent=1)
 
 
 def meta_model(recipe: Recipe) -> torch.nn.Module:
+    from crb.engine.build import KINDS
+
+    kind = KINDS[recipe.data.format]
+    return _meta_model(recipe.model.name, recipe.model.revision, "causal" if kind == "clara" else kind)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(name: str, revision: str | None, kind: str) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForTextEncoding
 
-    from crb.engine.build import AUTO_CLASSES, KINDS
+    from crb.engine.build import AUTO_CLASSES
 
-    config = AutoConfig.from_pretrained(recipe.model.name, revision=recipe.model.revision)
-    kind = KINDS[recipe.data.format]
-    auto = AUTO_CLASSES.get("causal" if kind == "clara" else kind, AutoModelForTextEncoding)  # embedding: encoder
-    with init_empty_weights():
-        return auto.from_config(config)
+    config = AutoConfig.from_pretrained(name, revision=revision)
+    with init_empty_weights():  # embedding: the encoder alone
+        return AUTO_CLASSES.get(kind, AutoModelForTextEncoding).from_config(config)
 
 
 def lora_targets(model: torch.nn.Module, targets: list[str] | str) -> list[torch.nn.Linear]:
@@ -103,6 +121,10 @@ class Shape:
     vocab: int
     tokens: int  # per micro-batch through the layers (both passes of an encoder-decoder or CLaRa)
     logit_tokens: int  # per micro-batch, positions whose vocabulary logits are computed
+    heads: int = 0
+    seq: int = 0  # the longest sequence (for eager attention's scores)
+    attention: str = "sdpa"
+    embedding_trains: bool = False  # CLaRa: the input embedding trains (its memory-token rows)
 
 
 def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
@@ -138,11 +160,15 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
         tokens, logit_tokens = enc + n * L, n * L
     else:
         tokens, logit_tokens = n * L, n * L
-    return Shape(params, linear, trainable, adapters, hidden, inter, layers, cfg.vocab_size, tokens, logit_tokens)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", 0)
+    attention = recipe.model.attn_implementation or getattr(cfg, "_attn_implementation", None) or "sdpa"
+    return Shape(params, linear, trainable, adapters, hidden, inter, layers, cfg.vocab_size, tokens, logit_tokens,
+                 heads, L, attention, d.format == "clara")
 
 
 def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
-    """Bytes per GPU, per component, of one recipe under one profile."""
+    """Bytes per GPU, per component, of one recipe under one profile. Components named in OUTSIDE are
+    GPU memory that torch's allocator does not see (torch.cuda.max_memory_allocated leaves them out)."""
     method, t = recipe.method, recipe.train
     ds = profile.zero_stage > 0  # DeepSpeed keeps the model in bf16 and fp32 master weights in its optimizer
     shard = n_gpus if profile.zero_stage >= 2 else 1  # gradients and optimizer states partitioned
@@ -160,30 +186,46 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
             weights = weights / n_gpus + (s.params / s.layers) * HALF
         c["weights"] = weights
     lora = method.name in ("lora", "qlora")
-    if lora:
-        c["trainable parameters (LoRA)"] = s.trainable * (HALF if ds else 4)
+    if lora:  # peft keeps adapters in fp32 (autocast_adapter_dtype)
+        c["trainable parameters (LoRA, fp32)"] = s.trainable * (HALF if ds else 4)
+    paged = t.optimizer.startswith("paged") and not ds
     opt_bytes = 2 if "8bit" in t.optimizer and not ds else 8
     if profile.offload_optimizer:
         c["gradients"] = min(s.trainable * HALF, _bucket(profile) * HALF)  # reduced in buckets, then to CPU
         c["optimizer states"] = 0.0
     else:
         c["gradients"] = s.trainable * (4 / shard if ds else 4)
-        c["optimizer states"] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
-    c["activations"] = activations(recipe, s)
-    if s.logit_tokens:
-        c["logits + loss (fp32)"] = s.logit_tokens * s.vocab * (HALF + 4 + 4)
-    c["CUDA context + allocator"] = CUDA_CONTEXT
+        name = PAGED if paged else "optimizer states"
+        c[name] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
+    if s.embedding_trains:  # bf16 like the base: its gradient and two AdamW states
+        c["trainable embedding (CLaRa memory rows): gradient + states"] = s.vocab * s.hidden * 3 * HALF
+    c.update(activations(recipe, s))
+    if s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
+        c["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
+    c[CONTEXT] = CUDA_CONTEXT
     return c
 
 
-def activations(recipe: Recipe, s: Shape) -> float:
-    """Saved activations of one micro-batch (bf16). Without checkpointing each layer keeps about
-    16 hidden-sized and 6 intermediate-sized tensors per token (attention by SDPA/flash: no
-    sequence-squared term); with it, each layer keeps its input and one layer is recomputed."""
-    per_layer = s.tokens * (16 * s.hidden + 6 * s.inter) * HALF
+def layer_bytes(recipe: Recipe, s: Shape) -> float:
+    """Activation bytes one layer saves for backward, per token. LoRA layers keep each adapter's
+    dropped-out input too. Calibrated on the H100 rows of docs/plan.md (Mistral-7B LoRA: 265 kB/token);
+    attention by SDPA/flash keeps no sequence-squared term, eager attention keeps the scores."""
+    lora = recipe.method.name in ("lora", "qlora")
+    h, i = (LORA_LAYER if lora else FULL_LAYER)
+    per = HALF * (h * s.hidden + i * s.inter)
+    if s.attention == "eager":
+        per += s.heads * s.seq * (HALF + 4 + 1)  # scores, fp32 softmax, dropout mask
+    return per
+
+
+def activations(recipe: Recipe, s: Shape) -> dict[str, float]:
+    """Saved activations of one micro-batch. With gradient checkpointing each layer keeps its input
+    (bf16) and one layer at a time is recomputed in backward."""
+    per_layer = s.tokens * layer_bytes(recipe, s)
     if recipe.train.gradient_checkpointing:
-        return s.tokens * s.hidden * HALF * s.layers + per_layer
-    return per_layer * s.layers
+        return {"activation checkpoints (layer inputs)": s.tokens * s.hidden * HALF * s.layers,
+                "activations (one layer recomputed)": per_layer}
+    return {f"activations ({s.layers} layers)": per_layer * s.layers}
 
 
 def _bucket(profile: Profile) -> float:
@@ -195,9 +237,11 @@ def _bucket(profile: Profile) -> float:
     return float(value) if not isinstance(value, str) else 5e8
 
 
-def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None) -> Plan:
+def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: bool = True) -> Plan:
     model = meta_model(recipe)
-    micro = micro_batch or (recipe.train.micro_batch if isinstance(recipe.train.micro_batch, int) else 1)
+    micro = micro_batch or recipe.train.micro_batch
+    if micro == "auto":  # as the run resolves it
+        micro = auto_micro_batch(recipe, hw)[0]
     if recipe.data.format == "retrieval":
         micro = recipe.train.batch_size // max(1, hw.processes)
     s = shape_of(recipe, model, micro)
@@ -207,19 +251,39 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None) -> Plan:
     capacity = hw.gpus[0].total_gib * GIB if hw.gpus else None
     chosen, reason = choose(recipe.hardware.profile, lambda p: totals[p.name], capacity, n_gpus,
                             quantized=recipe.method.name == "qlora")
-    p = Plan(components=per_profile[chosen.name], total=totals[chosen.name], capacity=capacity,
-             profile=chosen.name, reason=reason, profiles=totals)
+    c = per_profile[chosen.name]
+    p = Plan(components=c, total=totals[chosen.name], allocated=sum(v for k, v in c.items() if k not in OUTSIDE),
+             capacity=capacity, profile=chosen.name, reason=reason, profiles=totals)
     p.notes = {"parameters": s.params, "trainable": s.trainable, "tokens_per_micro_batch": s.tokens,
                "micro_batch": micro, "gpus": n_gpus}
     if capacity:
-        p.fits = p.total <= capacity * 0.95
-        if not p.fits:
-            t = recipe.train
-            p.advice = [f"lower train.micro_batch (now {micro}); accumulation keeps the effective batch",
-                        f"or lower data.max_length (now {recipe.data.max_length})",
-                        "or turn on train.gradient_checkpointing" if not t.gradient_checkpointing else
-                        "or use method qlora / a smaller model"]
+        p.fits = p.total <= capacity * HEADROOM
+        if not p.fits and advise:
+            p.advice = advice(recipe, hw, micro)
     return p
+
+
+def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
+    """Concrete changes that fit: a smaller micro-batch, then shorter sequences, then a smaller method."""
+    out = []
+    for m in range(micro - 1, 0, -1):
+        if (q := plan(recipe, hw, m, advise=False)).fits:
+            out.append(f"train.micro_batch = {m} fits ({q.total / GIB:.1f} GiB, {q.profile}); "
+                       "accumulation keeps the effective batch")
+            break
+    length = recipe.data.max_length
+    while length > 256:
+        length //= 2
+        shorter = copy.deepcopy(recipe)
+        shorter.data.max_length = length
+        if (q := plan(shorter, hw, 1, advise=False)).fits:
+            out.append(f"data.max_length = {length} fits at micro-batch 1 ({q.total / GIB:.1f} GiB, {q.profile})")
+            break
+    if not recipe.train.gradient_checkpointing and recipe.data.format != "clara":
+        out.append("train.gradient_checkpointing = true keeps one layer's activations instead of all")
+    if recipe.method.name != "qlora" and recipe.data.format in ("chatml", "text"):
+        out.append('method.name = "qlora" stores the base in 4 bits')
+    return out or ["no setting of micro-batch or length fits this card: a larger GPU, or more GPUs with ZeRO"]
 
 
 def auto_micro_batch(recipe: Recipe, hw: Hardware) -> tuple[int, str]:
@@ -229,7 +293,7 @@ def auto_micro_batch(recipe: Recipe, hw: Hardware) -> tuple[int, str]:
         return 1, "no GPU: 1"
     best, why = 1, "nothing larger fits"
     for m in (d for d in range(1, per_process + 1) if per_process % d == 0):
-        p = plan(recipe, hw, m)
+        p = plan(recipe, hw, m, advise=False)
         if not p.fits:
             break
         best, why = m, f"plan {p.total / GIB:.1f} GiB of {p.capacity / GIB:.1f} GiB ({p.profile})"

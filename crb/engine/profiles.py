@@ -75,9 +75,9 @@ def choose(forced: str, estimate: Callable[[Profile], float], capacity: float | 
                 return p, f"plan {need / GIB:.1f} GiB fits {usable / GIB:.1f} GiB usable of {capacity / GIB:.1f} GiB"
             return p, (f"plain needs {plain / GIB:.1f} GiB > {usable / GIB:.1f} GiB usable of "
                        f"{capacity / GIB:.1f} GiB; {p.name} {need / GIB:.1f} GiB fits")
-    last = candidates[-1]
-    return last, (f"nothing fits {usable / GIB:.1f} GiB usable of {capacity / GIB:.1f} GiB by the plan "
-                  f"({last.name} needs {estimate(last) / GIB:.1f} GiB)")
+    least = min(candidates, key=estimate)
+    return least, (f"nothing fits {usable / GIB:.1f} GiB usable of {capacity / GIB:.1f} GiB by the plan; "
+                   f"{least.name} needs the least ({estimate(least) / GIB:.1f} GiB)")
 
 
 def deepspeed_plugin(profile: Profile, grad_accum: int, max_grad_norm: float):

@@ -1,0 +1,208 @@
+"""`crb plan`: per-component arithmetic against hand-computed values on the real shapes (configs only,
+built on the meta device), the profile chosen for simulated cards, and the JSON the CLI prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import M2M100Config, MistralConfig, Starcoder2Config, T5Config
+
+from crb.cli import main
+from crb.engine import plan as plans
+from crb.engine import recipe as recipes
+from crb.engine.hardware import Gpu, Hardware
+
+ROOT = Path(__file__).resolve().parents[2]
+GIB = 2**30
+
+SHAPES = {
+    "mistral-7b": MistralConfig(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "starcoder2-3b": Starcoder2Config(vocab_size=49152, hidden_size=3072, intermediate_size=12288,
+                                      num_hidden_layers=30, num_attention_heads=24, num_key_value_heads=2),
+    "nllb-600m": M2M100Config(vocab_size=256206, d_model=1024, encoder_layers=12, decoder_layers=12,
+                              encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
+                              decoder_ffn_dim=4096, scale_embedding=True),
+    "instructor-xl": T5Config(vocab_size=32128, d_model=2048, d_ff=5120, num_layers=24, num_heads=32, d_kv=64,
+                              feed_forward_proj="gated-gelu"),
+}
+RECIPES = {"language": "mistral-7b", "code": "starcoder2-3b", "translation": "nllb-600m",
+           "retrieval": "instructor-xl", "clara": "mistral-7b"}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for name, config in SHAPES.items():
+        path = tmp_path_factory.mktemp(name)
+        config.save_pretrained(path)  # config.json only: the planner reads no weights
+        out[name] = path
+    return out
+
+
+def load(name: str, shapes: dict[str, Path], *overrides: str) -> recipes.Recipe:
+    return recipes.load(ROOT / "recipes" / f"{name}.toml", [f"model.name={shapes[RECIPES[name]]}", *overrides])
+
+
+def card(gib: float | None, gpus: int = 1) -> Hardware:
+    return Hardware(gpus=[Gpu("test", gib, gib, (9, 0))] * gpus if gib else [], bf16=True, ram_gib=64,
+                    processes=gpus)
+
+
+def test_lora_parameters_of_mistral_7b_r64_on_all_seven_projections(shapes):
+    r = load("language", shapes)
+    s = plans.shape_of(r, plans.meta_model(r), 4)
+    assert s.trainable == 167_772_160
+    assert s.linear == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) == 6_979_321_856
+
+
+def test_language_components_by_hand(shapes):
+    c = plans.plan(load("language", shapes), card(80)).components
+    assert c["weights (nf4, incl. quant constants)"] == 3_600_416_768  # 6,979,321,856 x (0.5 + 1/64 + 4/16384)
+    # embeddings + lm_head 2 x 32768 x 4096, norms 65 x 4096: fp32 after prepare_model_for_kbit_training
+    assert c["weights (not quantized, fp32 after k-bit prep)"] == (2 * 32768 * 4096 + 65 * 4096) * 4
+    assert c["trainable parameters (LoRA, fp32)"] == 167_772_160 * 4
+    assert c[plans.PAGED] == 167_772_160 * 2  # paged 8-bit AdamW: two 1-byte states, outside torch's allocator
+    micro = plans.plan(load("language", shapes), card(80)).notes["micro_batch"]
+    assert c["logits + loss (vocab x tokens)"] == micro * 8192 * 32768 * 14  # bf16 + fp32 + log-softmax + grad
+    assert c["activation checkpoints (layer inputs)"] == micro * 8192 * 4096 * 2 * 32
+    assert c["activations (one layer recomputed)"] == micro * 8192 * 2 * (14 * 4096 + 5 * 14336)
+
+
+def test_allocated_leaves_out_the_cuda_context_and_paged_states(shapes):
+    p = plans.plan(load("language", shapes), card(80))
+    assert p.total - p.allocated == pytest.approx(p.components[plans.CONTEXT] + p.components[plans.PAGED])
+
+
+def test_checkpointing_keeps_one_layer_instead_of_all(shapes):
+    on = plans.plan(load("code", shapes, "train.micro_batch=1"), card(80)).components
+    off = plans.plan(load("code", shapes, "train.micro_batch=1", "train.gradient_checkpointing=false"),
+                     card(80)).components
+    assert off["activations (30 layers)"] == 30 * on["activations (one layer recomputed)"]
+    assert "activation checkpoints (layer inputs)" not in off
+
+
+def test_eager_attention_adds_the_scores(shapes):
+    sdpa = plans.plan(load("translation", shapes), card(80)).components["activations (12 layers)"]
+    eager = plans.plan(load("translation", shapes, 'model.attn_implementation="eager"'),
+                       card(80)).components["activations (12 layers)"]
+    # 16 batch x 2 x 512 tokens through 12 layers of each stack, 16 heads x 512 keys x (2 + 4 + 1) bytes
+    assert eager - sdpa == 12 * 16 * 2 * 512 * 16 * 512 * 7
+
+
+def test_clara_counts_both_passes_and_two_adapters(shapes):
+    r = load("clara", shapes)
+    s = plans.shape_of(r, plans.meta_model(r), 2)
+    assert s.trainable == 2 * 16 * 32 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 2 + 14336 + 4096)
+    assert s.tokens == 2 * (256 + 3 + 8) + 2 * 2048  # the encoder over one document, then the decoder
+
+
+def test_retrieval_plans_the_encoder_only_and_the_cached_mini_batch(shapes):
+    r = load("retrieval", shapes)
+    s = plans.shape_of(r, plans.meta_model(r), 64)
+    assert 1.2e9 < s.params < 1.3e9  # T5-XL's encoder, not the encoder-decoder
+    assert s.tokens == 16 * 3 * 512 and s.logit_tokens == 0  # cached_mnrl mini-batch 16: query, positive, negative
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_guide_recipe_runs_plainly_on_80_gb(shapes, name):
+    p = plans.plan(load(name, shapes), card(80))
+    assert p.profile == "plain" and p.fits, p.table()
+
+
+@pytest.mark.parametrize("name", ["language", "code"])
+def test_qlora_recipes_run_plainly_from_24_gb_with_auto_micro_batch(shapes, name):
+    r = load(name, shapes)
+    assert r.train.micro_batch == "auto"
+    micro, _ = plans.auto_micro_batch(r, card(24))
+    p = plans.plan(r, card(24), micro)
+    assert micro >= 2 and p.profile == "plain" and p.fits, p.table()
+    assert not plans.plan(r, card(24), 4).fits  # the guide's micro-batch 4 x ctx 8192 needs ~36 GiB
+
+
+def test_8_gb_language_at_2048_offloads_the_optimizer(shapes):
+    """At 8 GB the 7B QLoRA recipe fits only with ZeRO-2 offload (bf16 embeddings, no optimizer on the GPU)."""
+    p = plans.plan(load("language", shapes, "data.max_length=2048"), card(8), 1)
+    assert p.profiles["plain"] > 8 * GIB * plans.HEADROOM
+    assert p.profile == "zero2-offload" and p.fits, p.table()
+
+
+def test_8_gb_language_at_8192_does_not_fit_and_says_what_would(shapes):
+    p = plans.plan(load("language", shapes), card(8), 1)
+    assert p.fits is False
+    assert any(a.startswith("data.max_length = 2048 fits") for a in p.advice), p.advice
+
+
+def test_qlora_never_gets_zero3(shapes):
+    for gib in (8, 12, 24, 80):
+        for gpus in (1, 2):
+            p = plans.plan(load("language", shapes, "data.max_length=1024"), card(gib, gpus), 1)
+            assert plans.PROFILES[p.profile].zero_stage < 3
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+@pytest.mark.parametrize("gib", [8, 12, 24, 80])
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_choice_is_the_first_profile_that_fits(shapes, name, gib, gpus):
+    """Every recipe on every simulated card: the chosen profile fits, and no profile before it in
+    PROFILES' order (plain, zero2, zero2-offload, zero3, zero3-offload) that it may use does."""
+    r = load(name, shapes, "train.micro_batch=1" if name != "retrieval" else "train.batch_size=64")
+    p = plans.plan(r, card(gib, gpus), 1)
+    usable = gib * GIB * plans.HEADROOM
+    order = list(plans.PROFILES)
+    allowed = [n for n in order[:order.index(p.profile)]
+               if (gpus > 1 or plans.PROFILES[n].offload_optimizer or n == "plain")
+               and (r.method.name != "qlora" or plans.PROFILES[n].zero_stage < 3)]
+    if p.fits:
+        assert all(p.profiles[n] > usable for n in allowed), (p.profile, p.profiles)
+    else:
+        assert p.profiles[p.profile] == min(p.profiles[n] for n in [*allowed, p.profile]) and p.advice
+    if gib == 80:
+        assert p.profile == "plain" and p.fits
+
+
+def test_full_fine_tune_that_does_not_fit_8_gb_offloads(shapes):
+    r = load("translation", shapes, "train.micro_batch=2")
+    p = plans.plan(r, card(8))
+    assert p.profiles["plain"] > 8 * GIB * 0.95  # fp32 weights, gradients and AdamW: 16 bytes x 615M
+    assert p.profile in ("zero2-offload", "zero3-offload") and p.fits, p.table()
+    assert p.components["optimizer states"] == 0
+
+
+def test_two_gpus_shard_optimizer_states_with_zero2(shapes):
+    r = load("translation", shapes)
+    one = plans.estimate(r, plans.shape_of(r, plans.meta_model(r), 16), plans.PROFILES["zero2"], 1)
+    two = plans.estimate(r, plans.shape_of(r, plans.meta_model(r), 16), plans.PROFILES["zero2"], 2)
+    assert two["optimizer states"] == pytest.approx(one["optimizer states"] / 2)
+    assert two["gradients"] == pytest.approx(one["gradients"] / 2)
+
+
+def test_forced_profile_is_kept(shapes):
+    p = plans.plan(load("translation", shapes, 'hardware.profile="zero3-offload"'), card(80))
+    assert p.profile == "zero3-offload"
+
+
+def test_auto_micro_batch_takes_the_largest_that_fits(shapes):
+    r = load("translation", shapes, 'train.micro_batch="auto"')
+    m80, _ = plans.auto_micro_batch(r, card(80))
+    m24, _ = plans.auto_micro_batch(r, card(24))
+    assert r.train.batch_size % m80 == 0 and r.train.batch_size % m24 == 0
+    assert m80 > m24 >= 1
+    assert plans.plan(r, card(80), m80).fits
+    bigger = [d for d in range(m80 + 1, r.train.batch_size + 1) if r.train.batch_size % d == 0]
+    assert not bigger or not plans.plan(r, card(80), bigger[0]).fits
+
+
+def test_plan_json_schema(shapes, capsys):
+    rc = main(["plan", str(ROOT / "recipes" / "language.toml"), "--set", f"model.name={shapes['mistral-7b']}",
+               "--gpu-memory", "24", "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert set(d) >= {"components_gib", "total_gib", "capacity_gib", "profile", "reason", "fits", "profiles_gib",
+                      "advice", "notes"}
+    assert set(d) >= {"allocated_gib"}
+    assert d["capacity_gib"] == 24 and d["profile"] == "plain" and d["fits"] is True
+    assert d["notes"]["micro_batch"] == 2  # "auto": the largest that fits 24 GB
+    assert d["total_gib"] == pytest.approx(sum(d["components_gib"].values()), abs=0.01)

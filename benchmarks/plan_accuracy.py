@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,7 +178,9 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
                "profile": p["profile"], "components_gib": p["components_gib"]}
     os.environ.update(r["env"])
     try:
-        rc, wall = language.run_logged([sys.executable, "-m", "crb.run", recipe, *flags,
+        runner = ([str(ROOT / "benchmarks" / "memory_peak.py")] if args.peaks else ["-m", "crb.run"])
+        peak_json = ["--json", str(run_dir / "peak.json")] if args.peaks else []
+        rc, wall = language.run_logged([sys.executable, *runner, recipe, *flags, *peak_json,
                                         *(["--stage", r["stage"]] if r["stage"] else [])],
                                        args.out / "logs" / f"{i:02d}-{r['recipe']}.log", r["recipe"])
     finally:
@@ -199,6 +202,8 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     if not mem:
         return result | {"status": "no GPU", "measured_gib": None}
     measured = max(mem)
+    if (run_dir / "peak.json").is_file():  # --peaks: what is live at the peak, by allocating line
+        result["live_at_peak"] = json.loads((run_dir / "peak.json").read_text())["live_at_peak"][:15]
     shutil.rmtree(folder / "final_adapter", ignore_errors=True)
     shutil.rmtree(folder / "final_model", ignore_errors=True)
     return result | {"status": "ok", "measured_gib": round(measured, 3), "reserved_gib": round(max(reserved), 3),
@@ -225,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=None, help="model dirs (default /tmp/crb-bench/plan-models[-tiny])")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and lengths: runs every path on CPU")
     p.add_argument("--json", default=None)
+    p.add_argument("--match", default="", help="regex over 'recipe / setting': run only the rows it finds")
+    p.add_argument("--peaks", action="store_true", help="record allocator history: what is live at each peak")
     args = p.parse_args(argv)
     args.out = Path(args.out).resolve()
     args.models = Path(args.models or f"/tmp/crb-bench/plan-models{'-tiny' if args.tiny else ''}")
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     result_file = args.out / "plan_accuracy.json"
     old = json.loads(result_file.read_text()) if result_file.is_file() else {"rows": []}
     done = {(r["recipe"], r["setting"]): r for r in old["rows"]}
-    for i, r in enumerate(rows(args)):
+    for i, r in enumerate(x for x in rows(args) if re.search(args.match, f"{x['recipe']} / {x['setting']}")):
         row = measure(args, r, i)
         print(f"[plan] {row['recipe']} / {row['setting']}: {row['status']} {row.get('predicted_gib')} vs "
               f"{row.get('measured_gib')} GiB ({row.get('elapsed_s')} s)", flush=True)

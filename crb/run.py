@@ -77,6 +77,10 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=sched.accum,
                               log_with=trackers or None, project_dir=str(out),
                               deepspeed_plugin=plugin(sched.accum) if plugin else None)
+    if (ds := accelerator.state.deepspeed_plugin) is not None:  # crb feeds its own batches: tell DeepSpeed
+        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=sched.micro, gradient_accumulation_steps=sched.accum,
+                                   train_batch_size=sched.micro * sched.accum * accelerator.num_processes,
+                                   gradient_clipping=recipe.train.max_grad_norm)
     checkpoint.keep_trainable_only(accelerator)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -96,9 +96,12 @@ def rows(args: argparse.Namespace) -> list[dict]:
             row("translation", f"batch {batch}, {n} + {n} tokens", translation_sets(args, m / "nllb", batch))
     if "retrieval" in args.only:
         build("t5", m / "t5", args)
+        n = 32 if t else 256
         for batch in ([4, 8] if t else [16, 64]):
-            row("retrieval", f"batch {batch}, 3 x {32 if t else 256} tokens, cached_mnrl mini-batch 16",
+            row("retrieval", f"batch {batch}, 3 x {n} tokens, cached_mnrl mini-batch 16",
                 retrieval_sets(args, m / "t5", batch))
+        row("retrieval", f"batch {4 if t else 16}, 3 x {n} tokens, plain mnrl",  # every activation held at once
+            [*retrieval_sets(args, m / "t5", 4 if t else 16), 'losses=[{name="mnrl", options={scale=20.0}}]'])
     if "clara" in args.only:
         for micro in ([1, 2] if t else [2, 8]):
             row("clara", f"stage 1, micro-batch {micro}", clara_sets(args, m / "mistral", micro), stage="compression")

@@ -21,8 +21,9 @@ GIB = 2**30
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude
 HALF = 2  # bf16/fp16 bytes
 LOGIT_BYTES = HALF + 4 + 4 + 4  # per vocabulary entry and token: bf16 logits, fp32 copy, log-softmax, gradient
-LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate)
-FULL_LAYER = (10, 4)
+LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate),
+FULL_LAYER = (10, 4)  # for a gated MLP (gate, up, down); a plain one (fc, proj) keeps two fewer
+GATES = {"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"}  # a gated MLP's gate (Llama/Mistral, Phi-3, T5 v1.1, Mixtral)
 CONTEXT = "CUDA context (outside torch's allocator)"
 HEADROOM = 0.95  # of the card, for the allocator's fragmentation
 PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
@@ -93,7 +94,9 @@ def _meta_model(name: str, revision: str | None, kind: str) -> torch.nn.Module:
 
     config = AutoConfig.from_pretrained(name, revision=revision)
     with init_empty_weights():  # embedding: the encoder alone
-        return AUTO_CLASSES.get(kind, AutoModelForTextEncoding).from_config(config)
+        model = AUTO_CLASSES.get(kind, AutoModelForTextEncoding).from_config(config)
+    model.tie_weights()  # not done on the meta device: a tied lm_head would be counted twice
+    return model
 
 
 def lora_targets(model: torch.nn.Module, targets: list[str] | str) -> list[torch.nn.Linear]:
@@ -118,6 +121,7 @@ class Shape:
     hidden: int
     inter: int
     layers: int
+    gated: bool  # the MLP has three matrices (SwiGLU: gate, up, down), not two
     vocab: int
     tokens: int  # per micro-batch through the layers (both passes of an encoder-decoder or CLaRa)
     logit_tokens: int  # per micro-batch, positions whose vocabulary logits are computed
@@ -147,6 +151,7 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", None) or \
         getattr(cfg, "encoder_ffn_dim", None) or 4 * hidden
+    gated = any(n.rsplit(".", 1)[-1] in GATES for n, _ in model.named_modules())
     n, L = micro_batch, d.max_length
     if d.format == "translation":  # encoder and decoder stacks, logits on the target
         tokens, logit_tokens = 2 * n * L, n * L
@@ -162,8 +167,8 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
         tokens, logit_tokens = n * L, n * L
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", 0)
     attention = recipe.model.attn_implementation or getattr(cfg, "_attn_implementation", None) or "sdpa"
-    return Shape(params, linear, trainable, adapters, hidden, inter, layers, cfg.vocab_size, tokens, logit_tokens,
-                 heads, L, attention, d.format == "clara")
+    return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
+                 logit_tokens, heads, L, attention, d.format == "clara")
 
 
 def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
@@ -212,6 +217,8 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
     attention by SDPA/flash keeps no sequence-squared term, eager attention keeps the scores."""
     lora = recipe.method.name in ("lora", "qlora")
     h, i = (LORA_LAYER if lora else FULL_LAYER)
+    if not s.gated:  # no gate projection and no product to keep
+        i -= 2
     per = HALF * (h * s.hidden + i * s.inter)
     if s.attention == "eager":
         per += s.heads * s.seq * (HALF + 4 + 1)  # scores, fp32 softmax, dropout mask

@@ -23,6 +23,7 @@ from crb.errors import RecipeError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+ProfileName = Literal["auto", "plain", "zero2", "zero2-offload", "zero3", "zero3-offload"]  # crb.engine.profiles
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
     "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
@@ -191,7 +192,8 @@ class OutputConfig:
 
 @dataclass(kw_only=True)
 class HardwareConfig:
-    profile: str = doc('"auto" (chosen from the plan and the detected GPU) or a profile name.', "auto")
+    profile: ProfileName = doc('"auto" (chosen from the plan and the detected GPU) or a launch profile '
+                               "(launch/deepspeed/; docs/plan.md).", "auto")
 
 
 @dataclass(kw_only=True)

@@ -71,6 +71,17 @@ def test_language_components_by_hand(shapes):
     assert c["activations (one layer recomputed)"] == micro * 8192 * 2 * (14 * 4096 + 5 * 14336)
 
 
+def test_code_counts_its_tied_embedding_once_and_a_plain_mlp(shapes):
+    r = load("code", shapes, "train.micro_batch=1")
+    s = plans.shape_of(r, plans.meta_model(r), 1)
+    assert not s.gated  # c_fc, c_proj: no gate
+    c = plans.plan(r, card(80)).components
+    # StarCoder2 ties lm_head to the embedding: 49152 x 3072 once, plus 30 layers' biases and norms
+    assert (s.params - s.linear) < 49152 * 3072 * 1.01
+    assert c["weights (not quantized, fp32 after k-bit prep)"] == (s.params - s.linear) * 4
+    assert c["activations (one layer recomputed)"] == 8192 * 2 * (14 * 3072 + 3 * 12288)
+
+
 def test_allocated_leaves_out_the_cuda_context_and_paged_states(shapes):
     p = plans.plan(load("language", shapes), card(80))
     assert p.total - p.allocated == pytest.approx(p.components[plans.CONTEXT] + p.components[plans.PAGED])

@@ -23,8 +23,11 @@ HALF = 2  # bf16/fp16 bytes
 LOGIT_BYTES = HALF + 4 + 4 + 4  # per vocabulary entry and token: bf16 logits, fp32 copy, log-softmax, gradient
 LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate),
 FULL_LAYER = (10, 4)  # for a gated MLP (gate, up, down); a plain one (fc, proj) keeps two fewer
+T5_LAYER, T5_SCORE_BYTES = (26, 8), 12  # fp32 residual and norms under autocast, gelu_new as eight ops, fp32 bias
 GATES = {"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"}  # a gated MLP's gate (Llama/Mistral, Phi-3, T5 v1.1, Mixtral)
 CONTEXT = "CUDA context (outside torch's allocator)"
+COPIES = "bf16 copies of fp32 weights (autocast, kept for backward)"
+OVERLAP = "gradients not allocated yet at the loss's backward (the peak)"
 HEADROOM = 0.95  # of the card, for the allocator's fragmentation
 PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
 OUTSIDE = (CONTEXT, PAGED)
@@ -125,10 +128,12 @@ class Shape:
     vocab: int
     tokens: int  # per micro-batch through the layers (both passes of an encoder-decoder or CLaRa)
     logit_tokens: int  # per micro-batch, positions whose vocabulary logits are computed
+    pass_tokens: int  # the most tokens in one forward pass of one layer stack (what one recomputed layer sees)
     heads: int = 0
     seq: int = 0  # the longest sequence (for eager attention's scores)
     attention: str = "sdpa"
     embedding_trains: bool = False  # CLaRa: the input embedding trains (its memory-token rows)
+    model_type: str = ""
 
 
 def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
@@ -153,22 +158,26 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
         getattr(cfg, "encoder_ffn_dim", None) or 4 * hidden
     gated = any(n.rsplit(".", 1)[-1] in GATES for n, _ in model.named_modules())
     n, L = micro_batch, d.max_length
+    pass_tokens = n * L  # the most tokens in one pass through one layer stack
     if d.format == "translation":  # encoder and decoder stacks, logits on the target
         tokens, logit_tokens = 2 * n * L, n * L
-    elif d.format == "retrieval":  # anchor, positive and hard negatives; cached_mnrl: a mini-batch at a time
+    elif d.format == "retrieval":  # anchor, positive and hard negatives at once; cached_mnrl: a mini-batch
         cached = [x.options.get("mini_batch_size", 32) for x in recipe.losses if x.name == "cached_mnrl"]
-        tokens, logit_tokens = min([n, *cached]) * (2 + d.hard_negatives) * L, 0
+        columns = 1 if cached else 2 + d.hard_negatives  # GradCache re-runs one column's mini-batch at a time
+        tokens, logit_tokens = min([n, *cached]) * columns * L, 0
+        pass_tokens = min([n, *cached]) * L  # sentence-transformers encodes each column separately
     elif d.format == "clara":  # the encoder over the documents (+ the question in stage 3), the decoder prompt
         c = recipe.clara
         docs = 1 if c.stage == "compression" else c.top_k
         enc = n * docs * (c.doc_max_length + 3 + c.doc_max_length // c.compress_rate)
         tokens, logit_tokens = enc + n * L, n * L
+        pass_tokens = max(enc, n * L)
     else:
         tokens, logit_tokens = n * L, n * L
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", 0)
     attention = recipe.model.attn_implementation or getattr(cfg, "_attn_implementation", None) or "sdpa"
     return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
-                 logit_tokens, heads, L, attention, d.format == "clara")
+                 logit_tokens, pass_tokens, heads, L, attention, d.format == "clara", cfg.model_type)
 
 
 def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
@@ -183,8 +192,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         c["weights (nf4, incl. quant constants)"] = s.linear * per
         c["weights (not quantized, fp32 after k-bit prep)"] = (s.params - s.linear) * (HALF if ds else 4)
     else:
-        frozen_bytes = 4 if method.name in ("full", "freeze") and not ds else HALF
-        weights = s.params * frozen_bytes
+        weights = s.params * frozen_bytes_of(recipe, ds)
         if profile.offload_params:
             weights = 2 * (s.params / s.layers) * HALF  # only the layers being gathered stay on the GPU
         elif profile.zero_stage == 3:
@@ -204,9 +212,15 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         c[name] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
     if s.embedding_trains:  # bf16 like the base: its gradient and two AdamW states
         c["trainable embedding (CLaRa memory rows): gradient + states"] = s.vocab * s.hidden * 3 * HALF
-    c.update(activations(recipe, s))
+    if recipe.train.precision != "fp32" and not ds:  # autocast's bf16 copy of each fp32 matmul weight
+        head = s.vocab * s.hidden if s.logit_tokens else 0  # lm_head (fp32 after k-bit prep, or a full model's)
+        fp32_matmul = {"qlora": s.trainable + head, "lora": s.trainable}.get(method.name, s.linear + head)
+        c[COPIES] = fp32_matmul * HALF
+    c.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
     if s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
         c["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
+        if not ds:  # the peak is the loss's backward: no weight gradient is allocated yet
+            c[OVERLAP] = -min(c["gradients"], c["logits + loss (vocab x tokens)"])
     c[CONTEXT] = CUDA_CONTEXT
     return c
 
@@ -214,25 +228,33 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
 def layer_bytes(recipe: Recipe, s: Shape) -> float:
     """Activation bytes one layer saves for backward, per token. LoRA layers keep each adapter's
     dropped-out input too. Calibrated on the H100 rows of docs/plan.md (Mistral-7B LoRA: 265 kB/token);
-    attention by SDPA/flash keeps no sequence-squared term, eager attention keeps the scores."""
+    T5 blocks from a trace of their saved tensors (benchmarks/layer_trace.py). Attention by SDPA/flash
+    keeps no sequence-squared term; eager attention, and T5's (its position bias sends SDPA to the
+    math path), keep the scores."""
     lora = recipe.method.name in ("lora", "qlora")
-    h, i = (LORA_LAYER if lora else FULL_LAYER)
+    h, i = LORA_LAYER if lora else T5_LAYER if s.model_type == "t5" else FULL_LAYER
     if not s.gated:  # no gate projection and no product to keep
         i -= 2
     per = HALF * (h * s.hidden + i * s.inter)
-    if s.attention == "eager":
-        per += s.heads * s.seq * (HALF + 4 + 1)  # scores, fp32 softmax, dropout mask
+    if s.attention == "eager" or s.model_type == "t5":
+        per += s.heads * s.seq * (T5_SCORE_BYTES if s.model_type == "t5" else HALF + 4 + 1)  # + fp32 softmax, mask
     return per
 
 
-def activations(recipe: Recipe, s: Shape) -> dict[str, float]:
+def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str, float]:
     """Saved activations of one micro-batch. With gradient checkpointing each layer keeps its input
-    (bf16) and one layer at a time is recomputed in backward."""
-    per_layer = s.tokens * layer_bytes(recipe, s)
+    (bf16; fp32 when the weights are fp32 under autocast) and one layer of one pass is recomputed
+    at a time in backward."""
     if recipe.train.gradient_checkpointing:
-        return {"activation checkpoints (layer inputs)": s.tokens * s.hidden * HALF * s.layers,
-                "activations (one layer recomputed)": per_layer}
-    return {f"activations ({s.layers} layers)": per_layer * s.layers}
+        return {"activation checkpoints (layer inputs)": s.tokens * s.hidden * (4 if fp32_stream else HALF) * s.layers,
+                "activations (one layer recomputed)": s.pass_tokens * layer_bytes(recipe, s)}
+    return {f"activations ({s.layers} layers)": s.tokens * layer_bytes(recipe, s) * s.layers}
+
+
+def frozen_bytes_of(recipe: Recipe, ds: bool) -> int:
+    """Bytes per base weight: fp32 for full and freeze fine-tunes (autocast computes in bf16), the
+    half dtype for (Q)LoRA bases and under DeepSpeed (its fp32 master copy lives in the optimizer)."""
+    return 4 if recipe.method.name in ("full", "freeze") and not ds else HALF
 
 
 def _bucket(profile: Profile) -> float:

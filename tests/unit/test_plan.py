@@ -114,7 +114,17 @@ def test_retrieval_plans_the_encoder_only_and_the_cached_mini_batch(shapes):
     r = load("retrieval", shapes)
     s = plans.shape_of(r, plans.meta_model(r), 64)
     assert 1.2e9 < s.params < 1.3e9  # T5-XL's encoder, not the encoder-decoder
-    assert s.tokens == 16 * 3 * 512 and s.logit_tokens == 0  # cached_mnrl mini-batch 16: query, positive, negative
+    assert s.tokens == 16 * 512 and s.logit_tokens == 0  # cached_mnrl: 16 rows of one column at a time
+    plain = load("retrieval", shapes, 'losses=[{name="mnrl"}]')
+    assert plans.shape_of(plain, plans.meta_model(plain), 64).tokens == 64 * 3 * 512  # query, positive, negative
+
+
+def test_t5_blocks_keep_their_traced_activations(shapes):
+    """Instructor-XL's T5 block: 26 hidden + 8 intermediate bf16 units per token, and 12 bytes per
+    attention score (the position bias sends SDPA to the math path): 274 kB/token measured at 256 tokens."""
+    r = load("retrieval", shapes, "data.max_length=256")
+    s = plans.shape_of(r, plans.meta_model(r), 64)
+    assert plans.layer_bytes(r, s) == 2 * (26 * 2048 + 8 * 5120) + 32 * 256 * 12
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -217,3 +227,13 @@ def test_plan_json_schema(shapes, capsys):
     assert d["capacity_gib"] == 24 and d["profile"] == "plain" and d["fits"] is True
     assert d["notes"]["micro_batch"] == 2  # "auto": the largest that fits 24 GB
     assert d["total_gib"] == pytest.approx(sum(d["components_gib"].values()), abs=0.01)
+
+
+def test_full_fine_tune_checkpoints_are_fp32_and_one_column_is_recomputed(shapes):
+    """fp32 weights under autocast keep an fp32 residual stream; sentence-transformers encodes query,
+    positive and negative in separate passes, so backward recomputes one column's layer at a time."""
+    r = load("retrieval", shapes, 'losses=[{name="mnrl"}]', "train.gradient_checkpointing=true")
+    s = plans.shape_of(r, plans.meta_model(r), 64)
+    c = plans.plan(r, card(80)).components
+    assert c["activation checkpoints (layer inputs)"] == 64 * 3 * 512 * 2048 * 4 * 24
+    assert c["activations (one layer recomputed)"] == 64 * 512 * plans.layer_bytes(r, s)

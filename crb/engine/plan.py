@@ -21,13 +21,14 @@ GIB = 2**30
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude
 HALF = 2  # bf16/fp16 bytes
 LOGIT_BYTES = HALF + 4 + 4 + 4  # per vocabulary entry and token: bf16 logits, fp32 copy, log-softmax, gradient
-LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate),
+LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate), with RMSNorm,
 FULL_LAYER = (10, 4)  # for a gated MLP (gate, up, down); a plain one (fc, proj) keeps two fewer
 T5_LAYER, T5_SCORE_BYTES = (26, 8), 12  # fp32 residual and norms under autocast, gelu_new as eight ops, fp32 bias
 GATES = {"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"}  # a gated MLP's gate (Llama/Mistral, Phi-3, T5 v1.1, Mixtral)
 CONTEXT = "CUDA context (outside torch's allocator)"
 COPIES = "bf16 copies of fp32 weights (autocast, kept for backward)"
 OVERLAP = "gradients not allocated yet at the loss's backward (the peak)"
+STEP = "optimizer step temporaries (AdamW's sqrt(v), fp32): the peak is the step"
 HEADROOM = 0.95  # of the card, for the allocator's fragmentation
 PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
 OUTSIDE = (CONTEXT, PAGED)
@@ -134,6 +135,7 @@ class Shape:
     attention: str = "sdpa"
     embedding_trains: bool = False  # CLaRa: the input embedding trains (its memory-token rows)
     model_type: str = ""
+    fused_norm: bool = False  # nn.LayerNorm (one op) rather than an RMSNorm written as fp32 elementwise ops
 
 
 def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
@@ -157,6 +159,7 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", None) or \
         getattr(cfg, "encoder_ffn_dim", None) or 4 * hidden
     gated = any(n.rsplit(".", 1)[-1] in GATES for n, _ in model.named_modules())
+    fused_norm = any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
     n, L = micro_batch, d.max_length
     pass_tokens = n * L  # the most tokens in one pass through one layer stack
     if d.format == "translation":  # encoder and decoder stacks, logits on the target
@@ -177,7 +180,8 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", 0)
     attention = recipe.model.attn_implementation or getattr(cfg, "_attn_implementation", None) or "sdpa"
     return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
-                 logit_tokens, pass_tokens, heads, L, attention, d.format == "clara", cfg.model_type)
+                 logit_tokens, pass_tokens, heads, L, attention, d.format == "clara", cfg.model_type,
+                 fused_norm)
 
 
 def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
@@ -204,23 +208,28 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     paged = t.optimizer.startswith("paged") and not ds
     opt_bytes = 2 if "8bit" in t.optimizer and not ds else 8
     if profile.offload_optimizer:
-        c["gradients"] = min(s.trainable * HALF, _bucket(profile) * HALF)  # reduced in buckets, then to CPU
+        grads = min(s.trainable * HALF, _bucket(profile) * HALF)  # reduced in buckets, then to CPU
         c["optimizer states"] = 0.0
     else:
-        c["gradients"] = s.trainable * (4 / shard if ds else 4)
-        name = PAGED if paged else "optimizer states"
-        c[name] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
+        grads = s.trainable * (4 / shard if ds else 4)
+        c[PAGED if paged else "optimizer states"] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
     if s.embedding_trains:  # bf16 like the base: its gradient and two AdamW states
         c["trainable embedding (CLaRa memory rows): gradient + states"] = s.vocab * s.hidden * 3 * HALF
+    # The peak is the larger of two moments: the backward pass (activations, logits) and the optimizer step.
+    backward: dict[str, float] = {"gradients": grads}
     if recipe.train.precision != "fp32" and not ds:  # autocast's bf16 copy of each fp32 matmul weight
         head = s.vocab * s.hidden if s.logit_tokens else 0  # lm_head (fp32 after k-bit prep, or a full model's)
         fp32_matmul = {"qlora": s.trainable + head, "lora": s.trainable}.get(method.name, s.linear + head)
-        c[COPIES] = fp32_matmul * HALF
-    c.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
+        backward[COPIES] = fp32_matmul * HALF
+    backward.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
     if s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
-        c["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
+        backward["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
         if not ds:  # the peak is the loss's backward: no weight gradient is allocated yet
-            c[OVERLAP] = -min(c["gradients"], c["logits + loss (vocab x tokens)"])
+            backward[OVERLAP] = -min(grads, backward["logits + loss (vocab x tokens)"])
+    step = {"gradients": grads}
+    if t.optimizer == "adamw" and not profile.offload_optimizer:  # torch's foreach AdamW: sqrt(v) as a temporary
+        step[STEP] = s.trainable * 4 / shard
+    c.update(backward if sum(backward.values()) >= sum(step.values()) else step)
     c[CONTEXT] = CUDA_CONTEXT
     return c
 
@@ -235,6 +244,8 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
     h, i = LORA_LAYER if lora else T5_LAYER if s.model_type == "t5" else FULL_LAYER
     if not s.gated:  # no gate projection and no product to keep
         i -= 2
+    if s.fused_norm:  # LayerNorm keeps its bf16 input; an fp32 RMSNorm also its fp32 copy: 2 units less per norm
+        h -= 4
     per = HALF * (h * s.hidden + i * s.inter)
     if s.attention == "eager" or s.model_type == "t5":
         per += s.heads * s.seq * (T5_SCORE_BYTES if s.model_type == "t5" else HALF + 4 + 1)  # + fp32 softmax, mask

@@ -36,3 +36,22 @@ def test_every_schema_key_is_documented():
 
 def test_example_error_is_real():
     assert "crb: error: recipe.toml:9: train.lrr: unknown key (did you mean 'train.lr'?)\n" in render()
+
+
+def test_plan_md_shows_the_measured_accuracy_and_the_planner_coefficients():
+    import json
+    from pathlib import Path
+
+    from crb.engine import plan
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "plan.md").read_text(encoding="utf-8")
+    result = json.loads((root / "benchmarks" / "results" / "plan_accuracy.json").read_text())
+    for row in result["rows"]:
+        if row.get("measured_gib"):
+            assert f"| {row['predicted_gib']:.2f} | {row['measured_gib']:.2f} |" in text, row["setting"]
+            assert abs(row["error_pct"]) <= 5, row["setting"]
+    h, i = plan.LORA_LAYER
+    t5h, t5i = plan.T5_LAYER
+    assert f"{h} h + {i} i" in text and f"{t5h} h + {t5i} i" in text
+    assert f"{plan.T5_SCORE_BYTES} B per attention score" in text and f"x {plan.LOGIT_BYTES} B" in text

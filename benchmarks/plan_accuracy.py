@@ -84,7 +84,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     for ctx, micro in ([(64, 1), (128, 2)] if t else [(2048, 1), (8192, 1), (8192, 4)]):
         if "language" in args.only:
             row("language", f"ctx {ctx}, micro-batch {micro}", text_sets(args, m / "mistral", ctx, micro, "language"))
-    if "code" in args.only or "8gb" in args.only:
+    if "code" in args.only or ("8gb" in args.only and re.search(args.match, "code / 8 GB cap")):
         build("starcoder2", m / "starcoder2", args)
     for ctx, micro in ([(64, 1), (128, 2)] if t else [(4096, 1), (8192, 2)]):
         if "code" in args.only:
@@ -111,6 +111,8 @@ def rows(args: argparse.Namespace) -> list[dict]:
         ctx = 128 if t else 8192
         for name, model, short in (("language", "mistral", 2048), ("code", "starcoder2", 4096)):
             for c in ([ctx] if t else [ctx, short]):  # the guide's ctx, and the longest the plan fits in 8 GB
+                if not re.search(args.match, f"{name} / 8 GB cap, ctx {c},"):
+                    continue
                 row(name, f"8 GB cap, ctx {c}, micro-batch 1", text_sets(args, m / model, c, 1, name), cap)
     del d
     return out
@@ -168,7 +170,7 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     recipe = str(ROOT / "recipes" / f"{r['recipe']}.toml")
     run_dir = args.out / "runs" / f"{i:02d}-{r['recipe']}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    sets = [*r["sets"], f"output.dir={q(str(run_dir))}"]
+    sets = [*r["sets"], *args.sets, f"output.dir={q(str(run_dir))}"]
     flags = [x for s in sets for x in ("--set", s)]
     env = {**os.environ, **r["env"], "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--match", default="", help="regex over 'recipe / setting': run only the rows it finds")
     p.add_argument("--peaks", action="store_true", help="record allocator history: what is live at each peak")
+    p.add_argument("--set", action="append", default=[], dest="sets",
+                   help="a recipe override added to every row (e.g. train.kernels=\"liger\")")
     args = p.parse_args(argv)
     args.out = Path(args.out).resolve()
     args.models = Path(args.models or f"/tmp/crb-bench/plan-models{'-tiny' if args.tiny else ''}")
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(result_file.read_text()) if result_file.is_file() else {"rows": []}
     done = {(r["recipe"], r["setting"]): r for r in old["rows"]}
     for i, r in enumerate(x for x in rows(args) if re.search(args.match, f"{x['recipe']} / {x['setting']}")):
+        r["setting"] += "".join(f", {s}" for s in args.sets)
         row = measure(args, r, i)
         print(f"[plan] {row['recipe']} / {row['setting']}: {row['status']} {row.get('predicted_gib')} vs "
               f"{row.get('measured_gib')} GiB ({row.get('elapsed_s')} s)", flush=True)

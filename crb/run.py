@@ -31,7 +31,7 @@ from crb.engine.build import (
 )
 from crb.engine.loop import make_schedule, train
 from crb.engine.metrics import task_metrics
-from crb.engine.plan import auto_micro_batch, plan
+from crb.engine.plan import auto_micro_batch, auto_offload, plan
 from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
@@ -120,6 +120,9 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
     """The plan's profile (and micro-batch, when "auto"), said and written to OUT/profile.json; returns the
     profile name and a maker of its DeepSpeed plugin (None: plain, or a launcher that set DeepSpeed itself)."""
     say = PartialState().print
+    if recipe.train.offload_activations == "auto":
+        recipe.train.offload_activations, why = auto_offload(recipe, hw)
+        say(f"crb: offload_activations auto -> {str(recipe.train.offload_activations).lower()} ({why})")
     if recipe.train.micro_batch == "auto":
         recipe.train.micro_batch, why = auto_micro_batch(recipe, hw)
         say(f"crb: micro-batch auto -> {recipe.train.micro_batch} ({why})")
@@ -133,6 +136,7 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
         out.mkdir(parents=True, exist_ok=True)
         (out / "profile.json").write_text(json.dumps(
             {"profile": name, "reason": reason, "micro_batch": recipe.train.micro_batch,
+             "offload_activations": recipe.train.offload_activations, "kernels": recipe.train.kernels,
              "plan_gib": round(p.total / 2**30, 3), "capacity_gib": p.capacity and round(p.capacity / 2**30, 3),
              "profiles_gib": {k: round(v / 2**30, 3) for k, v in p.profiles.items()}}, indent=1))
     prof = PROFILES.get(name)

@@ -8,6 +8,7 @@ import math
 import re
 
 import torch
+from accelerate import PartialState
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -82,15 +83,20 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         model = auto.from_pretrained(m.name, **kwargs)
     model.config.use_cache = False
     gc = recipe.train.gradient_checkpointing
+    # Offloaded activations need the reentrant form: it saves each layer's input through autograd, where
+    # the loop's save_on_cpu hook moves it to the CPU (the non-reentrant form keeps it in a closure).
+    gc_kwargs = {"use_reentrant": recipe.train.offload_activations}
     if method.name == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=gc_kwargs)
     elif gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         if method.name in ("lora", "freeze"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that wants grad
+    if recipe.train.kernels == "liger":
+        PartialState().print(f"crb: {apply_liger(model, device)}")
     if kind == "clara":
         return build_clara(model, recipe)
     if method.name in ("lora", "qlora"):
@@ -98,6 +104,25 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
     elif method.name == "freeze":
         freeze(model, method.trainable)
     return model
+
+
+def apply_liger(model: torch.nn.Module, device: torch.device) -> str:
+    """liger-kernel's fused kernels patched into `model` in place (before PEFT wraps it; the fused loss
+    takes crb's num_items_in_batch like transformers' own). Returns what was done, for the log."""
+    if device.type != "cuda":
+        return "train.kernels = 'liger' needs a CUDA GPU: running without fused kernels"
+    try:
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+    except ImportError as e:
+        raise CrbError("train.kernels: 'liger' needs liger-kernel: pip install 'crb[gpu]'") from e
+    kind = model.config.model_type
+    if kind not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"train.kernels: liger-kernel has no kernels for model type {kind!r}: running without"
+    _apply_liger_kernel_to_instance(model=model)
+    return f"liger kernels on ({kind}: RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy)"
 
 
 def build_clara(base: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:

@@ -7,6 +7,7 @@ order of each epoch is a seeded permutation), so resuming is exact."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -99,6 +100,11 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             total = total + w * value
         return total
 
+    def offload():
+        if t.offload_activations:
+            return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+        return contextlib.nullcontext()
+
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=console,
@@ -145,7 +151,8 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             for batch in batches:
                 batch = send_to_device(batch, device)
                 with acc.accumulate(model):
-                    loss = total_loss(batch, num_items, parts)
+                    with offload():  # with train.offload_activations: saved tensors (layer inputs) to the CPU
+                        loss = total_loss(batch, num_items, parts)
                     for k, v in batch.get("_metrics", {}).items():
                         parts[k] = parts.get(k, 0) + float(v)
                     acc.backward(loss)

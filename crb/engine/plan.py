@@ -29,6 +29,10 @@ CONTEXT = "CUDA context (outside torch's allocator)"
 COPIES = "bf16 copies of fp32 weights (autocast, kept for backward)"
 OVERLAP = "gradients not allocated yet at the loss's backward (the peak)"
 STEP = "optimizer step temporaries (AdamW's sqrt(v), fp32): the peak is the step"
+FUSED = "fused linear + cross-entropy (liger: logits in chunks, input gradient)"
+FUSED_BYTES = 12  # per hidden unit and token: a bf16 + fp32 logits chunk of ~tokens x hidden / vocab rows, grad_input
+LIGER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
+               "granite"}  # model types whose liger-kernel patch fuses the loss (liger-kernel 0.8)
 HEADROOM = 0.95  # of the card, for the allocator's fragmentation
 PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
 OUTSIDE = (CONTEXT, PAGED)
@@ -222,7 +226,9 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         fp32_matmul = {"qlora": s.trainable + head, "lora": s.trainable}.get(method.name, s.linear + head)
         backward[COPIES] = fp32_matmul * HALF
     backward.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
-    if s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
+    if s.logit_tokens and fused_loss(recipe, s):  # chunks of ~tokens x hidden / vocab rows: never the whole logits
+        backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
+    elif s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
         backward["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
         if not ds:  # the peak is the loss's backward: no weight gradient is allocated yet
             backward[OVERLAP] = -min(grads, backward["logits + loss (vocab x tokens)"])
@@ -232,6 +238,11 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     c.update(backward if sum(backward.values()) >= sum(step.values()) else step)
     c[CONTEXT] = CUDA_CONTEXT
     return c
+
+
+def fused_loss(recipe: Recipe, s: Shape) -> bool:
+    """Whether liger-kernel's fused linear + cross-entropy replaces the logits (train.kernels = "liger")."""
+    return recipe.train.kernels == "liger" and s.model_type in LIGER_TYPES and recipe.data.format in ("chatml", "text")
 
 
 def layer_bytes(recipe: Recipe, s: Shape) -> float:
@@ -257,7 +268,11 @@ def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str
     (bf16; fp32 when the weights are fp32 under autocast) and one layer of one pass is recomputed
     at a time in backward."""
     if recipe.train.gradient_checkpointing:
-        return {"activation checkpoints (layer inputs)": s.tokens * s.hidden * (4 if fp32_stream else HALF) * s.layers,
+        checkpoints = s.tokens * s.hidden * (4 if fp32_stream else HALF) * s.layers
+        if recipe.train.offload_activations:
+            return {"activation checkpoints (offloaded to pinned CPU memory)": 0.0,
+                    "activations (one layer recomputed)": s.pass_tokens * layer_bytes(recipe, s)}
+        return {"activation checkpoints (layer inputs)": checkpoints,
                 "activations (one layer recomputed)": s.pass_tokens * layer_bytes(recipe, s)}
     return {f"activations ({s.layers} layers)": s.tokens * layer_bytes(recipe, s) * s.layers}
 
@@ -278,6 +293,8 @@ def _bucket(profile: Profile) -> float:
 
 
 def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: bool = True) -> Plan:
+    if recipe.train.offload_activations == "auto":  # as the run resolves it
+        recipe = _with(recipe, offload_activations=auto_offload(recipe, hw)[0])
     model = meta_model(recipe)
     micro = micro_batch or recipe.train.micro_batch
     if micro == "auto":  # as the run resolves it
@@ -319,11 +336,45 @@ def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
         if (q := plan(shorter, hw, 1, advise=False)).fits:
             out.append(f"data.max_length = {length} fits at micro-batch 1 ({q.total / GIB:.1f} GiB, {q.profile})")
             break
+    levers = []  # switches that keep the recipe's math: the fused loss, checkpoints in CPU memory, both
+    if recipe.train.kernels != "liger" and fused_loss(_with(recipe, kernels="liger"), shape_of(
+            recipe, meta_model(recipe), 1)):
+        levers.append({"kernels": "liger"})
+    if recipe.train.gradient_checkpointing and not recipe.train.offload_activations and \
+            recipe.data.format in ("chatml", "text", "translation"):
+        levers.append({"offload_activations": True})
+    if len(levers) == 2:
+        levers.append({**levers[0], **levers[1]})
+    for change in levers:
+        if (q := plan(_with(recipe, **change), hw, micro, advise=False)).fits:
+            sets = ", ".join(f"train.{k} = {json.dumps(v)}" for k, v in change.items())
+            out.insert(0, f"{sets} fits at micro-batch {micro} ({q.total / GIB:.1f} GiB, {q.profile})")
+            break
     if not recipe.train.gradient_checkpointing and recipe.data.format != "clara":
         out.append("train.gradient_checkpointing = true keeps one layer's activations instead of all")
     if recipe.method.name != "qlora" and recipe.data.format in ("chatml", "text"):
         out.append('method.name = "qlora" stores the base in 4 bits')
     return out or ["no setting of micro-batch or length fits this card: a larger GPU, or more GPUs with ZeRO"]
+
+
+def auto_offload(recipe: Recipe, hw: Hardware) -> tuple[bool, str]:
+    """train.offload_activations = "auto": on only where checkpoints can move and the plan at micro-batch 1
+    does not fit the card without."""
+    movable = recipe.train.gradient_checkpointing and recipe.data.format in ("chatml", "text", "translation")
+    if not movable or not hw.gpus:
+        return False, "nothing to offload" if not movable else "no GPU"
+    p = plan(_with(recipe, offload_activations=False), hw, 1, advise=False)
+    if p.fits:
+        return False, f"fits without ({p.total / GIB:.1f} GiB)"
+    return True, f"without it micro-batch 1 needs {p.total / GIB:.1f} GiB of {p.capacity / GIB:.1f} GiB"
+
+
+def _with(recipe: Recipe, **train: object) -> Recipe:
+    """A copy of `recipe` with some train.* settings changed."""
+    changed = copy.deepcopy(recipe)
+    for k, v in train.items():
+        setattr(changed.train, k, v)
+    return changed
 
 
 def auto_micro_batch(recipe: Recipe, hw: Hardware) -> tuple[int, str]:

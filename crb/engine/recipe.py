@@ -146,6 +146,15 @@ class TrainConfig:
     precision: Precision = doc("Mixed precision; auto = bf16 where supported, else fp16 on GPU, fp32 on CPU.",
                                "auto")
     gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+    offload_activations: bool | Literal["auto"] = doc(
+        "Keep the checkpointed layer inputs in pinned CPU memory instead of the GPU (needs "
+        "gradient_checkpointing; chat, text and translation): frees tokens x hidden x 2 B x layers for PCIe "
+        'traffic. "auto": only when `crb plan` says the run does not fit without.', False)
+    kernels: Literal["none", "liger"] = doc(
+        '"liger": liger-kernel\'s fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy (the vocabulary logits '
+        "are never materialised) for the model types it supports (Llama, Mistral, Qwen, Gemma, ...); needs CUDA "
+        "and `pip install 'crb[gpu]'` (without a GPU, or for other model types, the run says so and goes on "
+        "without).", "none")
     seed: int = doc("Seed for weights init, data order and dropout.", 42)
     log_every: int = doc("Log metrics every N optimizer steps.", 1)
     eval_every: int = doc("Evaluate every N optimizer steps; 0 = at each epoch end.", 0)
@@ -523,6 +532,10 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
         if r.train.gradient_checkpointing:
             raise bad("train.gradient_checkpointing", "expected false for clara (recomputation in backward "
                       "would run under the wrong adapter)", True)
+    if r.train.offload_activations is True and not (r.train.gradient_checkpointing and d.format in ("chatml", "text",
+                                                                                          "translation")):
+        raise bad("train.offload_activations", "expected false unless train.gradient_checkpointing is true "
+                  "(chatml, text and translation formats)", True)
     if d.format == "retrieval":
         if r.method.name not in ("full", "freeze"):
             raise bad("method.name", "expected 'full' or 'freeze' for retrieval (the encoder trains whole)",

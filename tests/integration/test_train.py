@@ -166,3 +166,21 @@ def test_freeze_trains_only_matching_parameters(chat_recipe, tmp_path, tiny_mode
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("lm_head" in k or "layers.1." in k for k in changed)
     assert "model.layers.1.mlp.down_proj.weight" in changed and "lm_head.weight" in changed
+
+
+@pytest.mark.parametrize("method", ["qlora"])
+def test_offloaded_activations_train_the_same_as_kept_ones(chat_recipe, tmp_path, method):
+    """Checkpointed layer inputs in CPU memory (reentrant checkpointing + save_on_cpu) change where
+    tensors live, not the math: the same losses and adapter as checkpoints kept in place."""
+    runs = {}
+    for offload in (False, True):
+        out = tmp_path / f"{method}-{offload}"
+        run(str(chat_recipe), [f"method.name='{method}'", "train.gradient_checkpointing=true", "train.max_steps=3",
+                               f"train.offload_activations={str(offload).lower()}", "train.kernels='liger'",
+                               f"output.dir='{out}'"])
+        runs[offload] = (losses(out), adapter(out))
+        assert json.loads((out / "profile.json").read_text())["offload_activations"] is offload
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6)
+    assert runs[False][0][-1] != runs[False][0][0]  # it trained

@@ -237,3 +237,23 @@ def test_full_fine_tune_checkpoints_are_fp32_and_one_column_is_recomputed(shapes
     c = plans.plan(r, card(80)).components
     assert c["activation checkpoints (layer inputs)"] == 64 * 3 * 512 * 2048 * 4 * 24
     assert c["activations (one layer recomputed)"] == 64 * 512 * plans.layer_bytes(r, s)
+
+
+def test_8_gb_language_at_8192_fits_with_the_fused_loss_and_offloaded_checkpoints(shapes):
+    """"auto" offload turns on only where the plan needs it; with liger's fused loss the guide's ctx 8192 fits 8 GB."""
+    r = load("language", shapes, 'train.offload_activations="auto"')
+    assert plans.auto_offload(r, card(80))[0] is False and plans.auto_offload(r, card(8))[0] is True
+    p = plans.plan(r, card(8))
+    assert p.components["activation checkpoints (offloaded to pinned CPU memory)"] == 0
+    assert not p.fits and any('train.kernels = "liger"' in a for a in p.advice)
+    fused = plans.plan(load("language", shapes, 'train.offload_activations="auto"', 'train.kernels="liger"'), card(8))
+    assert fused.fits and fused.profile == "zero2-offload"
+    assert "logits + loss (vocab x tokens)" not in fused.components
+    assert fused.components[plans.FUSED] == 8192 * 4096 * plans.FUSED_BYTES
+    code = plans.plan(load("code", shapes, 'train.kernels="liger"'), card(80)).components  # no liger for starcoder2
+    assert "logits + loss (vocab x tokens)" in code
+
+
+def test_offload_without_checkpointing_is_an_error_naming_the_key(shapes):
+    with pytest.raises(recipes.RecipeError, match=r"train\.offload_activations"):
+        load("language", shapes, "train.gradient_checkpointing=false", "train.offload_activations=true")

@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except CrbError as e:
         if args.debug:
             raise
-        print(f"crb: error: {e}", file=sys.stderr)
-        return 2
+        print(f"crb: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -4,6 +4,9 @@
 class CrbError(Exception):
     """A user-facing error. ``str(err)`` is one line: where, what, expected vs got."""
 
+    exit_code = 2
+    label = "error"
+
 
 class RecipeError(CrbError):
     """A recipe is malformed: bad TOML, unknown key, wrong type, impossible value."""
@@ -11,3 +14,13 @@ class RecipeError(CrbError):
 
 class DataError(CrbError):
     """A data file or record is malformed."""
+
+
+class Stopped(CrbError):
+    """Training stopped on SIGTERM/SIGINT after finishing the step and writing a checkpoint."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # as a shell reports a signal

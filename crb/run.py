@@ -133,7 +133,9 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
     if p.fits is False and not launched:
         say("crb: warning: the plan does not fit this card; it may run out of memory. " + "; ".join(p.advice))
     if PartialState().is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        t = recipe.train
+        state_bytes = 2 if "8bit" in t.optimizer else 8  # optimizer states per trainable parameter
+        checkpoint.check_space(out, p.notes["trainable"] * ((t.keep_checkpoints + 1) * (4 + state_bytes) + 4))
         (out / "profile.json").write_text(json.dumps(
             {"profile": name, "reason": reason, "micro_batch": recipe.train.micro_batch,
              "offload_activations": recipe.train.offload_activations, "kernels": recipe.train.kernels,
@@ -233,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     except CrbError as e:
         if args.debug:
             raise
-        print(f"crb: error: {e}", file=sys.stderr)
-        return 2
+        print(f"crb: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -13,7 +13,25 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from crb.errors import CrbError
+
 STATE_FILE = "crb_state.json"
+
+
+def check_space(out: Path, need: float) -> None:
+    """Before any training: the run folder can be created and written, and its disk has room for the
+    checkpoints (`need` bytes: train.keep_checkpoints + 1 of them and the final weights)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".crb-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CrbError(f"output.dir: cannot write to {out}: {e.strerror or e}") from e
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise CrbError(f"output.dir: {out} has {free / 2**30:.2f} GiB free; the checkpoints and final weights need "
+                       f"about {need / 2**30:.2f} GiB (free space, or lower train.keep_checkpoints)")
 
 
 def keep_trainable_only(accelerator: Accelerator) -> None:

@@ -11,6 +11,8 @@ import contextlib
 import functools
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,7 @@ from crb.data.collate import Batcher
 from crb.engine import checkpoint
 from crb.engine.metrics import Metric
 from crb.engine.recipe import Recipe
-from crb.errors import CrbError
+from crb.errors import CrbError, Stopped
 
 Row = dict[str, np.ndarray]
 LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
@@ -60,6 +62,30 @@ def make_schedule(recipe: Recipe, n_rows: int, world: int) -> Schedule:
         raise CrbError(f"train.batch_size: {t.batch_size} rows per step but the data has only {n_rows} rows")
     total = t.max_steps or t.epochs * steps_per_epoch
     return Schedule(micro, accum, steps_per_epoch, total)
+
+
+class StopRequest:
+    """While training: SIGTERM or SIGINT asks the loop to finish the step, write a checkpoint and stop;
+    a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @functools.lru_cache(maxsize=2)
@@ -133,7 +159,7 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
     baseline = run_eval(0) if eval_rows and start == 0 else {}  # so every run shows what training changed
     ahead = ThreadPoolExecutor(max_workers=1)  # builds (tokenizes, pads) the next step's batches during this one
     upcoming = ahead.submit(step_data, start)
-    with progress:
+    with progress, StopRequest() as stop:
         for step in range(start, sched.total_steps):
             epoch = step // sched.steps_per_epoch
             model.train()
@@ -141,9 +167,13 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             batches = upcoming.result()
             if step + 1 < sched.total_steps:
                 upcoming = ahead.submit(step_data, step + 1)
-            counts = torch.tensor([sum(batcher.count(b) for b in batches), sum(batcher.tokens(b) for b in batches)],
-                                  device=device, dtype=torch.float64)
-            targets, real_tokens = acc.reduce(counts, "sum").tolist()
+            counts = torch.tensor([sum(batcher.count(b) for b in batches), sum(batcher.tokens(b) for b in batches),
+                                   stop.signum], device=device, dtype=torch.float64)
+            targets, real_tokens, signals = acc.reduce(counts, "sum").tolist()
+            if signals:  # some process got SIGTERM/SIGINT: every one stops here, after a checkpoint
+                ahead.shutdown(cancel_futures=True)
+                raise stopped(acc, ckpt_root, step, start, {"epoch": epoch, "tokens": tokens_seen}, stop.signum,
+                              t.keep_checkpoints)
             num_items = torch.tensor(targets / (world * sched.accum), device=device)
             step_loss = torch.zeros((), device=device)
             parts: dict = {}  # per-loss sums and the losses' own metrics, logged beside the total
@@ -201,6 +231,15 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
     if baseline:
         last["baseline"] = baseline
     return last
+
+
+def stopped(acc: Accelerator, root: Path, done: int, start: int, state: dict, signum: int, keep: int) -> Stopped:
+    """The checkpoint of the `done` steps finished so far, and the message to stop with."""
+    name = signal.Signals(signum).name if signum else "a signal on another process"
+    if done == start:
+        return Stopped(f"{name} before step {done + 1} finished: nothing new to save", signum or signal.SIGTERM)
+    path = checkpoint.save(acc, root, done, state, keep)
+    return Stopped(f"{name} after step {done}: checkpoint {path}; continue with --resume", signum or signal.SIGTERM)
 
 
 def evaluate(acc: Accelerator, model: torch.nn.Module, total_loss: Callable, rows: list[Row], micro: int,

@@ -184,3 +184,21 @@ def test_offloaded_activations_train_the_same_as_kept_ones(chat_recipe, tmp_path
     for k, v in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6)
     assert runs[False][0][-1] != runs[False][0][0]  # it trained
+
+
+def test_unwritable_or_full_output_dir_fails_before_training(chat_recipe, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli(["run", str(chat_recipe), "--set", f"output.dir='{blocker / 'run'}'"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"crb: error: output.dir: cannot write to {blocker / 'run'}")
+
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("crb.engine.checkpoint.shutil.disk_usage", lambda _p: usage(2**30, 2**30 - 1000, 1000))
+    out = tmp_path / "full-disk"
+    assert cli(["run", str(chat_recipe), "--set", f"output.dir='{out}'"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"crb: error: output.dir: {out} has 0.00 GiB free") and "keep_checkpoints" in err
+    assert not (out / "metrics.jsonl").exists()  # nothing trained

@@ -110,10 +110,12 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
     acc, t = accelerator, recipe.train
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     ckpt_root = out_dir / "checkpoints"
-    start = 0
+    start, bad_steps = 0, 0  # bad: steps skipped for a non-finite loss or gradient
     if resume is not None:
-        start = checkpoint.load(acc, resume)["step"]
+        state = checkpoint.load(acc, resume)
+        start, bad_steps = state["step"], state.get("bad_steps", 0)
         acc.print(f"resumed from {resume} at step {start}")
+    deepspeed = acc.state.deepspeed_plugin is not None  # its engine steps inside backward: nothing to skip
     metrics = MetricsLog(out_dir / "metrics.jsonl", acc, keep_until=start)
 
     def total_loss(batch: dict, num_items: torch.Tensor, parts: dict | None = None) -> torch.Tensor:
@@ -150,11 +152,11 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                   + (" (before training)" if step == 0 else ""))
         return ev
 
-    def step_data(step: int) -> list[dict]:
-        """This process's micro-batches for optimizer step `step`."""
+    def step_data(step: int) -> tuple[list[int], list[dict]]:
+        """This process's training-row indices and micro-batches for optimizer step `step`."""
         epoch, in_epoch = divmod(step, sched.steps_per_epoch)
         mine = step_batches(epoch_order(len(train_rows), t.seed, epoch), in_epoch, recipe, sched, world, rank)
-        return [batcher.collate([train_rows[i] for i in idx]) for idx in mine]
+        return [int(i) for idx in mine for i in idx], [batcher.collate([train_rows[i] for i in idx]) for idx in mine]
 
     baseline = run_eval(0) if eval_rows and start == 0 else {}  # so every run shows what training changed
     ahead = ThreadPoolExecutor(max_workers=1)  # builds (tokenizes, pads) the next step's batches during this one
@@ -164,7 +166,7 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             epoch = step // sched.steps_per_epoch
             model.train()
             tick = time.perf_counter()
-            batches = upcoming.result()
+            rows, batches = upcoming.result()
             if step + 1 < sched.total_steps:
                 upcoming = ahead.submit(step_data, step + 1)
             counts = torch.tensor([sum(batcher.count(b) for b in batches), sum(batcher.tokens(b) for b in batches),
@@ -172,12 +174,12 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             targets, real_tokens, signals = acc.reduce(counts, "sum").tolist()
             if signals:  # some process got SIGTERM/SIGINT: every one stops here, after a checkpoint
                 ahead.shutdown(cancel_futures=True)
-                raise stopped(acc, ckpt_root, step, start, {"epoch": epoch, "tokens": tokens_seen}, stop.signum,
-                              t.keep_checkpoints)
+                raise stopped(acc, ckpt_root, step, start, {"epoch": epoch, "tokens": tokens_seen,
+                                                            "bad_steps": bad_steps}, stop.signum, t.keep_checkpoints)
             num_items = torch.tensor(targets / (world * sched.accum), device=device)
             step_loss = torch.zeros((), device=device)
             parts: dict = {}  # per-loss sums and the losses' own metrics, logged beside the total
-            grad_norm = None
+            grad_norm, bad = None, False
             for batch in batches:
                 batch = send_to_device(batch, device)
                 with acc.accumulate(model):
@@ -187,11 +189,14 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                         parts[k] = parts.get(k, 0) + float(v)
                     acc.backward(loss)
                     step_loss += loss.detach().float()
-                    if acc.sync_gradients and t.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
+                    if acc.sync_gradients:
+                        if t.max_grad_norm > 0:
+                            grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        bad = not deepspeed and non_finite(acc, step_loss, grad_norm)
+                    if not bad:  # a non-finite loss or gradient: no update (the gradients are dropped)
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            if not acc.optimizer_step_was_skipped:
+            if not acc.optimizer_step_was_skipped and not bad:
                 scheduler.step()
             loss_value = acc.reduce(step_loss, "sum").item() / (world * sched.accum)
             if parts:  # every value is a sum over this process's micro-batches: the step's mean over all
@@ -199,9 +204,12 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                 parts = dict(zip(parts, (sums / (world * sched.accum)).tolist(), strict=True))
             tokens_seen += real_tokens
             done = step + 1
-            if not math.isfinite(loss_value):
+            if bad:
+                bad_steps += 1
+                skip_bad_step(acc, metrics, done, rows, bad_steps, t.max_bad_steps, ckpt_root)
+            elif not math.isfinite(loss_value):  # DeepSpeed: the update happened already
                 raise CrbError(f"step {done}: loss is {loss_value} (lower train.lr, check the data)")
-            if done % t.log_every == 0 or done == sched.total_steps:
+            elif done % t.log_every == 0 or done == sched.total_steps:
                 elapsed = time.perf_counter() - tick
                 last = {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "loss": loss_value,
                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": real_tokens / max(elapsed, 1e-9),
@@ -225,12 +233,34 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                 upcoming.result()  # the tokenizer is not shared across threads
                 last.update(run_eval(done))
             if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
-                checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen}, t.keep_checkpoints)
+                checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen, "bad_steps": bad_steps},
+                                t.keep_checkpoints)
     ahead.shutdown()
     last["train_s"] = time.perf_counter() - t0
     if baseline:
         last["baseline"] = baseline
     return last
+
+
+def non_finite(acc: Accelerator, step_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    """Whether any process saw a NaN/inf loss or gradient norm this step (all processes agree)."""
+    values = torch.stack([step_loss.float(), (grad_norm if grad_norm is not None else step_loss).float()])
+    flag = (~torch.isfinite(values)).any().float().reshape(1)
+    return acc.reduce(flag, "sum").item() > 0
+
+
+def skip_bad_step(acc: Accelerator, metrics: MetricsLog, done: int, rows: list[int], bad: int, limit: int,
+                  ckpt_root: Path) -> None:
+    """Log a skipped step; past train.max_bad_steps, stop with the last good checkpoint named."""
+    shown = ", ".join(map(str, rows[:16])) + (", ..." if len(rows) > 16 else "")
+    metrics.write({"step": done, "skipped": "non-finite loss or gradient", "rows": rows})
+    acc.print(f"crb: step {done}: non-finite loss or gradient, update skipped ({bad} of train.max_bad_steps "
+              f"{limit}); training rows {shown}")
+    if bad > limit:
+        good = checkpoint.latest(ckpt_root)
+        raise CrbError(f"train.max_bad_steps: {bad} steps had a non-finite loss or gradient, the last step {done} "
+                       f"(training rows {shown}); stopped; last good checkpoint: {good or 'none yet'} "
+                       "(lower train.lr, or check those rows)")
 
 
 def stopped(acc: Accelerator, root: Path, done: int, start: int, state: dict, signum: int, keep: int) -> Stopped:

@@ -155,6 +155,9 @@ class TrainConfig:
         "are never materialised) for the model types it supports (Llama, Mistral, Qwen, Gemma, ...); needs CUDA "
         "and `pip install 'crb[gpu]'` (without a GPU, or for other model types, the run says so and goes on "
         "without).", "none")
+    max_bad_steps: int = doc(
+        "Steps whose loss or gradient is NaN/inf are skipped (no update) and counted; one more than this "
+        "stops the run, naming the step, its training rows and the last good checkpoint.", 10)
     seed: int = doc("Seed for weights init, data order and dropout.", 42)
     log_every: int = doc("Log metrics every N optimizer steps.", 1)
     eval_every: int = doc("Evaluate every N optimizer steps; 0 = at each epoch end.", 0)

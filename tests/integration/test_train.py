@@ -202,3 +202,46 @@ def test_unwritable_or_full_output_dir_fails_before_training(chat_recipe, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"crb: error: output.dir: {out} has 0.00 GiB free") and "keep_checkpoints" in err
     assert not (out / "metrics.jsonl").exists()  # nothing trained
+
+
+def nan_on(calls: set[int], monkeypatch) -> None:
+    """The causal-LM loss turns NaN on the given (1-based) training calls (eval calls run without grad)."""
+    import crb.losses as losses_module
+
+    real, seen = losses_module.LOSSES["causal_lm"], [0]
+
+    def loss(model, batch, num_items, **kw):
+        value = real(model, batch, num_items, **kw)
+        if torch.is_grad_enabled():
+            seen[0] += 1
+            if seen[0] in calls:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setitem(losses_module.LOSSES, "causal_lm", loss)
+
+
+def test_a_nan_step_is_skipped_and_training_goes_on(chat_recipe, tmp_path, monkeypatch):
+    nan_on({3}, monkeypatch)  # micro-batch 1 of step 2 (2 micro-batches a step)
+    out = tmp_path / "nan"
+    final = run(str(chat_recipe), ["train.max_steps=4", "train.max_bad_steps=1", f"output.dir='{out}'"])
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [x for x in lines if "skipped" in x]
+    assert [x["step"] for x in skipped] == [2] and len(skipped[0]["rows"]) == 8
+    assert [x["step"] for x in lines if "loss" in x] == [1, 3, 4]
+    assert final["loss"] == final["loss"] and all(torch.isfinite(v).all() for v in adapter(out).values())
+
+
+def test_too_many_nan_steps_stop_with_the_last_good_checkpoint(chat_recipe, tmp_path, monkeypatch, capsys):
+    nan_on(set(range(5, 100)), monkeypatch)  # from step 3 on
+    out = tmp_path / "nans"
+    rc = cli(["run", str(chat_recipe), "--set", "train.max_steps=8", "--set", "train.save_every=1",
+              "--set", "train.max_bad_steps=2", "--set", f"output.dir='{out}'"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("crb: error: train.max_bad_steps: 3 steps had a non-finite loss or gradient, "
+                                      "the last step 5 (training rows ")
+    good = out / "checkpoints" / "step-4"  # steps 3 and 4 were skipped but their checkpoints hold step 2's weights
+    assert f"last good checkpoint: {good}" in err
+    weights = load_file(good / "model.safetensors")
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    assert json.loads((good / "crb_state.json").read_text())["bad_steps"] == 2

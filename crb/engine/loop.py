@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import math
 import signal
@@ -158,6 +159,29 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
         mine = step_batches(epoch_order(len(train_rows), t.seed, epoch), in_epoch, recipe, sched, world, rank)
         return [int(i) for idx in mine for i in idx], [batcher.collate([train_rows[i] for i in idx]) for idx in mine]
 
+    def micro_batches(batches: list[dict], num_items: torch.Tensor) -> tuple[torch.Tensor, dict, object, bool]:
+        """Forward and backward of one step's micro-batches, then the update (skipped when non-finite)."""
+        step_loss = torch.zeros((), device=device)
+        parts: dict = {}  # per-loss sums and the losses' own metrics, logged beside the total
+        grad_norm, bad = None, False
+        for batch in batches:
+            batch = send_to_device(batch, device)
+            with acc.accumulate(model):
+                with offload():  # with train.offload_activations: saved tensors (layer inputs) to the CPU
+                    loss = total_loss(batch, num_items, parts)
+                for k, v in batch.get("_metrics", {}).items():
+                    parts[k] = parts.get(k, 0) + float(v)
+                acc.backward(loss)
+                step_loss += loss.detach().float()
+                if acc.sync_gradients:
+                    if t.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    bad = not deepspeed and non_finite(acc, step_loss, grad_norm)
+                if not bad:  # a non-finite loss or gradient: no update (the gradients are dropped)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return step_loss, parts, grad_norm, bad
+
     baseline = run_eval(0) if eval_rows and start == 0 else {}  # so every run shows what training changed
     ahead = ThreadPoolExecutor(max_workers=1)  # builds (tokenizes, pads) the next step's batches during this one
     upcoming = ahead.submit(step_data, start)
@@ -176,26 +200,27 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                 ahead.shutdown(cancel_futures=True)
                 raise stopped(acc, ckpt_root, step, start, {"epoch": epoch, "tokens": tokens_seen,
                                                             "bad_steps": bad_steps}, stop.signum, t.keep_checkpoints)
-            num_items = torch.tensor(targets / (world * sched.accum), device=device)
-            step_loss = torch.zeros((), device=device)
-            parts: dict = {}  # per-loss sums and the losses' own metrics, logged beside the total
-            grad_norm, bad = None, False
-            for batch in batches:
-                batch = send_to_device(batch, device)
-                with acc.accumulate(model):
-                    with offload():  # with train.offload_activations: saved tensors (layer inputs) to the CPU
-                        loss = total_loss(batch, num_items, parts)
-                    for k, v in batch.get("_metrics", {}).items():
-                        parts[k] = parts.get(k, 0) + float(v)
-                    acc.backward(loss)
-                    step_loss += loss.detach().float()
-                    if acc.sync_gradients:
-                        if t.max_grad_norm > 0:
-                            grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        bad = not deepspeed and non_finite(acc, step_loss, grad_norm)
-                    if not bad:  # a non-finite loss or gradient: no update (the gradients are dropped)
-                        optimizer.step()
+            while True:  # once, unless CUDA runs out of memory: then again with half the micro-batch
+                num_items = torch.tensor(targets / (world * sched.accum), device=device)
+                try:
+                    step_loss, parts, grad_norm, bad = micro_batches(batches, num_items)
+                    break
+                except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
+                    if world > 1 or deepspeed or sched.micro == 1:
+                        raise CrbError(f"step {step + 1}: CUDA out of memory at micro-batch {sched.micro}"
+                                       f"{' on 1 of ' + str(world) + ' processes' if world > 1 else ''}: lower "
+                                       "data.max_length or train.micro_batch (see `crb plan`)") from None
+                old = sched.micro
+                sched = smaller(sched)
+                acc.gradient_accumulation_steps, acc.step = sched.accum, 0
+                free_memory()
+                acc.print(f"crb: step {step + 1}: out of memory at micro-batch {old}; going on with micro-batch "
+                          f"{sched.micro} x accumulation {sched.accum} (the same effective batch)")
+                rows, batches = step_data(step)
+                if step + 1 < sched.total_steps:  # the next step's micro-batches, split the new way
+                    upcoming.result()
+                    upcoming = ahead.submit(step_data, step + 1)
             if not acc.optimizer_step_was_skipped and not bad:
                 scheduler.step()
             loss_value = acc.reduce(step_loss, "sum").item() / (world * sched.accum)
@@ -240,6 +265,18 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
     if baseline:
         last["baseline"] = baseline
     return last
+
+
+def smaller(sched: Schedule) -> Schedule:
+    """Half the micro-batch (rounded to a divisor of the old one), the accumulation up to match."""
+    micro = max(d for d in range(1, sched.micro) if sched.micro % d == 0 and d <= sched.micro // 2)
+    return Schedule(micro, sched.accum * sched.micro // micro, sched.steps_per_epoch, sched.total_steps)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def non_finite(acc: Accelerator, step_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:

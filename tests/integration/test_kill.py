@@ -32,7 +32,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def command(recipe: Path, out: Path, slow: bool, resume: bool) -> list[str]:
-    sets = ["train.max_steps=%d" % STEPS, "train.save_every=1", "train.keep_checkpoints=3",
+    sets = [f"train.max_steps={STEPS}", "train.save_every=1", "train.keep_checkpoints=3",
             "method.lora.dropout=0.1", f"output.dir='{out}'"]
     return [sys.executable, "-c", LAUNCH.format(slow=slow), str(recipe),
             *[x for s in sets for x in ("--set", s)], *(["--resume"] if resume else [])]

@@ -245,3 +245,39 @@ def test_too_many_nan_steps_stop_with_the_last_good_checkpoint(chat_recipe, tmp_
     weights = load_file(good / "model.safetensors")
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
     assert json.loads((good / "crb_state.json").read_text())["bad_steps"] == 2
+
+
+def oom_above(rows: int, monkeypatch) -> None:
+    """The causal-LM loss raises CUDA's out-of-memory error for training micro-batches of more than `rows`."""
+    import crb.losses as losses_module
+
+    real = losses_module.LOSSES["causal_lm"]
+
+    def loss(model, batch, num_items, **kw):
+        if torch.is_grad_enabled() and batch["input_ids"].shape[0] > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(model, batch, num_items, **kw)
+
+    monkeypatch.setitem(losses_module.LOSSES, "causal_lm", loss)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_math(chat_recipe, tmp_path, monkeypatch, capsys):
+    direct = tmp_path / "micro2"
+    run(str(chat_recipe), ["train.max_steps=4", "train.micro_batch=2", f"output.dir='{direct}'"])
+    oom_above(2, monkeypatch)
+    halved = tmp_path / "halved"
+    run(str(chat_recipe), ["train.max_steps=4", "train.micro_batch=4", f"output.dir='{halved}'"])
+    out = capsys.readouterr().out
+    assert "crb: step 1: out of memory at micro-batch 4; going on with micro-batch 2 x accumulation 4" in out
+    assert losses(halved) == pytest.approx(losses(direct), rel=1e-6)  # batch 8 all along: the same steps
+    a, b = adapter(direct), adapter(halved)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
+def test_out_of_memory_at_micro_batch_1_stops_with_a_clear_message(chat_recipe, tmp_path, monkeypatch, capsys):
+    oom_above(0, monkeypatch)
+    rc = cli(["run", str(chat_recipe), "--set", "train.max_steps=2", "--set", f"output.dir='{tmp_path / 'o'}'"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err == ("crb: error: step 1: CUDA out of memory at micro-batch 1: lower data.max_length or "
+                               "train.micro_batch (see `crb plan`)")

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except CrbError as e:
         if args.debug:
             raise
-        print(f"crb: {e.label}: {e}", file=sys.stderr)
+        print(f"crb: {e.label}: {e.one_line()}", file=sys.stderr)
         return e.exit_code
     return 0
 

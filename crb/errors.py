@@ -7,6 +7,10 @@ class CrbError(Exception):
     exit_code = 2
     label = "error"
 
+    def one_line(self) -> str:
+        """The message with control characters (a newline in a user's key, say) escaped."""
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(self))
+
 
 class RecipeError(CrbError):
     """A recipe is malformed: bad TOML, unknown key, wrong type, impossible value."""

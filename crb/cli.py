@@ -1,4 +1,4 @@
-"""crb run | validate | show | plan | merge | verify | demo
+"""crb run | validate | show | plan | recipes | merge | verify | demo
 
 Errors print as one line (`crb: error: ...`) with exit code 2; `--debug` shows the traceback."""
 
@@ -29,6 +29,14 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     r = recipe.load(args.recipe, args.overrides)
     print(f"{args.recipe}: ok ({r.method.name} {r.model.name}, {r.data.format} data, {len(r.data.train)} file(s))")
+
+
+def cmd_recipes(_args: argparse.Namespace) -> None:
+    from crb.engine.sources import bundled
+
+    for name, path in bundled().items():
+        first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
+        print(f"{name:22} {first}")
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def with_recipe(name: str, help_: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
-        s.add_argument("recipe", help="recipe TOML file")
+        s.add_argument("recipe", help="recipe: a TOML file, a bundled recipe's name (crb recipes), or a pinned URL")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
         return s
@@ -80,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a card of this size")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_plan)
+    sub.add_parser("recipes", help="list the recipes bundled with crb (usable by name)").set_defaults(
+        func=cmd_recipes)
     s = sub.add_parser("merge", help="merge a run's final adapter into its base model")
     s.add_argument("output", help="the run's output folder")
     s.add_argument("--out", default=None, help="where to write (default OUTPUT/merged_model)")

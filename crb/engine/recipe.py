@@ -19,6 +19,7 @@ from typing import Any, Literal
 import tomli_w
 import tomllib
 
+from crb.engine import sources
 from crb.errors import RecipeError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -220,7 +221,8 @@ class Recipe:
                                    "mnrl (retrieval).", factory=list)
     output: OutputConfig = doc("[output]")
     hardware: HardwareConfig = doc("[hardware]", factory=HardwareConfig)
-    extends: str | None = doc("A recipe file this one inherits from (relative to this file).", None)
+    extends: str | None = doc("A recipe this one inherits from: a file (relative to this one), a bundled recipe "
+                              'by name ("language"; `crb recipes`), or https://...#sha256=HEX.', None)
     stages: list[dict[str, Any]] = doc(
         "[[stages]]: a `name` and the keys this stage sets over the rest of the recipe (e.g. `train.lr = 5e-6`). "
         "`crb run` runs them in order, each in output.dir/<name>, each CLaRa stage starting from the previous "
@@ -235,7 +237,7 @@ class Recipe:
 def load(path: str | Path, overrides: list[str] | None = None, stage: str | None = None) -> Recipe:
     """Load `path`, follow `extends`, apply `--set key=value` overrides, validate. With [[stages]], every
     stage is validated; `stage` picks one (its keys over the rest, its own output folder)."""
-    path = Path(path)
+    path = sources.resolve(str(path))
     raw, origins = _load_tree(path, seen=())
     origins[""] = path  # the recipe as a whole (a missing table is reported here, not in a parent)
     for item in overrides or []:
@@ -321,7 +323,7 @@ def _load_tree(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, Path
         return raw, origins
     if not isinstance(parent, str):
         raise RecipeError(_where(path, "extends", origins) + f"extends: expected a path string, got {_got(parent)}")
-    parent_path = (path.parent / parent)
+    parent_path = sources.resolve(parent, path.parent, _where(path, "extends", origins) + "extends: ")
     if not parent_path.is_file():
         raise RecipeError(_where(path, "extends", origins) + f"extends: file not found: {parent_path}")
     if parent_path.resolve() in (*seen, resolved):
@@ -549,26 +551,30 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
 
 
 def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
-    """Data files are relative to the recipe that names them; they must exist."""
+    """Paths are relative to the recipe that names them (`--set`: the working directory); data files must
+    exist. A recipe fetched from a URL may only name relative paths under the working directory."""
+
+    def local(key: str, value: str) -> Path:
+        origin = origins.get(key, base / "x")
+        p = Path(value).expanduser()
+        if sources.is_fetched(origin):
+            if p.is_absolute() or ".." in p.parts:
+                raise RecipeError(_where_key(key, origins) + f"{key}: a fetched recipe may only name paths under "
+                                  f"the working directory, got {value!r} (set it with --set to allow it)")
+            return Path.cwd() / p
+        root = origin.parent if origin.name != "--set" else Path.cwd()
+        return p if p.is_absolute() else root / p
+
     for key in ("train", "eval", "corpus"):
         files = getattr(r.data, key)
         for i, name in enumerate(files):
-            origin = origins.get(f"data.{key}", base / "x")
-            root = origin.parent if origin.name != "--set" else Path.cwd()
-            p = Path(name).expanduser()
-            p = p if p.is_absolute() else (root / p)
+            p = local(f"data.{key}", name)
             if not p.is_file():
                 raise RecipeError(_where_key(f"data.{key}", origins) + f"data.{key}[{i}]: file not found: {p}")
             files[i] = str(p.resolve())
-    out_origin = origins.get("output.dir", base / "x")
-    out_root = out_origin.parent if out_origin.name != "--set" else Path.cwd()
-    out = Path(r.output.dir).expanduser()
-    r.output.dir = str(out if out.is_absolute() else (out_root / out).resolve())
+    r.output.dir = str(local("output.dir", r.output.dir).resolve())
     if r.clara.init_from:
-        origin = origins.get("clara.init_from", base / "x")
-        root = origin.parent if origin.name != "--set" else Path.cwd()
-        init = Path(r.clara.init_from).expanduser()
-        r.clara.init_from = str(init if init.is_absolute() else (root / init).resolve())
+        r.clara.init_from = str(local("clara.init_from", r.clara.init_from).resolve())
     if r.model.name.startswith("package:"):  # a model shipped inside a Python package (the demo's MiniLM)
         r.model.name = _package_model(r.model.name, origins)
         return

@@ -1,4 +1,4 @@
-"""crb run | validate | show | plan | recipes | merge | verify | demo
+"""crb run | validate | show | plan | lock | recipes | merge | verify | demo
 
 Errors print as one line (`crb: error: ...`) with exit code 2; `--debug` shows the traceback."""
 
@@ -29,6 +29,15 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     r = recipe.load(args.recipe, args.overrides)
     print(f"{args.recipe}: ok ({r.method.name} {r.model.name}, {r.data.format} data, {len(r.data.train)} file(s))")
+
+
+def cmd_lock(args: argparse.Namespace) -> None:
+    from crb.engine import lock, recipe
+
+    r = recipe.load(args.recipe, args.overrides)
+    out = Path(args.out or Path(r.source).with_suffix(lock.SUFFIX).name)
+    lock.write(r, out)
+    print(f"{out}: {len(lock.make(r)['data'])} data file(s), model {r.model.name}; run it with: crb run {out}")
 
 
 def cmd_recipes(_args: argparse.Namespace) -> None:
@@ -88,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a card of this size")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_plan)
+    s = with_recipe("lock", "pin the resolved recipe, package versions, model revision and data sha256 to a file")
+    s.add_argument("--out", default=None, help="the lock file (default: RECIPE_NAME.lock.json here)")
+    s.set_defaults(func=cmd_lock)
     sub.add_parser("recipes", help="list the recipes bundled with crb (usable by name)").set_defaults(
         func=cmd_recipes)
     s = sub.add_parser("merge", help="merge a run's final adapter into its base model")

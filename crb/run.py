@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from crb.data import prepare
 from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
-from crb.engine import checkpoint, hardware
+from crb.engine import checkpoint, hardware, lock
 from crb.engine import recipe as recipes
 from crb.engine.build import (
     KINDS,
@@ -39,7 +39,12 @@ from crb.losses import DEFAULT_LOSS, LOSSES
 
 def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None = None,
         stage: str | None = None) -> dict:
-    recipe = recipes.load(recipe_path, overrides, stage)
+    if lock.is_lock(recipe_path):  # a lock file: its recipe, after checking what it pinned
+        recipe, drift = lock.load(recipe_path, overrides)
+        for line in drift:
+            PartialState().print(f"crb: warning: package drift since the lock: {line}")
+    else:
+        recipe = recipes.load(recipe_path, overrides, stage)
     if recipe.stages and stage is None:  # every stage in order, each from the previous one's output
         finals = {}
         for name in (s["name"] for s in recipe.stages):
@@ -85,6 +90,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.resolved.toml").write_text(recipes.dumps(recipe))
+        lock.write(recipe, out / "crb.lock.json")
 
     model = build_model(recipe, mixed, accelerator.device)
     trainable, total = count_parameters(model)

@@ -3,6 +3,7 @@ load with peft/transformers alone, CLI errors are one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -281,3 +282,28 @@ def test_out_of_memory_at_micro_batch_1_stops_with_a_clear_message(chat_recipe, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err == ("crb: error: step 1: CUDA out of memory at micro-batch 1: lower data.max_length or "
                                "train.micro_batch (see `crb plan`)")
+
+
+def test_lock_pins_the_run_and_reports_drift(chat_recipe, chat_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lockfile = tmp_path / "chat.lock.json"
+    assert cli(["lock", str(chat_recipe), "--set", "train.max_steps=1", "--out", str(lockfile)]) == 0
+    locked = json.loads(lockfile.read_text())
+    assert locked["data"] == {str(chat_file.resolve()): hashlib.sha256(chat_file.read_bytes()).hexdigest()}
+    assert torch.__version__.startswith(locked["packages"]["torch"]) and locked["packages"]["crb"]
+    assert locked["model"]["revision"].startswith("sha256:")
+
+    locked["packages"]["transformers"] = "0.0.1"
+    lockfile.write_text(json.dumps(locked))
+    assert cli(["run", str(lockfile)]) == 0
+    printed = capsys.readouterr()
+    assert "crb: warning: package drift since the lock: transformers 0.0.1 -> " in printed.out + printed.err
+    from crb.engine import recipe as recipes
+
+    written = json.loads((Path(recipes.load(chat_recipe).output.dir) / "crb.lock.json").read_text())
+    assert written["data"] == locked["data"] and written["model"] == locked["model"]  # every run records its lock
+
+    chat_file.write_text(chat_file.read_text() + "\n")  # the data changed since the lock
+    rc = cli(["run", str(lockfile)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith(f"crb: error: {lockfile}: data drift: {chat_file.resolve()} sha256 was ")

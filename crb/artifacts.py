@@ -11,7 +11,7 @@ import tomllib
 import torch
 from transformers import AutoTokenizer
 
-from crb.engine.build import AUTO_CLASSES, KINDS
+from crb.engine.build import AUTO_CLASSES, KINDS, load_weights
 from crb.errors import CrbError
 
 
@@ -34,12 +34,12 @@ def load_result(out: Path, dtype: torch.dtype | str = torch.float32):
     auto = AUTO_CLASSES[kind]
     if (out / "final_model").is_dir():
         path = out / "final_model"
-        model = auto.from_pretrained(path, dtype=dtype)
+        model = load_weights(auto, path, dtype=dtype)
     elif (out / "final_adapter").is_dir():
         from peft import PeftModel
 
         path = out / "final_adapter"
-        base = auto.from_pretrained(recipe["model"]["name"], dtype=dtype, revision=recipe["model"].get("revision"))
+        base = load_weights(auto, recipe["model"]["name"], dtype=dtype, revision=recipe["model"].get("revision"))
         model = PeftModel.from_pretrained(base, path)
     else:
         raise CrbError(f"{out}: no final_model/ or final_adapter/ (did the run finish?)")

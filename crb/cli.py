@@ -19,7 +19,12 @@ DEMO_PROMPTS = {"retrieval": "waterproof boots for hiking in the rain",
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    import os
+
     from crb.run import run
+
+    if args.allow_pickle:
+        os.environ["CRB_ALLOW_PICKLE"] = "1"
 
     run(args.recipe, args.overrides, args.resume, args.stage)
 
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint folder, or the run's latest when none is given")
     s.add_argument("--stage", default=None, help="run only this [[stages]] entry (default: all, in order)")
+    s.add_argument("--allow-pickle", action="store_true",
+                   help="load pickled (.bin) model weights too (they can run code: only ones you trust)")
     s.set_defaults(func=cmd_run)
     with_recipe("validate", "check a recipe and its data files").set_defaults(func=cmd_validate)
     with_recipe("show", "print the resolved recipe (extends and --set applied) as TOML").set_defaults(func=cmd_show)

@@ -230,12 +230,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint folder, or the run's latest when no folder is given")
     p.add_argument("--stage", default=None, help="run only this [[stages]] entry (default: all, in order)")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled (.bin) model weights too")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.allow_pickle:
+        os.environ["CRB_ALLOW_PICKLE"] = "1"
     try:
         run(args.recipe, args.overrides, args.resume, args.stage)
     except CrbError as e:

@@ -5,6 +5,7 @@ optimizer and scheduler. Small functions, one per component; the libraries do th
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import torch
@@ -59,6 +60,20 @@ def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return tok
 
 
+def load_weights(auto, name: str, **kwargs) -> torch.nn.Module:
+    """`from_pretrained` from safetensors only: pickled (.bin) weights can run code when loaded, so they
+    need the user's explicit `--allow-pickle` (CRB_ALLOW_PICKLE=1)."""
+    if os.environ.get("CRB_ALLOW_PICKLE") != "1":
+        kwargs["use_safetensors"] = True
+    try:
+        return auto.from_pretrained(name, **kwargs)
+    except OSError as e:
+        if "safetensors" in str(e) and kwargs.get("use_safetensors"):
+            raise CrbError(f"model.name: {name} has no safetensors weights; pickled weights can run code when "
+                           "loaded: convert them, or pass --allow-pickle if you trust them") from None
+        raise
+
+
 def n_memory(recipe: Recipe) -> int:
     return recipe.clara.doc_max_length // recipe.clara.compress_rate
 
@@ -80,7 +95,7 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         config = AutoConfig.from_pretrained(m.name, revision=m.revision)
         model = auto.from_config(config, dtype=dtype, attn_implementation=m.attn_implementation)
     else:
-        model = auto.from_pretrained(m.name, **kwargs)
+        model = load_weights(auto, m.name, **kwargs)
     model.config.use_cache = False
     gc = recipe.train.gradient_checkpointing
     # Offloaded activations need the reentrant form: it saves each layer's input through autograd, where

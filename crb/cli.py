@@ -1,4 +1,4 @@
-"""crb run | validate | show | plan | lock | recipes | merge | verify | demo
+"""crb run | validate | show | plan | lock | recipes | report | merge | verify | demo
 
 Errors print as one line (`crb: error: ...`) with exit code 2; `--debug` shows the traceback."""
 
@@ -43,6 +43,13 @@ def cmd_lock(args: argparse.Namespace) -> None:
     out = Path(args.out or Path(r.source).with_suffix(lock.SUFFIX).name)
     lock.write(r, out)
     print(f"{out}: {len(lock.make(r)['data'])} data file(s), model {r.model.name}; run it with: crb run {out}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from crb.report import report
+
+    png, page = report([Path(o) for o in args.outputs], Path(args.out) if args.out else None)
+    print(f"{png}\n{page}")
 
 
 def cmd_recipes(_args: argparse.Namespace) -> None:
@@ -107,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     s = with_recipe("lock", "pin the resolved recipe, package versions, model revision and data sha256 to a file")
     s.add_argument("--out", default=None, help="the lock file (default: RECIPE_NAME.lock.json here)")
     s.set_defaults(func=cmd_lock)
+    s = sub.add_parser("report", help="a PNG and an HTML page of one run, or several overlaid")
+    s.add_argument("outputs", nargs="+", help="run folders (output.dir)")
+    s.add_argument("--out", default=None, help="where report.png/report.html go (default: the run's folder)")
+    s.set_defaults(func=cmd_report)
     sub.add_parser("recipes", help="list the recipes bundled with crb (usable by name)").set_defaults(
         func=cmd_recipes)
     s = sub.add_parser("merge", help="merge a run's final adapter into its base model")

@@ -573,6 +573,8 @@ def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
                 raise RecipeError(_where_key(f"data.{key}", origins) + f"data.{key}[{i}]: file not found: {p}")
             files[i] = str(p.resolve())
     r.output.dir = str(local("output.dir", r.output.dir).resolve())
+    if "data.cache_dir" in origins and sources.is_fetched(origins["data.cache_dir"]):  # writes under the cwd only
+        r.data.cache_dir = str(local("data.cache_dir", r.data.cache_dir).resolve())
     if r.clara.init_from:
         r.clara.init_from = str(local("clara.init_from", r.clara.init_from).resolve())
     if r.model.name.startswith("package:"):  # a model shipped inside a Python package (the demo's MiniLM)
@@ -592,6 +594,9 @@ def _package_model(name: str, origins: dict[str, Path]) -> str:
     import importlib
 
     module = name.removeprefix("package:")
+    if sources.is_fetched(origins.get("model.name", Path("x"))):
+        raise RecipeError(_where_key("model.name", origins) + f"model.name: {name}: a fetched recipe cannot name a "
+                          "package: model (loading it imports code); set it with --set")
     try:
         return str(importlib.import_module(module).get_model_path())
     except (ImportError, AttributeError) as e:

@@ -107,7 +107,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     start = _resume_point(resume, out)
     final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,
                   make_batcher(recipe, tokenizer, accelerator.unwrap_model(model)), sched, out, start,
-                  task_metrics(recipe, tokenizer, train_rows, eval_rows))
+                  task_metrics(recipe, tokenizer, train_rows, eval_rows), report.train_sources)
     artifact = save_final(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:
         summary = {"final": final, "data": report.__dict__, "trainable_params": trainable, "total_params": total,

@@ -16,14 +16,14 @@ from transformers import PreTrainedTokenizerBase
 from crb.data import retrieval, translation
 from crb.data.chatml import chat_template, check_messages, tokenize_chat
 from crb.data.clara_inputs import decoder_ids, document_ids
-from crb.data.packing import Doc, one_per_row, pack
+from crb.data.packing import Doc, one_per_row, pack, pack_groups
 from crb.data.reader import Record, read_jsonl
 from crb.data.text import check_text, tokenize_text
 from crb.engine.recipe import ClaraConfig, DataConfig
 from crb.errors import DataError
 
 Row = dict[str, np.ndarray]
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 @dataclass
@@ -39,6 +39,7 @@ class DataReport:
     train_tokens: int = 0
     target_tokens: int = 0
     first_bad: list[str] = field(default_factory=list)
+    train_sources: list[str] = field(default_factory=list)  # per train row: the file:line of its records
 
     def summary(self) -> str:
         tokens = f" ({self.train_tokens:,} tokens, {self.target_tokens:,} trained on)" if self.train_tokens else ""
@@ -124,8 +125,9 @@ def _truncate(item: Row | Doc, cfg: DataConfig) -> Row | Doc:
 
 
 def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-          report: DataReport, clara_cfg: ClaraConfig | None = None) -> list:
-    items = []
+          report: DataReport, clara_cfg: ClaraConfig | None = None) -> tuple[list, list[str]]:
+    """The usable records as items, and each one's file:line."""
+    items, wheres = [], []
     for file in files:
         for rec in read_jsonl(file):
             try:
@@ -157,13 +159,18 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                 report.dropped_no_target += 1
                 continue
             items.append(item)
-    return items
+            wheres.append(rec.where())
+    return items, wheres
 
 
-def _rows(items: list, cfg: DataConfig) -> list[Row]:
+def _rows(items: list, wheres: list[str], cfg: DataConfig) -> tuple[list[Row], list[str]]:
+    """Rows, and for each the file:line of the records in it."""
     if cfg.format not in ("chatml", "text"):
-        return items  # already rows
-    return pack(items, cfg.max_length) if cfg.packing else one_per_row(items)
+        return items, wheres  # already rows
+    if not cfg.packing:
+        return one_per_row(items), wheres
+    groups = pack_groups([len(ids) for ids, _ in items], cfg.max_length)
+    return pack(items, cfg.max_length), [", ".join(wheres[i] for i in g) for g in groups]
 
 
 def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clara_cfg: ClaraConfig | None = None
@@ -175,19 +182,20 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
     if cache.is_file():
         return _load_cache(cache)
     report = DataReport()
-    docs = _read(cfg.train, cfg, tokenizer, template, report, clara_cfg)
+    docs, wheres = _read(cfg.train, cfg, tokenizer, template, report, clara_cfg)
     if cfg.eval:
-        eval_docs = _read(cfg.eval, cfg, tokenizer, template, report, clara_cfg)
+        eval_docs, eval_wheres = _read(cfg.eval, cfg, tokenizer, template, report, clara_cfg)
     elif cfg.eval_split > 0:
         order = np.random.default_rng(seed).permutation(len(docs))
         n_eval = max(1, round(len(docs) * cfg.eval_split))
-        eval_docs = [docs[i] for i in sorted(order[:n_eval])]
-        docs = [docs[i] for i in sorted(order[n_eval:])]
+        held, kept = sorted(order[:n_eval]), sorted(order[n_eval:])
+        eval_docs, eval_wheres = [docs[i] for i in held], [wheres[i] for i in held]
+        docs, wheres = [docs[i] for i in kept], [wheres[i] for i in kept]
     else:
-        eval_docs = []
+        eval_docs, eval_wheres = [], []
     if not docs:
         raise DataError(f"{cfg.train[0]}: no usable training records ({report.summary()})")
-    train, evals = _rows(docs, cfg), _rows(eval_docs, cfg)
+    (train, report.train_sources), (evals, _) = _rows(docs, wheres, cfg), _rows(eval_docs, eval_wheres, cfg)
     report.train_rows, report.eval_rows = len(train), len(evals)
     if "input_ids" in train[0]:
         report.train_tokens = int(sum(len(r["input_ids"]) for r in train))

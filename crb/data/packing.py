@@ -8,6 +8,7 @@ no token learns to predict across a document boundary."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import chain
 
 import numpy as np
 
@@ -25,16 +26,26 @@ def one_per_row(docs: Iterable[Doc]) -> list[dict[str, np.ndarray]]:
 
 def pack(docs: Iterable[Doc], max_length: int) -> list[dict[str, np.ndarray]]:
     """Greedy in-order packing: a document goes into the current row while it fits."""
-    rows, cur = [], ([], [], [])
-    for ids, labels in docs:
-        if cur[0] and len(cur[0]) + len(ids) > max_length:
-            rows.append(_to_arrays(*cur))
-            cur = ([], [], [])
-        for part, new in zip(cur, _doc_row(ids, labels), strict=True):
-            part.extend(new)
-    if cur[0]:
-        rows.append(_to_arrays(*cur))
+    docs = list(docs)
+    rows = []
+    for group in pack_groups([len(ids) for ids, _ in docs], max_length):
+        parts = [_doc_row(*docs[i]) for i in group]
+        rows.append(_to_arrays(*(list(chain.from_iterable(p[k] for p in parts)) for k in range(3))))
     return rows
+
+
+def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Which documents (indices) each packed row holds."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if groups and groups[-1] and used + n <= max_length:
+            groups[-1].append(i)
+            used += n
+        else:
+            groups.append([i])
+            used = n
+    return groups
 
 
 def _to_arrays(ids: list[int], labels: list[int], pos: list[int]) -> dict[str, np.ndarray]:

@@ -106,7 +106,7 @@ def step_batches(order: np.ndarray, step_in_epoch: int, recipe: Recipe, sched: S
 def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
           losses: list[tuple[str, LossFn, float, dict]], train_rows: list[Row], eval_rows: list[Row],
           batcher: Batcher, sched: Schedule, out_dir: Path, resume: Path | None = None,
-          task_metrics: list[Metric] = ()) -> dict:
+          task_metrics: list[Metric] = (), row_sources: list[str] = ()) -> dict:
     """Run the optimizer steps of `sched`; returns the final metrics (and `baseline`: step 0's eval)."""
     acc, t = accelerator, recipe.train
     world, rank, device = acc.num_processes, acc.process_index, acc.device
@@ -231,7 +231,7 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             done = step + 1
             if bad:
                 bad_steps += 1
-                skip_bad_step(acc, metrics, done, rows, bad_steps, t.max_bad_steps, ckpt_root)
+                skip_bad_step(acc, metrics, done, rows, bad_steps, t.max_bad_steps, ckpt_root, row_sources)
             elif not math.isfinite(loss_value):  # DeepSpeed: the update happened already
                 raise CrbError(f"step {done}: loss is {loss_value} (lower train.lr, check the data)")
             elif done % t.log_every == 0 or done == sched.total_steps:
@@ -287,17 +287,19 @@ def non_finite(acc: Accelerator, step_loss: torch.Tensor, grad_norm: torch.Tenso
 
 
 def skip_bad_step(acc: Accelerator, metrics: MetricsLog, done: int, rows: list[int], bad: int, limit: int,
-                  ckpt_root: Path) -> None:
-    """Log a skipped step; past train.max_bad_steps, stop with the last good checkpoint named."""
-    shown = ", ".join(map(str, rows[:16])) + (", ..." if len(rows) > 16 else "")
-    metrics.write({"step": done, "skipped": "non-finite loss or gradient", "rows": rows})
+                  ckpt_root: Path, row_sources: list[str] = ()) -> None:
+    """Log a skipped step (its rows' records by file:line); past train.max_bad_steps, stop with the last good
+    checkpoint named."""
+    records = [row_sources[i] for i in rows] if len(row_sources) else [f"row {i}" for i in rows]
+    shown = "; ".join(records[:8]) + ("; ..." if len(records) > 8 else "")
+    metrics.write({"step": done, "skipped": "non-finite loss or gradient", "rows": rows, "records": records})
     acc.print(f"crb: step {done}: non-finite loss or gradient, update skipped ({bad} of train.max_bad_steps "
-              f"{limit}); training rows {shown}")
+              f"{limit}); records {shown}")
     if bad > limit:
         good = checkpoint.latest(ckpt_root)
         raise CrbError(f"train.max_bad_steps: {bad} steps had a non-finite loss or gradient, the last step {done} "
-                       f"(training rows {shown}); stopped; last good checkpoint: {good or 'none yet'} "
-                       "(lower train.lr, or check those rows)")
+                       f"(records {shown}); stopped; last good checkpoint: {good or 'none yet'} "
+                       "(lower train.lr, or check those records)")
 
 
 def stopped(acc: Accelerator, root: Path, done: int, start: int, state: dict, signum: int, keep: int) -> Stopped:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(chat_recipe, tmp_path, monke
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     skipped = [x for x in lines if "skipped" in x]
     assert [x["step"] for x in skipped] == [2] and len(skipped[0]["rows"]) == 8
+    assert all(re.fullmatch(r".*chat\.jsonl:\d+", r) for r in skipped[0]["records"])  # the source records
     assert [x["step"] for x in lines if "loss" in x] == [1, 3, 4]
     assert final["loss"] == final["loss"] and all(torch.isfinite(v).all() for v in adapter(out).values())
 
@@ -240,7 +242,8 @@ def test_too_many_nan_steps_stop_with_the_last_good_checkpoint(chat_recipe, tmp_
               "--set", "train.max_bad_steps=2", "--set", f"output.dir='{out}'"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("crb: error: train.max_bad_steps: 3 steps had a non-finite loss or gradient, "
-                                      "the last step 5 (training rows ")
+                                      "the last step 5 (records ")
+    assert re.search(r"chat\.jsonl:\d+; ", err)
     good = out / "checkpoints" / "step-4"  # steps 3 and 4 were skipped but their checkpoints hold step 2's weights
     assert f"last good checkpoint: {good}" in err
     weights = load_file(good / "model.safetensors")

@@ -85,3 +85,18 @@ def test_eval_split_and_cache(tmp_path, tiny_tokenizer):
     f.write_text("".join(good(i) + "\n" for i in range(41)))  # data changed: new cache entry
     prepare(c, tiny_tokenizer, 0)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+def test_each_train_row_knows_its_records(tmp_path, tiny_tokenizer):
+    """file:line of the records in every row, packed or not (what a NaN step's message names)."""
+    import dataclasses
+
+    f = tmp_path / "text.jsonl"
+    f.write_text("".join(f'{{"text": "navy suit number {i} in stock"}}\n' for i in range(6)))
+    base = dataclasses.replace(cfg([f], tmp_path), format="text", eval_split=0.0, max_length=64)
+    rows, _, report = prepare(dataclasses.replace(base, packing=False), tiny_tokenizer, 0)
+    assert report.train_sources == [f"{f}:{i}" for i in range(1, 7)] and len(rows) == 6
+    packed = dataclasses.replace(base, packing=True, cache_dir=str(tmp_path / "c2"))
+    rows, _, report = prepare(packed, tiny_tokenizer, 0)
+    assert len(rows) < 6 and len(report.train_sources) == len(rows)
+    assert ", ".join(report.train_sources) == ", ".join(f"{f}:{i}" for i in range(1, 7))  # in order, each once

@@ -1,4 +1,4 @@
-"""crb run | validate | show | plan | lock | recipes | report | merge | verify | demo
+"""crb run | validate | show | plan | lock | data | recipes | report | merge | verify | demo
 
 Errors print as one line (`crb: error: ...`) with exit code 2; `--debug` shows the traceback."""
 
@@ -43,6 +43,52 @@ def cmd_lock(args: argparse.Namespace) -> None:
     out = Path(args.out or Path(r.source).with_suffix(lock.SUFFIX).name)
     lock.write(r, out)
     print(f"{out}: {len(lock.make(r)['data'])} data file(s), model {r.model.name}; run it with: crb run {out}")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    import json
+
+    from crb.data import quality
+    from crb.engine import recipe
+
+    r = recipe.load(args.recipe, args.overrides)
+    if args.action == "inspect":
+        rep = quality.inspect(r)
+        png = Path(args.out or f"{Path(r.source).stem}-lengths.png")
+        quality.histogram(rep, png)
+        if args.json:
+            print(json.dumps({k: v for k, v in rep.items() if k != "lengths"}, indent=1))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"crb data inspect: {rep['records']} {rep['format']} records ({rep['malformed']} malformed)")
+        t.add_column("measure")
+        t.add_column("value", justify="right")
+        for k, v in rep["tokens"].items():
+            t.add_row(f"tokens per record: {k}", f"{v:,.0f}")
+        t.add_row(f"over data.max_length ({rep['max_length']})", str(rep["over_max_length"]))
+        for group in ("roles", "user_turns", "language_pairs", "per_record"):
+            for k, v in rep.get(group, {}).items():
+                t.add_row(f"{group.replace('_', ' ')}: {k}", f"{v:,.4g}" if isinstance(v, float) else str(v))
+        Console().print(t)
+        print(f"length histogram: {png}")
+    elif args.action == "check":
+        res = quality.check(r)
+        if args.json:
+            print(json.dumps({"records": res.records, "errors": res.errors,
+                              "findings": [vars(f) for f in res.findings]}, indent=1))
+        else:
+            for f in res.findings:
+                print(f"{f.where}: {f.severity}: {f.what}")
+            print(f"{res.records} records: {res.errors} errors, {len(res.findings) - res.errors} warnings")
+        return 1 if res.errors else 0
+    else:
+        if not args.out:
+            raise CrbError("crb data clean: --out DIR is required (the input is never changed)")
+        counts = quality.clean(r, Path(args.out))
+        print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -114,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     s = with_recipe("lock", "pin the resolved recipe, package versions, model revision and data sha256 to a file")
     s.add_argument("--out", default=None, help="the lock file (default: RECIPE_NAME.lock.json here)")
     s.set_defaults(func=cmd_lock)
+    s = with_recipe("data", "inspect, check or clean the recipe's data files")
+    s.add_argument("action", choices=["inspect", "check", "clean"])
+    s.add_argument("--json", action="store_true", help="print JSON (inspect, check)")
+    s.add_argument("--out", default=None, help="clean: the folder for the cleaned copies; inspect: the histogram PNG")
+    s.set_defaults(func=cmd_data)
     s = sub.add_parser("report", help="a PNG and an HTML page of one run, or several overlaid")
     s.add_argument("outputs", nargs="+", help="run folders (output.dir)")
     s.add_argument("--out", default=None, help="where report.png/report.html go (default: the run's folder)")
@@ -142,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except CrbError as e:
         if args.debug:
             raise
         print(f"crb: {e.label}: {e.one_line()}", file=sys.stderr)
         return e.exit_code
-    return 0
+    return code or 0
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

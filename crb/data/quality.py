@@ -1,0 +1,245 @@
+"""`crb data RECIPE inspect | check | clean`: the training guide's data-quality advice as commands, for
+any of the five formats, on the files the recipe names.
+
+- inspect: records, tokens per record (the recipe's tokenizer and rendering, as training sees them),
+  how many exceed data.max_length, and per format: roles and turns (chat), language pairs
+  (translation), negatives per query (retrieval), documents and questions per record (CLaRa).
+- check: exact and near duplicates (train/eval overlap separately: leakage), encoding damage
+  (invalid UTF-8, mojibake, control characters), empty fields, chats not ending with the assistant;
+  each finding with file:line. Errors make the command exit 1.
+- clean: a cleaned copy (duplicates dropped, Unicode repaired by ftfy, empty records dropped); the
+  input is never touched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crb.data.reader import Record, read_jsonl
+from crb.engine.recipe import Recipe
+from crb.errors import CrbError, DataError
+
+
+def _strs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def texts(fmt: str, d: dict) -> dict[str, list[str]]:
+    """The text fields of a record, by field name."""
+    if fmt == "chatml":
+        msgs = d.get("messages") if isinstance(d.get("messages"), list) else []
+        return {f"messages[{i}].content": _strs(m.get("content")) for i, m in enumerate(msgs) if isinstance(m, dict)}
+    keys = {"text": ["text"], "translation": ["source_text", "target_text"],
+            "retrieval": ["query", "positive", "negative"], "clara": ["docs", "question", "answers", "answer"]}[fmt]
+    return {k: _strs(d.get(k)) for k in keys if k in d}
+
+
+def normalised(s: str) -> str:
+    """Case, accents, punctuation and spacing folded: near duplicates share it."""
+    s = unicodedata.normalize("NFKD", s.casefold())
+    return " ".join(re.sub(r"[\W_]+", " ", "".join(c for c in s if not unicodedata.combining(c))).split())
+
+
+def _key(fields: dict[str, list[str]], norm: bool) -> str:
+    body = json.dumps([normalised(t) if norm else t for v in fields.values() for t in v], ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _records(files: list[str]) -> list[Record | DataError]:
+    return [r for f in files for r in read_jsonl(f)]
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def inspect(recipe: Recipe) -> dict:
+    from crb.data import DataReport, _make_row
+    from crb.data.chatml import chat_template
+    from crb.engine.build import build_tokenizer
+
+    cfg = recipe.data
+    tokenizer = build_tokenizer(recipe)
+    template = chat_template(tokenizer, cfg.chat_template)
+    lengths, extra, bad = [], Counter(), 0
+    roles, turns, per_record = Counter(), [], Counter()
+    for rec in _records([*cfg.train, *cfg.eval]):
+        if isinstance(rec, DataError):
+            bad += 1
+            continue
+        d = rec.data
+        try:
+            made = _make_row(rec, cfg, tokenizer, template, DataReport(), recipe.clara)
+        except DataError:
+            bad += 1
+            continue
+        if made is not None:
+            lengths.append(made[1])
+        if cfg.format == "chatml":
+            msgs = [m for m in d.get("messages", []) if isinstance(m, dict)]
+            roles.update(m.get("role") for m in msgs)
+            turns.append(sum(m.get("role") == "user" for m in msgs))
+        elif cfg.format == "translation":
+            extra[f"{d.get('source_lang')} -> {d.get('target_lang')}"] += 1
+        elif cfg.format == "retrieval":
+            per_record[f"negatives {len(_strs(d.get('negative')))}"] += 1
+        elif cfg.format == "clara":
+            per_record[f"docs {len(_strs(d.get('docs')))}, questions {len(_strs(d.get('question')))}"] += 1
+    if not lengths:
+        raise CrbError(f"{cfg.train[0]}: no usable records to inspect ({bad} malformed)")
+    a = np.asarray(lengths)
+    out = {"format": cfg.format, "files": [*cfg.train, *cfg.eval], "records": len(lengths), "malformed": bad,
+           "tokens": {"min": int(a.min()), "median": float(np.median(a)), "p95": float(np.percentile(a, 95)),
+                      "max": int(a.max()), "total": int(a.sum())},
+           "over_max_length": int((a > cfg.max_length).sum()), "max_length": cfg.max_length,
+           "lengths": [int(x) for x in a]}
+    if cfg.format == "chatml":
+        out["roles"] = dict(roles)
+        out["user_turns"] = {"median": float(np.median(turns)), "max": int(max(turns))}
+    if extra:
+        out["language_pairs"] = dict(extra.most_common())
+    if per_record:
+        out["per_record"] = dict(per_record.most_common())
+    return out
+
+
+def histogram(report: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    ax.hist(report["lengths"], bins=min(50, max(5, len(report["lengths"]) // 5)), color="#4c72b0")
+    ax.axvline(report["max_length"], color="red", linestyle="--", label=f"data.max_length {report['max_length']}")
+    ax.set_xlabel("tokens per record (as training renders it)")
+    ax.set_ylabel("records")
+    ax.set_title(f"{report['records']} {report['format']} records: median {report['tokens']['median']:.0f}, "
+                 f"p95 {report['tokens']['p95']:.0f}, {report['over_max_length']} over max_length", loc="left")
+    ax.legend(frameon=False)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- check
+
+
+@dataclass
+class Finding:
+    severity: str  # "error" | "warning"
+    where: str
+    what: str
+
+
+@dataclass
+class CheckResult:
+    findings: list[Finding] = field(default_factory=list)
+    records: int = 0
+
+    @property
+    def errors(self) -> int:
+        return sum(f.severity == "error" for f in self.findings)
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def check(recipe: Recipe) -> CheckResult:
+    from ftfy.badness import is_bad
+
+    cfg, res = recipe.data, CheckResult()
+    seen: dict[tuple[bool, str], str] = {}  # (near?, key) -> first train file:line
+    for split, files in (("train", cfg.train), ("eval", cfg.eval)):
+        for rec in _records(files):
+            if isinstance(rec, DataError):
+                res.findings.append(Finding("error", str(rec).split(": ", 1)[0], str(rec).split(": ", 1)[-1]))
+                continue
+            res.records += 1
+            fields, where = texts(cfg.format, rec.data), rec.where()
+            if not fields:
+                res.findings.append(Finding("error", where, f"no text fields for format {cfg.format}"))
+            for name, values in fields.items():
+                for v in values:
+                    if not v.strip():
+                        res.findings.append(Finding("error", where, f"{name}: empty"))
+                    elif CONTROL.search(v):
+                        res.findings.append(Finding("warning", where, f"{name}: control characters"))
+                    elif is_bad(v):
+                        res.findings.append(Finding("warning", where, f"{name}: mojibake (crb data clean repairs it)"))
+            if cfg.format == "chatml":
+                msgs = [m for m in rec.data.get("messages", []) if isinstance(m, dict)]
+                if msgs and msgs[-1].get("role") != "assistant":
+                    res.findings.append(Finding("error", where, "the last turn is not the assistant's: nothing to "
+                                                "learn after it"))
+            for near in (False, True):
+                key = (near, _key(fields, near))
+                first = seen.get(key)
+                if first is None:
+                    if split == "train":
+                        seen[key] = where
+                elif split == "eval":
+                    res.findings.append(Finding("error", where, f"also in the training data at {first} (leakage)"))
+                    break
+                else:
+                    kind = "near duplicate" if near else "duplicate"
+                    res.findings.append(Finding("warning", where, f"{kind} of {first}"))
+                    break
+    return res
+
+
+# ---------------------------------------------------------------- clean
+
+
+def clean(recipe: Recipe, out: Path) -> dict[str, int]:
+    """Cleaned copies of the training files in `out` (same names): records that do not parse, have an
+    empty field, or duplicate an earlier one (near duplicates included) dropped; text repaired by ftfy."""
+    from ftfy import fix_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    counts, seen = Counter(), set()
+    for file in recipe.data.train:
+        target = out / Path(file).name
+        if target.resolve() == Path(file).resolve():
+            raise CrbError(f"crb data clean: --out {out} would overwrite {file}")
+        kept = []
+        for rec in read_jsonl(file):
+            if isinstance(rec, DataError):
+                counts["dropped: malformed"] += 1
+                continue
+            d = _repair(rec.data, fix_text, counts)
+            fields = texts(recipe.data.format, d)
+            if not fields or any(not v.strip() for vs in fields.values() for v in vs):
+                counts["dropped: empty field"] += 1
+                continue
+            key = _key(fields, norm=True)
+            if key in seen:
+                counts["dropped: duplicate"] += 1
+                continue
+            seen.add(key)
+            kept.append(d)
+        target.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in kept), encoding="utf-8")
+        counts["kept"] += len(kept)
+    return dict(counts)
+
+
+def _repair(value: Any, fix, counts: Counter) -> Any:
+    if isinstance(value, str):
+        fixed = fix(value).strip()
+        if fixed != value:
+            counts["repaired: text"] += 1
+        return fixed
+    if isinstance(value, list):
+        return [_repair(v, fix, counts) for v in value]
+    if isinstance(value, dict):
+        return {k: _repair(v, fix, counts) if k not in ("role", "source_lang", "target_lang") else v
+                for k, v in value.items()}
+    return value

@@ -1,4 +1,4 @@
-"""crb run | validate | show | plan | lock | data | recipes | report | merge | verify | demo
+"""crb run | validate | show | plan | lock | data | sweep | recipes | report | merge | verify | demo
 
 Errors print as one line (`crb: error: ...`) with exit code 2; `--debug` shows the traceback."""
 
@@ -91,6 +91,26 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from crb.engine import recipe
+    from crb.sweep import parse_grid, sweep
+
+    out = Path(args.out or recipe.load(args.recipe, args.overrides).output.dir + "-sweep")
+    state = sweep(args.recipe, args.overrides, parse_grid(args.grid) or None, args.steps, out)
+    t = Table(title=f"crb sweep: {len(state['trials'])} trials, ranked by eval loss")
+    for col in ("trial", "eval loss", "train loss", "status"):
+        t.add_column(col)
+    for name, tr in sorted(state["trials"].items(), key=lambda kv: kv[1].get("eval_loss") or float("inf")):
+        t.add_row(name, f"{tr['eval_loss']:.4f}" if tr.get("eval_loss") is not None else "",
+                  f"{tr['loss']:.4f}" if tr.get("loss") is not None else "", tr["status"] + (
+                      f": {tr['reason']}" if tr.get("reason") else ""))
+    Console().print(t)
+    print(f"best: {state['best']} -> {out / 'best.toml'}; results: {out / 'sweep.json'}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from crb.report import report
 
@@ -165,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true", help="print JSON (inspect, check)")
     s.add_argument("--out", default=None, help="clean: the folder for the cleaned copies; inspect: the histogram PNG")
     s.set_defaults(func=cmd_data)
+    s = with_recipe("sweep", "tune: learning rate, then batch size, then LoRA rank (or --grid stages), by eval loss")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a stage of the search, in order (default: the training guide's space)")
+    s.add_argument("--steps", type=int, default=50, help="optimizer steps per trial (default 50)")
+    s.add_argument("--out", default=None, help="the sweep's folder (default: output.dir + '-sweep')")
+    s.set_defaults(func=cmd_sweep)
     s = sub.add_parser("report", help="a PNG and an HTML page of one run, or several overlaid")
     s.add_argument("outputs", nargs="+", help="run folders (output.dir)")
     s.add_argument("--out", default=None, help="where report.png/report.html go (default: the run's folder)")

@@ -1,0 +1,38 @@
+"""`crb sweep`: stages in order, each keeping the best of the one before, ranked by eval loss; the best
+recipe written out; a stopped sweep goes on without rerunning finished trials."""
+
+from __future__ import annotations
+
+import json
+
+import crb.run
+from crb.cli import main as cli
+from crb.engine import recipe as recipes
+
+
+def test_a_four_trial_sweep_picks_the_lowest_eval_loss_and_resumes(chat_recipe, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(chat_recipe), "--grid", "train.lr=1e-5,3e-3", "--grid", "method.lora.r=4,8",
+            "--steps", "4", "--out", str(out)]
+    assert cli(argv) == 0
+    state = json.loads((out / "sweep.json").read_text())
+    trials = state["trials"]
+    assert len(trials) == 4 and all(t["status"] == "ok" for t in trials.values())
+    lr_stage = {t["choice"]["train.lr"]: t["eval_loss"] for t in trials.values() if len(t["choice"]) == 1}
+    best_lr = min(lr_stage, key=lr_stage.get)
+    assert lr_stage[best_lr] < max(lr_stage.values())  # the learning rate mattered
+    r_stage = [t for t in trials.values() if len(t["choice"]) == 2]
+    assert {t["choice"]["train.lr"] for t in r_stage} == {best_lr}  # stage 2 kept stage 1's best
+    winner = min(r_stage, key=lambda t: t["eval_loss"])["choice"]
+    assert state["best"] == winner
+    best = recipes.load(out / "best.toml")
+    assert best.train.lr == winner["train.lr"] and best.method.lora.r == winner["method.lora.r"]
+    assert "best:" in capsys.readouterr().out
+
+    state["trials"].pop(next(iter(state["trials"])))  # as if the sweep had stopped before its first trial ended
+    (out / "sweep.json").write_text(json.dumps(state))
+    calls = []
+    real = crb.run.run
+    monkeypatch.setattr(crb.run, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert cli(argv) == 0
+    assert len(calls) == 1  # only the missing trial ran again

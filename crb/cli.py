@@ -98,8 +98,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from crb.engine import recipe
     from crb.sweep import parse_grid, sweep
 
-    out = Path(args.out or recipe.load(args.recipe, args.overrides).output.dir + "-sweep")
-    state = sweep(args.recipe, args.overrides, parse_grid(args.grid) or None, args.steps, out)
+    r = recipe.load(args.recipe, args.overrides)
+    out = Path(args.out or r.output.dir + "-sweep")
+    grid = parse_grid(args.grid) or list(r.sweep.grid.items()) or None  # command line, recipe, guide
+    state = sweep(args.recipe, args.overrides, grid, args.steps or r.sweep.steps, out)
     t = Table(title=f"crb sweep: {len(state['trials'])} trials, ranked by eval loss")
     for col in ("trial", "eval loss", "train loss", "status"):
         t.add_column(col)
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     s = with_recipe("sweep", "tune: learning rate, then batch size, then LoRA rank (or --grid stages), by eval loss")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a stage of the search, in order (default: the training guide's space)")
-    s.add_argument("--steps", type=int, default=50, help="optimizer steps per trial (default 50)")
+    s.add_argument("--steps", type=int, default=0, help="optimizer steps per trial (default: sweep.steps, 50)")
     s.add_argument("--out", default=None, help="the sweep's folder (default: output.dir + '-sweep')")
     s.set_defaults(func=cmd_sweep)
     s = sub.add_parser("report", help="a PNG and an HTML page of one run, or several overlaid")

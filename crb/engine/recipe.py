@@ -204,6 +204,14 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True)
+class SweepConfig:
+    steps: int = doc("Optimizer steps per `crb sweep` trial.", 50)
+    grid: dict[str, list[Any]] = doc(
+        "`crb sweep`'s stages in order, recipe key -> values, e.g. { \"train.lr\" = [1e-5, 1e-4] }; empty: the "
+        "training guide's (lr, then batch size, then LoRA rank).", factory=dict)
+
+
+@dataclass(kw_only=True)
 class HardwareConfig:
     profile: ProfileName = doc('"auto" (chosen from the plan and the detected GPU) or a launch profile '
                                "(launch/deepspeed/; docs/plan.md).", "auto")
@@ -221,6 +229,7 @@ class Recipe:
                                    "mnrl (retrieval).", factory=list)
     output: OutputConfig = doc("[output]")
     hardware: HardwareConfig = doc("[hardware]", factory=HardwareConfig)
+    sweep: SweepConfig = doc("[sweep]", factory=SweepConfig)
     extends: str | None = doc("A recipe this one inherits from: a file (relative to this one), a bundled recipe "
                               'by name ("language"; `crb recipes`), or https://...#sha256=HEX.', None)
     stages: list[dict[str, Any]] = doc(

@@ -36,3 +36,10 @@ def test_a_four_trial_sweep_picks_the_lowest_eval_loss_and_resumes(chat_recipe, 
     monkeypatch.setattr(crb.run, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
     assert cli(argv) == 0
     assert len(calls) == 1  # only the missing trial ran again
+
+
+def test_the_recipe_sweep_table_sets_the_stages(chat_recipe, tmp_path):
+    chat_recipe.write_text(chat_recipe.read_text() + '\n[sweep]\nsteps = 2\ngrid = { "train.lr" = [1e-5, 2e-3] }\n')
+    assert cli(["sweep", str(chat_recipe), "--out", str(tmp_path / "s")]) == 0
+    trials = json.loads((tmp_path / "s" / "sweep.json").read_text())["trials"]
+    assert sorted(t["choice"]["train.lr"] for t in trials.values()) == [1e-5, 2e-3]

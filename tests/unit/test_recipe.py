@@ -99,7 +99,7 @@ def test_unknown_top_level_key_suggests_the_nearest(write):
 def test_unknown_top_level_key_without_a_near_one_lists_the_valid_keys(write):
     path = write('xyz = "blue"\n' + BASE)
     assert error(path) == (f"{path}:1: xyz: unknown key (valid: model, method, data, train, eval, "
-                           "clara, losses, output, hardware, extends, stages, stage)")
+                           "clara, losses, output, hardware, sweep, extends, stages, stage)")
 
 
 def test_unknown_nested_key_suggests_the_nearest(write):

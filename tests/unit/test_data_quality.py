@@ -108,3 +108,31 @@ def test_inspect_clara_pretrain_data_matches_an_independent_count(chat_recipe, t
         k = f"docs {len(d['docs'])}, questions {len(d['question'])}"
         counts[k] = counts.get(k, 0) + 1
     assert rep["records"] + rep["malformed"] == n and rep["per_record"] == counts
+
+
+@pytest.mark.parametrize("fmt, good, dup, empty", [
+    ("text", {"text": "Navy suits in stock."}, {"text": "navy suits in stock"}, {"text": " "}),
+    ("translation", {"source_lang": "eng_Latn", "target_lang": "fra_Latn", "source_text": "Hi", "target_text": "Salut"},
+     {"source_lang": "eng_Latn", "target_lang": "fra_Latn", "source_text": "hi!", "target_text": "salut"},
+     {"source_lang": "eng_Latn", "target_lang": "fra_Latn", "source_text": "Hi", "target_text": ""}),
+    ("retrieval", {"query": "boots", "positive": "Rain boots", "negative": "Sandals"},
+     {"query": "Boots", "positive": "rain boots", "negative": "sandals"},
+     {"query": "boots", "positive": "", "negative": "Sandals"}),
+    ("clara", {"question": ["Open?"], "answers": ["Yes"], "docs": ["We open at nine."]},
+     {"question": ["open"], "answers": ["yes"], "docs": ["we open at nine"]},
+     {"question": ["Open?"], "answers": [""], "docs": ["We open at nine."]}),
+])
+def test_check_on_every_format(chat_recipe, tmp_path, fmt, good, dup, empty):
+    f = tmp_path / f"{fmt}.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in (good, dup, empty)))
+    text = re.sub(r'train = \["[^"]+"\]', f'train = ["{f}"]', chat_recipe.read_text())
+    text = re.sub(r'format = "chatml"', f'format = "{fmt}"', text)
+    if fmt == "retrieval":  # the encoder trains whole, one pass per batch
+        text = text.replace('name = "lora"', 'name = "full"').replace("micro_batch = 4", "micro_batch = 8")
+    chat_recipe.write_text(text)
+    r = recipes.load(chat_recipe)
+    found = {(x.where, x.severity, x.what.split(":")[0]) for x in quality.check(r).findings}
+    assert (f"{f}:2", "warning", f"near duplicate of {f}") in found
+    assert any(w == f"{f}:3" and s == "error" for w, s, _ in found)  # the empty field
+    counts = quality.clean(r, tmp_path / "clean")
+    assert counts["kept"] == 1 and counts["dropped: duplicate"] == 1 and counts["dropped: empty field"] == 1

@@ -98,10 +98,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from crb.engine import recipe
     from crb.sweep import parse_grid, sweep
 
-    r = recipe.load(args.recipe, args.overrides)
+    r = recipe.load(args.recipe, args.overrides, args.stage)
     out = Path(args.out or r.output.dir + "-sweep")
     grid = parse_grid(args.grid) or list(r.sweep.grid.items()) or None  # command line, recipe, guide
-    state = sweep(args.recipe, args.overrides, grid, args.steps or r.sweep.steps, out)
+    state = sweep(args.recipe, args.overrides, grid, args.steps or r.sweep.steps, out, args.parallel, args.stage)
     t = Table(title=f"crb sweep: {len(state['trials'])} trials, ranked by eval loss")
     for col in ("trial", "eval loss", "train loss", "status"):
         t.add_column(col)
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a stage of the search, in order (default: the training guide's space)")
     s.add_argument("--steps", type=int, default=0, help="optimizer steps per trial (default: sweep.steps, 50)")
     s.add_argument("--out", default=None, help="the sweep's folder (default: output.dir + '-sweep')")
+    s.add_argument("--stage", default=None, help="the [[stages]] entry to tune (CLaRa)")
+    s.add_argument("--parallel", type=int, default=0, metavar="N",
+                   help="trials at once, one process per GPU (default: the GPU count; 1 without GPUs)")
     s.set_defaults(func=cmd_sweep)
     s = sub.add_parser("report", help="a PNG and an HTML page of one run, or several overlaid")
     s.add_argument("outputs", nargs="+", help="run folders (output.dir)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import crb.run
 from crb.cli import main as cli
 from crb.engine import recipe as recipes
@@ -43,3 +45,26 @@ def test_the_recipe_sweep_table_sets_the_stages(chat_recipe, tmp_path):
     assert cli(["sweep", str(chat_recipe), "--out", str(tmp_path / "s")]) == 0
     trials = json.loads((tmp_path / "s" / "sweep.json").read_text())["trials"]
     assert sorted(t["choice"]["train.lr"] for t in trials.values()) == [1e-5, 2e-3]
+
+
+def test_parallel_trials_in_their_own_processes_match_sequential_ones(chat_recipe, tmp_path):
+    """--parallel 2: a stage's trials run at once, each in a process (CUDA_VISIBLE_DEVICES per GPU when there
+    are GPUs); the results equal the same trials run one after another."""
+    common = ["--grid", "train.lr=1e-5,3e-3", "--steps", "3"]
+    assert cli(["sweep", str(chat_recipe), *common, "--out", str(tmp_path / "seq")]) == 0
+    assert cli(["sweep", str(chat_recipe), *common, "--out", str(tmp_path / "par"), "--parallel", "2"]) == 0
+    seq = json.loads((tmp_path / "seq" / "sweep.json").read_text())
+    par = json.loads((tmp_path / "par" / "sweep.json").read_text())
+    assert par["trials"].keys() == seq["trials"].keys() and all(t["status"] == "ok" for t in par["trials"].values())
+    for name, t in seq["trials"].items():
+        assert par["trials"][name]["eval_loss"] == pytest.approx(t["eval_loss"], rel=1e-6)
+    assert par["best"] == seq["best"]
+
+
+def test_sweep_a_translation_recipe(translation_recipe, tmp_path):
+    out = tmp_path / "t"
+    argv = ["sweep", str(translation_recipe), "--grid", "train.lr=1e-4,1e-2", "--steps", "4", "--out", str(out)]
+    assert cli(argv) == 0
+    state = json.loads((out / "sweep.json").read_text())
+    assert len(state["trials"]) == 2 and all(t["status"] == "ok" for t in state["trials"].values())
+    assert recipes.load(out / "best.toml").train.lr == state["best"]["train.lr"]

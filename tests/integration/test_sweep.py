@@ -68,3 +68,14 @@ def test_sweep_a_translation_recipe(translation_recipe, tmp_path):
     state = json.loads((out / "sweep.json").read_text())
     assert len(state["trials"]) == 2 and all(t["status"] == "ok" for t in state["trials"].values())
     assert recipes.load(out / "best.toml").train.lr == state["best"]["train.lr"]
+
+
+def test_sweep_a_clara_stage(tmp_path, tiny_model):
+    from tests.integration.test_clara import _recipe, _stage1
+
+    recipe = _recipe(tmp_path, tiny_model, _stage1(tmp_path), "compression")
+    recipe.write_text(recipe.read_text().replace("max_length = 256\n", "max_length = 256\neval_split = 0.25\n"))
+    out = tmp_path / "c"
+    assert cli(["sweep", str(recipe), "--grid", "train.lr=1e-4,2e-3", "--steps", "2", "--out", str(out)]) == 0
+    state = json.loads((out / "sweep.json").read_text())
+    assert all(t["status"] == "ok" and t["eval_loss"] is not None for t in state["trials"].values())

@@ -198,7 +198,8 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     if method.name == "qlora":
         per = 0.5 + (1 / 64 + 4 / (64 * 256) if method.quant.double_quant else 4 / 64)  # nf4 + absmax constants
         c["weights (nf4, incl. quant constants)"] = s.linear * per
-        c["weights (not quantized, fp32 after k-bit prep)"] = (s.params - s.linear) * (HALF if ds else 4)
+        label = "bf16 under DeepSpeed" if ds else "fp32 after k-bit prep"
+        c[f"weights (not quantized, {label})"] = (s.params - s.linear) * (HALF if ds else 4)
     else:
         weights = s.params * frozen_bytes_of(recipe, ds)
         if profile.offload_params:

@@ -17,7 +17,7 @@ from crb.data import retrieval, translation
 from crb.data.chatml import chat_template, check_messages, tokenize_chat
 from crb.data.clara_inputs import decoder_ids, document_ids
 from crb.data.packing import Doc, one_per_row, pack, pack_groups
-from crb.data.reader import Record, read_jsonl
+from crb.data.reader import Record, file_sha256, read_jsonl
 from crb.data.text import check_text, tokenize_text
 from crb.engine.recipe import ClaraConfig, DataConfig
 from crb.errors import DataError
@@ -211,7 +211,7 @@ def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: st
     if clara_cfg is not None:
         h.update(json.dumps({k: v for k, v in dataclasses.asdict(clara_cfg).items() if k != "init_from"}).encode())
     for file in [*cfg.train, *cfg.eval]:
-        h.update(hashlib.sha256(Path(file).read_bytes()).digest())
+        h.update(file_sha256(file).encode())
     section = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "train", "eval")}
     h.update(json.dumps([section, seed if cfg.eval_split else 0], sort_keys=True).encode())
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()

@@ -12,20 +12,13 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from crb.data.reader import file_sha256
 from crb.engine import recipe as recipes
 from crb.errors import CrbError
 
 PACKAGES = ("crb", "torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed", "sentence-transformers",
             "liger-kernel", "tokenizers")
 SUFFIX = ".lock.json"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str | None]:
@@ -43,7 +36,7 @@ def model_revision(r: recipes.Recipe) -> str:
     local = Path(r.model.name)
     if local.is_dir():
         parts = [local / n for n in ("config.json", "model.safetensors.index.json") if (local / n).is_file()]
-        return "sha256:" + hashlib.sha256("".join(sha256(p) for p in parts).encode()).hexdigest()
+        return "sha256:" + hashlib.sha256("".join(file_sha256(p) for p in parts).encode()).hexdigest()
     return r.model.revision or "unpinned"
 
 
@@ -51,7 +44,7 @@ def make(r: recipes.Recipe) -> dict:
     files = [*r.data.train, *r.data.eval, *r.data.corpus]
     return {"recipe_toml": recipes.dumps(r), "source": r.source, "stage": r.stage, "packages": versions(),
             "model": {"name": r.model.name, "revision": model_revision(r)},
-            "data": {f: sha256(Path(f)) for f in files}}
+            "data": {f: file_sha256(f) for f in files}}
 
 
 def write(r: recipes.Recipe, path: Path) -> Path:
@@ -60,7 +53,7 @@ def write(r: recipes.Recipe, path: Path) -> Path:
 
 
 def is_lock(ref: str) -> bool:
-    return ref.endswith(SUFFIX) or ref.endswith("crb.lock.json")
+    return ref.endswith(SUFFIX)  # crb lock's NAME.lock.json, and a run's crb.lock.json
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> tuple[recipes.Recipe, list[str]]:
@@ -82,7 +75,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> tuple[recipes.
     r.source = str(path)
     now = make(r)
     for file, digest in locked["data"].items():
-        got = now["data"].get(file) or (sha256(Path(file)) if Path(file).is_file() else "missing")
+        got = now["data"].get(file) or (file_sha256(file) if Path(file).is_file() else "missing")
         if got != digest:
             raise CrbError(f"{path}: data drift: {file} sha256 was {digest[:12]}..., is {got[:12]}...")
     if now["model"] != locked["model"]:

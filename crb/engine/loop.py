@@ -280,9 +280,12 @@ def free_memory() -> None:
 
 
 def non_finite(acc: Accelerator, step_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-    """Whether any process saw a NaN/inf loss or gradient norm this step (all processes agree)."""
-    values = torch.stack([step_loss.float(), (grad_norm if grad_norm is not None else step_loss).float()])
-    flag = (~torch.isfinite(values)).any().float().reshape(1)
+    """Whether any process saw a NaN/inf loss or gradient this step (all processes agree). A non-finite loss
+    makes its gradients non-finite, and the clipped norm is of the gradients synced over all processes, so it
+    alone decides; without clipping, the processes' losses are compared."""
+    if grad_norm is not None:
+        return not bool(torch.isfinite(grad_norm).item())
+    flag = (~torch.isfinite(step_loss.float())).float().reshape(1)
     return acc.reduce(flag, "sum").item() > 0
 
 

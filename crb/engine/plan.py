@@ -227,7 +227,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         fp32_matmul = {"qlora": s.trainable + head, "lora": s.trainable}.get(method.name, s.linear + head)
         backward[COPIES] = fp32_matmul * HALF
     backward.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
-    if s.logit_tokens and fused_loss(recipe, s):  # chunks of ~tokens x hidden / vocab rows: never the whole logits
+    if s.logit_tokens and fused_loss(recipe, s.model_type):  # chunks of ~tokens x hidden / vocab: never all logits
         backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
     elif s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
         backward["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
@@ -241,9 +241,10 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     return c
 
 
-def fused_loss(recipe: Recipe, s: Shape) -> bool:
+def fused_loss(recipe: Recipe, model_type: str, kernels: str | None = None) -> bool:
     """Whether liger-kernel's fused linear + cross-entropy replaces the logits (train.kernels = "liger")."""
-    return recipe.train.kernels == "liger" and s.model_type in LIGER_TYPES and recipe.data.format in ("chatml", "text")
+    return ((kernels or recipe.train.kernels) == "liger" and model_type in LIGER_TYPES
+            and recipe.data.format in ("chatml", "text"))
 
 
 def layer_bytes(recipe: Recipe, s: Shape) -> float:
@@ -338,8 +339,7 @@ def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
             out.append(f"data.max_length = {length} fits at micro-batch 1 ({q.total / GIB:.1f} GiB, {q.profile})")
             break
     levers = []  # switches that keep the recipe's math: the fused loss, checkpoints in CPU memory, both
-    if recipe.train.kernels != "liger" and fused_loss(_with(recipe, kernels="liger"), shape_of(
-            recipe, meta_model(recipe), 1)):
+    if recipe.train.kernels != "liger" and fused_loss(recipe, meta_model(recipe).config.model_type, "liger"):
         levers.append({"kernels": "liger"})
     if recipe.train.gradient_checkpointing and not recipe.train.offload_activations and \
             recipe.data.format in ("chatml", "text", "translation"):

@@ -163,7 +163,7 @@ def run_crb(args: argparse.Namespace, text_file: Path, rows_file: Path) -> dict:
     out = Path(args.out)
     for stale in (out / "crb", out / "data" / "crb-cache"):  # so that what is read below is this run's
         shutil.rmtree(stale, ignore_errors=True)
-    cmd = [sys.executable, "-m", "crb.run", str(RECIPE)]
+    cmd = [sys.executable, "-m", "crb.run", str(args.recipe)]
     for item in crb_overrides(args, text_file):
         cmd += ["--set", item]
     rc, wall = run_logged(cmd, out / "logs" / "crb.log", "crb")
@@ -200,10 +200,14 @@ def trl_worker(args: argparse.Namespace, liger: bool) -> None:
     text_file, rows_file = data_files(args)
     rows = np.load(rows_file)
     # The settings come from the recipe that crb runs (with the benchmark's overrides).
-    r = recipes.load(RECIPE, crb_overrides(args, text_file))
+    r = recipes.load(args.recipe, crb_overrides(args, text_file))
     m, q, t = r.method, r.method.quant, r.train
-    assert m.name == "qlora" and q.bits == 4, "the language recipe is QLoRA 4-bit"
+    assert m.name == "qlora" and q.bits == 4, "the recipe is QLoRA 4-bit"
+    gc = t.gradient_checkpointing if isinstance(t.gradient_checkpointing, bool) else True  # TRL's documented setting
     gpu = torch.cuda.is_available()
+    if gpu and os.environ.get("CRB_GPU_MEMORY_GB"):  # the same cap crb's side runs under
+        cap = float(os.environ["CRB_GPU_MEMORY_GB"]) * 2**30 / torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap), 0)
     half = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else (torch.float16 if gpu else torch.float32)
     compute = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(q.compute_dtype,
                                                                                                   half)
@@ -218,7 +222,7 @@ def trl_worker(args: argparse.Namespace, liger: bool) -> None:
                                                  device_map={"": device},
                                                  attn_implementation=r.model.attn_implementation)
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                       target_modules=m.lora.target_modules, bias=m.lora.bias, task_type="CAUSAL_LM")
@@ -229,7 +233,7 @@ def trl_worker(args: argparse.Namespace, liger: bool) -> None:
         gradient_accumulation_steps=args.accum, max_steps=total_steps, learning_rate=t.lr,
         lr_scheduler_type=t.scheduler, warmup_steps=math.ceil(total_steps * t.warmup_ratio),  # = crb's count
         optim=optim[t.optimizer], weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
-        adam_epsilon=t.eps, max_grad_norm=t.max_grad_norm, gradient_checkpointing=t.gradient_checkpointing,
+        adam_epsilon=t.eps, max_grad_norm=t.max_grad_norm, gradient_checkpointing=gc,
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=half == torch.bfloat16,
         fp16=half == torch.float16, max_length=args.ctx, packing=False, logging_steps=1, report_to="none",
         save_strategy="no", seed=t.seed, data_seed=t.seed, use_liger_kernel=liger, disable_tqdm=True,
@@ -388,7 +392,7 @@ def worker_cmd(args: argparse.Namespace, worker: str, result_file: Path) -> list
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--worker-result", str(result_file),
            "--out", str(args.out), "--ctx", str(args.ctx), "--micro-batch", str(args.micro_batch),
            "--accum", str(args.accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--model-dir", str(args.model_dir), "--seed", str(args.seed)]
+           "--model-dir", str(args.model_dir), "--seed", str(args.seed), "--recipe", str(args.recipe)]
     return cmd + (["--tiny"] if args.tiny else [])
 
 
@@ -436,6 +440,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default /tmp/crb-bench/mistral-7b, or mistral-tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and the data")
     p.add_argument("--json", default=None, help="also write language.json here")
+    p.add_argument("--recipe", default=str(RECIPE), help="the QLoRA recipe both sides read their settings from")
     p.add_argument("--worker", choices=["build", "probe", "trl", "trl_liger"], help=argparse.SUPPRESS)
     p.add_argument("--worker-result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -31,7 +31,7 @@ from crb.engine.build import (
 )
 from crb.engine.loop import make_schedule, train
 from crb.engine.metrics import task_metrics
-from crb.engine.plan import auto_micro_batch, auto_offload, plan
+from crb.engine.plan import auto_config, plan
 from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
@@ -126,12 +126,10 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
     """The plan's profile (and micro-batch, when "auto"), said and written to OUT/profile.json; returns the
     profile name and a maker of its DeepSpeed plugin (None: plain, or a launcher that set DeepSpeed itself)."""
     say = PartialState().print
-    if recipe.train.offload_activations == "auto":
-        recipe.train.offload_activations, why = auto_offload(recipe, hw)
-        say(f"crb: offload_activations auto -> {str(recipe.train.offload_activations).lower()} ({why})")
-    if recipe.train.micro_batch == "auto":
-        recipe.train.micro_batch, why = auto_micro_batch(recipe, hw)
-        say(f"crb: micro-batch auto -> {recipe.train.micro_batch} ({why})")
+    resolved, choices = auto_config(recipe, hw)  # every "auto" of [train]: kernels, micro-batch, checkpointing
+    recipe.train = resolved.train
+    for line in choices:
+        say(f"crb: {line}")
     p = plan(recipe, hw)
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     name, reason = (p.profile, p.reason) if not launched else ("launcher", "DeepSpeed set by the accelerate config")
@@ -144,6 +142,8 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
         checkpoint.check_space(out, p.notes["trainable"] * ((t.keep_checkpoints + 1) * (4 + state_bytes) + 4))
         (out / "profile.json").write_text(json.dumps(
             {"profile": name, "reason": reason, "micro_batch": recipe.train.micro_batch,
+             "gradient_checkpointing": recipe.train.gradient_checkpointing, "checkpointed_layers":
+                 p.notes["checkpointed_layers"], "layers": p.notes["layers"], "choices": choices,
              "offload_activations": recipe.train.offload_activations, "kernels": recipe.train.kernels,
              "plan_gib": round(p.total / 2**30, 3), "capacity_gib": p.capacity and round(p.capacity / 2**30, 3),
              "profiles_gib": {k: round(v / 2**30, 3) for k, v in p.profiles.items()}}, indent=1))

@@ -21,6 +21,8 @@ from transformers import (
 )
 
 from crb.data.chatml import chat_template
+from crb.engine.kernels import apply_kernels
+from crb.engine.plan import checkpointed, n_blocks
 from crb.engine.recipe import Recipe
 from crb.errors import CrbError
 
@@ -97,21 +99,19 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
     else:
         model = load_weights(auto, m.name, **kwargs)
     model.config.use_cache = False
-    gc = recipe.train.gradient_checkpointing
+    if recipe.train.kernels == "liger":
+        PartialState().print(f"crb: {apply_kernels(model, device)}")
+    layers = checkpointed(recipe, n_blocks(model))
     # Offloaded activations need the reentrant form: it saves each layer's input through autograd, where
     # the loop's save_on_cpu hook moves it to the CPU (the non-reentrant form keeps it in a closure).
-    gc_kwargs = {"use_reentrant": recipe.train.offload_activations}
+    gc_kwargs = {"use_reentrant": bool(recipe.train.offload_activations)}
     if method.name == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=gc_kwargs)
-    elif gc:
+        prepare_kbit(model, dtype)
+    if layers:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        if method.name in ("lora", "freeze"):
+        keep_layers(model, layers)
+        if method.name in ("lora", "qlora", "freeze"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that wants grad
-    if recipe.train.kernels == "liger":
-        PartialState().print(f"crb: {apply_liger(model, device)}")
     if kind == "clara":
         return build_clara(model, recipe)
     if method.name in ("lora", "qlora"):
@@ -121,23 +121,28 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
     return model
 
 
-def apply_liger(model: torch.nn.Module, device: torch.device) -> str:
-    """liger-kernel's fused kernels patched into `model` in place (before PEFT wraps it; the fused loss
-    takes crb's num_items_in_batch like transformers' own). Returns what was done, for the log."""
-    if device.type != "cuda":
-        return "train.kernels = 'liger' needs a CUDA GPU: running without fused kernels"
-    try:
-        from liger_kernel.transformers.monkey_patch import (
-            MODEL_TYPE_TO_APPLY_LIGER_FN,
-            _apply_liger_kernel_to_instance,
-        )
-    except ImportError as e:
-        raise CrbError("train.kernels: 'liger' needs liger-kernel: pip install 'crb[gpu]'") from e
-    kind = model.config.model_type
-    if kind not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        return f"train.kernels: liger-kernel has no kernels for model type {kind!r}: running without"
-    _apply_liger_kernel_to_instance(model=model)
-    return f"liger kernels on ({kind}: RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy)"
+def prepare_kbit(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """peft's prepare_model_for_kbit_training without its fp32 copy of every non-quantized weight on bf16
+    models: there the norms, embeddings and lm_head stay bf16, so the residual stream and its elementwise work
+    stay bf16 (norm statistics and the loss are computed in fp32 all the same). fp16 models keep peft's upcast."""
+    if dtype != torch.bfloat16:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def keep_layers(model: torch.nn.Module, checkpointed: int) -> None:
+    """Checkpoint only the first `checkpointed` layers (after gradient_checkpointing_enable): the others keep
+    their activations. The first ones, because a recomputed layer then runs after the kept layers' activations
+    are freed in backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = layer.gradient_checkpointing and i < checkpointed
 
 
 def build_clara(base: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
@@ -197,8 +202,10 @@ def build_encoder(recipe: Recipe) -> torch.nn.Module:
     model = SentenceTransformer(m.name, revision=m.revision, device="cpu",
                                 model_kwargs={"dtype": DTYPES.get(m.dtype) or torch.float32})
     model.max_seq_length = recipe.data.max_length
-    if recipe.train.gradient_checkpointing:
+    layers = checkpointed(recipe, n_blocks(model[0].auto_model))
+    if layers:
         model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        keep_layers(model[0].auto_model, layers)
     if recipe.method.name == "freeze":
         freeze(model, recipe.method.trainable)
     return model

@@ -49,6 +49,7 @@ class Plan:
     fits: bool | None = None
     profiles: dict[str, float] = field(default_factory=dict)  # every profile's total (bytes)
     advice: list[str] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)  # how each "auto" of [train] was resolved, and why
     notes: dict[str, int | float | str] = field(default_factory=dict)
 
     def table(self) -> str:
@@ -72,6 +73,8 @@ class Plan:
         cap = f"{self.capacity / GIB:.1f} GiB" if self.capacity else "no GPU detected"
         verdict = {True: "fits", False: "does NOT fit", None: "(no GPU to compare)"}[self.fits]
         console.print(f"card: {cap}; profile: {self.profile} ({self.reason}); {verdict}")
+        for line in self.choices:
+            console.print(f"chosen: {line}")
         for line in self.advice:
             console.print(f"- {line}")
         return buf.getvalue()
@@ -140,6 +143,7 @@ class Shape:
     embedding_trains: bool = False  # CLaRa: the input embedding trains (its memory-token rows)
     model_type: str = ""
     fused_norm: bool = False  # nn.LayerNorm (one op) rather than an RMSNorm written as fp32 elementwise ops
+    blocks: int = 0  # checkpointable layers (both stacks of an encoder-decoder); 0: `layers`
 
 
 def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
@@ -185,7 +189,24 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
     attention = recipe.model.attn_implementation or getattr(cfg, "_attn_implementation", None) or "sdpa"
     return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
                  logit_tokens, pass_tokens, heads, L, attention, d.format == "clara", cfg.model_type,
-                 fused_norm)
+                 fused_norm, blocks=n_blocks(model) or layers)
+
+
+def n_blocks(model: torch.nn.Module) -> int:
+    """The layers that gradient checkpointing can recompute one by one (transformers' checkpointable layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+
+
+def checkpointed(recipe: Recipe, blocks: int) -> int:
+    """How many layers train.gradient_checkpointing recomputes (an unresolved "auto" counts as none)."""
+    gc = recipe.train.gradient_checkpointing
+    if gc is True:
+        return blocks
+    if gc is False or gc == "auto":
+        return 0
+    return min(int(gc), blocks)
 
 
 def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
@@ -198,8 +219,9 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     if method.name == "qlora":
         per = 0.5 + (1 / 64 + 4 / (64 * 256) if method.quant.double_quant else 4 / 64)  # nf4 + absmax constants
         c["weights (nf4, incl. quant constants)"] = s.linear * per
-        label = "bf16 under DeepSpeed" if ds else "fp32 after k-bit prep"
-        c[f"weights (not quantized, {label})"] = (s.params - s.linear) * (HALF if ds else 4)
+        upcast = recipe.train.precision == "fp16" and not ds  # crb.engine.build.prepare_kbit: fp32 on fp16 only
+        label = "bf16 under DeepSpeed" if ds else "fp32 after k-bit prep" if upcast else "bf16"
+        c[f"weights (not quantized, {label})"] = (s.params - s.linear) * (4 if upcast else HALF)
     else:
         weights = s.params * frozen_bytes_of(recipe, ds)
         if profile.offload_params:
@@ -223,11 +245,12 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     # The peak is the larger of two moments: the backward pass (activations, logits) and the optimizer step.
     backward: dict[str, float] = {"gradients": grads}
     if recipe.train.precision != "fp32" and not ds:  # autocast's bf16 copy of each fp32 matmul weight
-        head = s.vocab * s.hidden if s.logit_tokens else 0  # lm_head (fp32 after k-bit prep, or a full model's)
-        fp32_matmul = {"qlora": s.trainable + head, "lora": s.trainable}.get(method.name, s.linear + head)
+        head = s.vocab * s.hidden if s.logit_tokens else 0  # lm_head (a full model's; fp32 after fp16 k-bit prep)
+        upcast = method.name == "qlora" and t.precision == "fp16"
+        fp32_matmul = {"qlora": s.trainable + head * upcast, "lora": s.trainable}.get(method.name, s.linear + head)
         backward[COPIES] = fp32_matmul * HALF
     backward.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
-    if s.logit_tokens and fused_loss(recipe, s.model_type):  # chunks of ~tokens x hidden / vocab: never all logits
+    if s.logit_tokens and fused_loss(recipe):  # chunks of ~tokens x hidden / vocab: never all logits
         backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
     elif s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
         backward["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
@@ -241,10 +264,10 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     return c
 
 
-def fused_loss(recipe: Recipe, model_type: str, kernels: str | None = None) -> bool:
-    """Whether liger-kernel's fused linear + cross-entropy replaces the logits (train.kernels = "liger")."""
-    return ((kernels or recipe.train.kernels) == "liger" and model_type in LIGER_TYPES
-            and recipe.data.format in ("chatml", "text"))
+def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
+    """Whether liger-kernel's fused linear + cross-entropy replaces the logits (train.kernels resolved to
+    "liger": by its patch for the types it knows, by crb.engine.kernels for other causal LMs)."""
+    return (kernels or recipe.train.kernels) == "liger" and recipe.data.format in ("chatml", "text")
 
 
 def layer_bytes(recipe: Recipe, s: Shape) -> float:
@@ -266,17 +289,26 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
 
 
 def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str, float]:
-    """Saved activations of one micro-batch. With gradient checkpointing each layer keeps its input
-    (bf16; fp32 when the weights are fp32 under autocast) and one layer of one pass is recomputed
-    at a time in backward."""
-    if recipe.train.gradient_checkpointing:
-        checkpoints = s.tokens * s.hidden * (4 if fp32_stream else HALF) * s.layers
-        if recipe.train.offload_activations:
-            return {"activation checkpoints (offloaded to pinned CPU memory)": 0.0,
-                    "activations (one layer recomputed)": s.pass_tokens * layer_bytes(recipe, s)}
-        return {"activation checkpoints (layer inputs)": checkpoints,
-                "activations (one layer recomputed)": s.pass_tokens * layer_bytes(recipe, s)}
-    return {f"activations ({s.layers} layers)": s.tokens * layer_bytes(recipe, s) * s.layers}
+    """Saved activations of one micro-batch. A checkpointed layer keeps its input (bf16; fp32 when the
+    weights are fp32 under autocast) and is recomputed in backward; the others keep everything. crb
+    checkpoints the first layers, so a recomputed layer runs after the kept layers' activations are freed:
+    the peak is the larger of the two moments."""
+    k = checkpointed(recipe, s.blocks)
+    share = k / s.blocks  # of the layers' tokens (both stacks: s.tokens x s.layers counts them all)
+    every = s.tokens * s.layers  # token-layers of one micro-batch
+    checkpoints = share * every * s.hidden * (4 if fp32_stream else HALF)
+    kept = (1 - share) * every * layer_bytes(recipe, s)
+    recomputed = s.pass_tokens * layer_bytes(recipe, s) if k else 0.0
+    out: dict[str, float] = {}
+    if k == s.blocks and recipe.train.offload_activations is True:
+        out["activation checkpoints (offloaded to pinned CPU memory)"] = 0.0
+    elif k:
+        out[f"activation checkpoints ({k} layer inputs)"] = checkpoints
+    if k < s.blocks:
+        out[f"activations ({s.blocks - k} layers kept whole)"] = kept
+    if recomputed > kept:
+        out["activations (one layer recomputed)"] = recomputed - kept
+    return out
 
 
 def frozen_bytes_of(recipe: Recipe, ds: bool) -> int:
@@ -295,15 +327,13 @@ def _bucket(profile: Profile) -> float:
 
 
 def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: bool = True) -> Plan:
-    if recipe.train.offload_activations == "auto":  # as the run resolves it
-        recipe = _with(recipe, offload_activations=auto_offload(recipe, hw)[0])
-    model = meta_model(recipe)
+    """The memory plan of `recipe` on `hw`. Every "auto" in [train] is resolved first, as the run resolves
+    it (`auto_config`); `micro_batch` overrides the micro-batch."""
+    recipe, choices = auto_config(recipe, hw)
     micro = micro_batch or recipe.train.micro_batch
-    if micro == "auto":  # as the run resolves it
-        micro = auto_micro_batch(recipe, hw)[0]
     if recipe.data.format == "retrieval":
         micro = recipe.train.batch_size // max(1, hw.processes)
-    s = shape_of(recipe, model, micro)
+    s = shape_of(recipe, meta_model(recipe), micro)
     n_gpus = max(1, hw.processes)
     per_profile = {name: estimate(recipe, s, prof, n_gpus) for name, prof in PROFILES.items()}
     totals = {name: sum(c.values()) for name, c in per_profile.items()}
@@ -312,9 +342,11 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: b
                             quantized=recipe.method.name == "qlora")
     c = per_profile[chosen.name]
     p = Plan(components=c, total=totals[chosen.name], allocated=sum(v for k, v in c.items() if k not in OUTSIDE),
-             capacity=capacity, profile=chosen.name, reason=reason, profiles=totals)
+             capacity=capacity, profile=chosen.name, reason=reason, profiles=totals, choices=choices)
+    t = recipe.train
     p.notes = {"parameters": s.params, "trainable": s.trainable, "tokens_per_micro_batch": s.tokens,
-               "micro_batch": micro, "gpus": n_gpus}
+               "micro_batch": micro, "gpus": n_gpus, "checkpointed_layers": checkpointed(recipe, s.blocks),
+               "layers": s.blocks, "offload_activations": bool(t.offload_activations), "kernels": t.kernels}
     if capacity:
         p.fits = p.total <= capacity * HEADROOM
         if not p.fits and advise:
@@ -339,9 +371,9 @@ def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
             out.append(f"data.max_length = {length} fits at micro-batch 1 ({q.total / GIB:.1f} GiB, {q.profile})")
             break
     levers = []  # switches that keep the recipe's math: the fused loss, checkpoints in CPU memory, both
-    if recipe.train.kernels != "liger" and fused_loss(recipe, meta_model(recipe).config.model_type, "liger"):
+    if recipe.train.kernels != "liger" and fused_loss(recipe, "liger"):
         levers.append({"kernels": "liger"})
-    if recipe.train.gradient_checkpointing and not recipe.train.offload_activations and \
+    if recipe.train.gradient_checkpointing is True and not recipe.train.offload_activations and \
             recipe.data.format in ("chatml", "text", "translation"):
         levers.append({"offload_activations": True})
     if len(levers) == 2:
@@ -351,23 +383,101 @@ def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
             sets = ", ".join(f"train.{k} = {json.dumps(v)}" for k, v in change.items())
             out.insert(0, f"{sets} fits at micro-batch {micro} ({q.total / GIB:.1f} GiB, {q.profile})")
             break
-    if not recipe.train.gradient_checkpointing and recipe.data.format != "clara":
+    if recipe.train.gradient_checkpointing is not True and recipe.data.format != "clara":
         out.append("train.gradient_checkpointing = true keeps one layer's activations instead of all")
     if recipe.method.name != "qlora" and recipe.data.format in ("chatml", "text"):
         out.append('method.name = "qlora" stores the base in 4 bits')
     return out or ["no setting of micro-batch or length fits this card: a larger GPU, or more GPUs with ZeRO"]
 
 
-def auto_offload(recipe: Recipe, hw: Hardware) -> tuple[bool, str]:
-    """train.offload_activations = "auto": on only where checkpoints can move and the plan at micro-batch 1
-    does not fit the card without."""
-    movable = recipe.train.gradient_checkpointing and recipe.data.format in ("chatml", "text", "translation")
-    if not movable or not hw.gpus:
-        return False, "nothing to offload" if not movable else "no GPU"
-    p = plan(_with(recipe, offload_activations=False), hw, 1, advise=False)
-    if p.fits:
-        return False, f"fits without ({p.total / GIB:.1f} GiB)"
-    return True, f"without it micro-batch 1 needs {p.total / GIB:.1f} GiB of {p.capacity / GIB:.1f} GiB"
+RECOMPUTE = 0.33  # a step's extra time when every layer is recomputed (H200, Mistral-7B QLoRA ctx 8192, liger:
+# 9,288 tok/s without checkpointing at micro-batch 1 against 6,677 with it at micro-batch 4)
+SATURATE = 512  # a pass over T tokens per layer runs at about T / (T + SATURATE) of the card's full speed
+
+
+def auto_config(recipe: Recipe, hw: Hardware) -> tuple[Recipe, list[str]]:
+    """A copy of `recipe` with every "auto" of [train] resolved, and a line saying why for each. The kernels
+    first; then micro-batch, checkpointed layers and activation offload together: of the settings whose plan
+    fits the card, the fastest by a simple model (each recomputed layer costs RECOMPUTE / layers of a step;
+    a short pass runs below full speed). Offloading is tried only when nothing fits without it."""
+    from crb.engine.kernels import resolve_kernels
+
+    r, t, why = copy.deepcopy(recipe), recipe.train, []
+    if t.kernels == "auto":
+        r.train.kernels, reason = resolve_kernels(r.data.format, bool(hw.gpus))
+        why.append(f"kernels auto -> {r.train.kernels} ({reason})")
+    auto_gc, auto_micro, auto_off = (t.gradient_checkpointing == "auto", t.micro_batch == "auto",
+                                     t.offload_activations == "auto")
+    if not (auto_gc or auto_micro or auto_off):
+        return r, why
+    model = meta_model(r)
+    blocks = n_blocks(model) or 1
+    per_process = max(1, t.batch_size // max(1, hw.processes))
+    micros = [d for d in range(1, per_process + 1) if per_process % d == 0] if auto_micro else [t.micro_batch]
+    if r.data.format == "retrieval":  # the whole batch in one pass
+        micros = [per_process]
+    movable = r.data.format in ("chatml", "text", "translation")  # checkpoints that can go to the CPU
+    layers = list(range(blocks + 1)) if auto_gc else [checkpointed(r, blocks)]
+    if r.data.format == "clara":  # recomputation would run under the wrong adapter
+        layers = [0]
+    offloads = ([False, True] if movable else [False]) if auto_off else [t.offload_activations]
+    if not hw.gpus:  # nothing to fit: the plain, fastest settings
+        r.train.micro_batch = micros[0]
+        r.train.gradient_checkpointing = False if auto_gc else t.gradient_checkpointing
+        r.train.offload_activations = False if auto_off else t.offload_activations
+        why.append(f"no GPU: micro-batch {r.train.micro_batch}, checkpointing {r.train.gradient_checkpointing}, "
+                   f"offload {str(r.train.offload_activations).lower()}")
+        return r, why
+    best: tuple[float, int, int, bool, float, str] | None = None
+    capacity = hw.gpus[0].total_gib * GIB
+    # Cheapest first: everything on the GPU; then the optimizer in CPU memory; then the checkpoints too.
+    tiers = [(False, False), (True, False)] + [(True, True)] * (True in offloads)
+    for offload_profile, off in tiers:
+        if off not in offloads:
+            continue
+        for m in micros:
+            s = shape_of(r, model, m)
+            for k in layers:  # the fewest checkpointed layers that fit at this micro-batch
+                if off and k != blocks:
+                    continue
+                trial = _with(r, micro_batch=m, gradient_checkpointing=k, offload_activations=off)
+                profile, total = _fitting(trial, s, hw, capacity, offload_profile)
+                if profile is None:
+                    continue
+                cost = (1 + RECOMPUTE * k / blocks) * (1 + SATURATE / max(1, s.pass_tokens))
+                if best is None or cost < best[0] - 1e-9:
+                    best = (cost, m, k, off, total, profile)
+                break
+        if best is not None:
+            break
+    if best is None:  # nothing fits: the least memory (the plan then says so, with advice)
+        best = (0.0, micros[0], layers[-1], offloads[-1], 0.0, "")
+        reason = "nothing fits the card by the plan: the settings that need the least"
+    else:
+        slowest = (1 + RECOMPUTE) * (1 + SATURATE / max(1, shape_of(r, model, micros[-1]).pass_tokens))
+        reason = (f"plan {best[4] / GIB:.1f} GiB of {capacity / GIB:.1f} GiB ({best[5]}); the fastest setting that "
+                  f"fits, by the speed model {best[0] / slowest:.2f} of the time of every layer checkpointed at "
+                  f"micro-batch {micros[-1]}")
+    _, m, k, off, _, _ = best
+    r.train.micro_batch, r.train.gradient_checkpointing, r.train.offload_activations = m, k, off
+    parts = [f"micro-batch {m}" + (" (auto)" if auto_micro else ""),
+             f"checkpointing {k} of {blocks} layers" + (" (auto)" if auto_gc else ""),
+             f"offload activations {'on' if off else 'off'}" + (" (auto)" if auto_off else "")]
+    why.append(", ".join(parts) + f": {reason}")
+    return r, why
+
+
+def _fitting(recipe: Recipe, s: Shape, hw: Hardware, capacity: float,
+             offload_profiles: bool) -> tuple[str | None, float]:
+    """The profile `choose` takes for `recipe` (of those without CPU offload unless `offload_profiles`) and
+    its total, or (None, 0) when the plan does not fit."""
+    n_gpus = max(1, hw.processes)
+    totals = {name: sum(estimate(recipe, s, prof, n_gpus).values()) for name, prof in PROFILES.items()}
+    chosen, _ = choose(recipe.hardware.profile,
+                       lambda p: totals[p.name] if offload_profiles or not p.offload_optimizer else float("inf"),
+                       capacity, n_gpus, quantized=recipe.method.name == "qlora")
+    total = totals[chosen.name]
+    return (chosen.name, total) if total <= capacity * HEADROOM else (None, 0.0)
 
 
 def _with(recipe: Recipe, **train: object) -> Recipe:
@@ -376,17 +486,3 @@ def _with(recipe: Recipe, **train: object) -> Recipe:
     for k, v in train.items():
         setattr(changed.train, k, v)
     return changed
-
-
-def auto_micro_batch(recipe: Recipe, hw: Hardware) -> tuple[int, str]:
-    """The largest micro-batch (a divisor of the per-process batch) whose plan fits the card."""
-    per_process = recipe.train.batch_size // max(1, hw.processes)
-    if not hw.gpus:
-        return 1, "no GPU: 1"
-    best, why = 1, "nothing larger fits"
-    for m in (d for d in range(1, per_process + 1) if per_process % d == 0):
-        p = plan(recipe, hw, m, advise=False)
-        if not p.fits:
-            break
-        best, why = m, f"plan {p.total / GIB:.1f} GiB of {p.capacity / GIB:.1f} GiB ({p.profile})"
-    return best, why

@@ -146,16 +146,20 @@ class TrainConfig:
     max_grad_norm: float = doc("Clip the global gradient norm; 0 = no clipping.", 1.0)
     precision: Precision = doc("Mixed precision; auto = bf16 where supported, else fp16 on GPU, fp32 on CPU.",
                                "auto")
-    gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+    gradient_checkpointing: bool | int | Literal["auto"] = doc(
+        "Recompute activations in backward to save memory: true = every layer, false = none, N = the first N "
+        'layers (the others keep their activations); "auto" = the fewest layers that `crb plan` fits on the card, '
+        "chosen together with the micro-batch for speed (no GPU: none).", "auto")
     offload_activations: bool | Literal["auto"] = doc(
         "Keep the checkpointed layer inputs in pinned CPU memory instead of the GPU (needs "
         "gradient_checkpointing; chat, text and translation): frees tokens x hidden x 2 B x layers for PCIe "
         'traffic. "auto": only when `crb plan` says the run does not fit without.', False)
-    kernels: Literal["none", "liger"] = doc(
+    kernels: Literal["auto", "none", "liger"] = doc(
         '"liger": liger-kernel\'s fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy (the vocabulary logits '
-        "are never materialised) for the model types it supports (Llama, Mistral, Qwen, Gemma, ...); needs CUDA "
-        "and `pip install 'crb[gpu]'` (without a GPU, or for other model types, the run says so and goes on "
-        "without).", "none")
+        "are never materialised) for the model types it patches (Llama, Mistral, Qwen, Gemma, ...), and its fused "
+        'linear + cross-entropy alone for other causal LMs (StarCoder2, ...); needs CUDA and `pip install '
+        "'crb[gpu]'`. \"auto\": liger where a CUDA GPU and liger-kernel are there, else the plain path; \"none\": "
+        "never.", "auto")
     max_bad_steps: int = doc(
         "Steps whose loss or gradient is NaN/inf are skipped (no update) and counted; one more than this "
         "stops the run, naming the step, its training rows and the last good checkpoint.", 10)
@@ -485,6 +489,9 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
                           + f"{', '.join(SCHEDULERS)}, got '{r.train.scheduler}'{hint}")
     if len(r.train.betas) != 2 or not all(0 <= b < 1 for b in r.train.betas):
         raise bad("train.betas", "expected two values in [0, 1)", r.train.betas)
+    if type(r.train.gradient_checkpointing) is int and r.train.gradient_checkpointing < 0:
+        raise bad("train.gradient_checkpointing", "expected true, false, \"auto\" or a number of layers >= 0",
+                  r.train.gradient_checkpointing)
     if r.train.micro_batch != "auto" and not r.train.micro_batch > 0:
         raise bad("train.micro_batch", "expected a value > 0", r.train.micro_batch)
     if r.train.micro_batch != "auto" and r.train.batch_size % r.train.micro_batch:
@@ -543,13 +550,14 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
                       c.compress_rate)
         if c.top_k <= 0 or not c.temperature > 0:
             raise bad("clara.top_k", "expected top_k > 0 and temperature > 0", (c.top_k, c.temperature))
-        if r.train.gradient_checkpointing:
+        if r.train.gradient_checkpointing not in (False, "auto"):
             raise bad("train.gradient_checkpointing", "expected false for clara (recomputation in backward "
                       "would run under the wrong adapter)", True)
-    if r.train.offload_activations is True and not (r.train.gradient_checkpointing and d.format in ("chatml", "text",
-                                                                                          "translation")):
-        raise bad("train.offload_activations", "expected false unless train.gradient_checkpointing is true "
-                  "(chatml, text and translation formats)", True)
+    gc = r.train.gradient_checkpointing
+    if r.train.offload_activations is True and not (gc is True or gc == "auto") or \
+            r.train.offload_activations is True and d.format not in ("chatml", "text", "translation"):
+        raise bad("train.offload_activations", "expected false unless train.gradient_checkpointing is true or "
+                  '"auto" (chatml, text and translation formats)', True)
     if d.format == "retrieval":
         if r.method.name not in ("full", "freeze"):
             raise bad("method.name", "expected 'full' or 'freeze' for retrieval (the encoder trains whole)",

@@ -188,6 +188,40 @@ def test_offloaded_activations_train_the_same_as_kept_ones(chat_recipe, tmp_path
     assert runs[False][0][-1] != runs[False][0][0]  # it trained
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_checkpointing_some_layers_trains_the_same_as_none_or_all(chat_recipe, tmp_path, method):
+    """train.gradient_checkpointing = N recomputes the first N layers (the others keep their activations):
+    where the activations live changes, not the math. The tiny model has 2 layers: none, the first, both."""
+    runs = {}
+    for gc in ("false", "1", "true"):
+        out = tmp_path / f"{method}-{gc}"
+        run(str(chat_recipe), [f"method.name='{method}'", f"train.gradient_checkpointing={gc}", "train.max_steps=3",
+                               f"output.dir='{out}'"])
+        runs[gc] = losses(out)
+        chosen = json.loads((out / "profile.json").read_text())
+        assert chosen["checkpointed_layers"] == {"false": 0, "1": 1, "true": 2}[gc] and chosen["layers"] == 2
+    assert runs["1"] == pytest.approx(runs["false"], rel=1e-5) == runs["true"]
+    assert runs["1"][-1] != runs["1"][0]  # it trained
+
+
+def test_only_the_first_layers_are_checkpointed(tiny_model):
+    """keep_layers: of a model with checkpointing enabled, the first N layers recompute, the rest do not."""
+    from transformers import AutoModelForCausalLM
+
+    from crb.engine.build import keep_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.gradient_checkpointing_enable()
+    keep_layers(model, 1)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
+    calls = []
+    model.model.layers[0]._gradient_checkpointing_func = lambda f, *a, **k: calls.append(1) or f(*a, **k)
+    model.model.layers[1]._gradient_checkpointing_func = lambda f, *a, **k: calls.append(2) or f(*a, **k)
+    model.train()
+    model(input_ids=torch.tensor([[1, 5, 7, 9]]), labels=torch.tensor([[1, 5, 7, 9]])).loss.backward()
+    assert calls == [1]
+
+
 def test_unwritable_or_full_output_dir_fails_before_training(chat_recipe, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -21,6 +21,8 @@ GIB = 2**30
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude
 HALF = 2  # bf16/fp16 bytes
 LOGIT_BYTES = HALF + 4 + 4 + 4  # per vocabulary entry and token: bf16 logits, fp32 copy, log-softmax, gradient
+LIGER_LORA_LAYER = (8.4, 5)  # the same with liger's RMSNorm and SwiGLU (Mistral-7B QLoRA, H200, bf16 stream)
+PLAIN_MLP_BACKWARD = 22  # bytes per token and intermediate unit at a plain MLP's backward (H200, StarCoder2-3B)
 LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate), with RMSNorm,
 FULL_LAYER = (10, 4)  # for a gated MLP (gate, up, down); a plain one (fc, proj) keeps two fewer
 T5_LAYER, T5_SCORE_BYTES = (26, 8), 12  # fp32 residual and norms under autocast, gelu_new as eight ops, fp32 bias
@@ -250,6 +252,8 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         fp32_matmul = {"qlora": s.trainable + head * upcast, "lora": s.trainable}.get(method.name, s.linear + head)
         backward[COPIES] = fp32_matmul * HALF
     backward.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
+    if backward_temporaries(s):
+        backward["backward temporaries (plain MLP, fp32)"] = backward_temporaries(s)
     if s.logit_tokens and fused_loss(recipe):  # chunks of ~tokens x hidden / vocab: never all logits
         backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
     elif s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
@@ -272,20 +276,32 @@ def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
 
 def layer_bytes(recipe: Recipe, s: Shape) -> float:
     """Activation bytes one layer saves for backward, per token. LoRA layers keep each adapter's
-    dropped-out input too. Calibrated on the H100 rows of docs/plan.md (Mistral-7B LoRA: 265 kB/token);
-    T5 blocks from a trace of their saved tensors (benchmarks/layer_trace.py). Attention by SDPA/flash
-    keeps no sequence-squared term; eager attention, and T5's (its position bias sends SDPA to the
-    math path), keep the scores."""
+    dropped-out input too. Calibrated on measured peaks (docs/plan.md): Mistral-7B LoRA 258 kB/token
+    (H100), 212 kB with liger's fused norms and SwiGLU, StarCoder2-3B QLoRA 163 kB (H200); T5 blocks
+    from a trace of their saved tensors (benchmarks/layer_trace.py). Attention by SDPA/flash keeps no
+    sequence-squared term; eager attention, and T5's (its position bias sends SDPA to the math path),
+    keep the scores."""
     lora = recipe.method.name in ("lora", "qlora")
     h, i = LORA_LAYER if lora else T5_LAYER if s.model_type == "t5" else FULL_LAYER
+    if lora and recipe.train.kernels == "liger" and s.model_type in LIGER_TYPES:
+        h, i = LIGER_LORA_LAYER
     if not s.gated:  # no gate projection and no product to keep
         i -= 2
-    if s.fused_norm:  # LayerNorm keeps its bf16 input; an fp32 RMSNorm also its fp32 copy: 2 units less per norm
+    if s.fused_norm and lora:  # a bf16 stream into LayerNorm: autocast's fp32 output feeds the adapters' dropouts
+        h += 0.7
+    elif s.fused_norm:  # LayerNorm keeps its bf16 input; an fp32 RMSNorm also its fp32 copy: 2 units less per norm
         h -= 4
     per = HALF * (h * s.hidden + i * s.inter)
     if s.attention == "eager" or s.model_type == "t5":
         per += s.heads * s.seq * (T5_SCORE_BYTES if s.model_type == "t5" else HALF + 4 + 1)  # + fp32 softmax, mask
     return per
+
+
+def backward_temporaries(s: Shape) -> float:
+    """A plain (non-gated) MLP's backward under autocast holds about five fp32 intermediate-width tensors per
+    token at the peak, once per micro-batch (StarCoder2-3B QLoRA: 2.15 GiB per 8192-token row, H200, fitted
+    with the layer bytes on rows with 0, 15 and all 30 layers checkpointed)."""
+    return 0.0 if s.gated else s.pass_tokens * s.inter * PLAIN_MLP_BACKWARD
 
 
 def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str, float]:
@@ -390,8 +406,8 @@ def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
     return out or ["no setting of micro-batch or length fits this card: a larger GPU, or more GPUs with ZeRO"]
 
 
-RECOMPUTE = 0.33  # a step's extra time when every layer is recomputed (H200, Mistral-7B QLoRA ctx 8192, liger:
-# 9,288 tok/s without checkpointing at micro-batch 1 against 6,677 with it at micro-batch 4)
+RECOMPUTE = 0.45  # a step's extra time when every layer is recomputed (H200, ctx 8192, micro-batch 1: Mistral-7B
+# QLoRA 12,335 tok/s with no layer checkpointed against 8,460 with all; StarCoder2-3B 16,116 against 11,120)
 SATURATE = 512  # a pass over T tokens per layer runs at about T / (T + SATURATE) of the card's full speed
 
 

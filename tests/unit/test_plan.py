@@ -19,7 +19,8 @@ GIB = 2**30
 
 SHAPES = {
     "mistral-7b": MistralConfig(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+                                sliding_window=None),  # v0.3: no sliding window
     "starcoder2-3b": Starcoder2Config(vocab_size=49152, hidden_size=3072, intermediate_size=12288,
                                       num_hidden_layers=30, num_attention_heads=24, num_key_value_heads=2),
     "nllb-600m": M2M100Config(vocab_size=256206, d_model=1024, encoder_layers=12, decoder_layers=12,

@@ -475,7 +475,9 @@ def auto_config(recipe: Recipe, hw: Hardware) -> tuple[Recipe, list[str]]:
                   f"fits, by the speed model {best[0] / slowest:.2f} of the time of every layer checkpointed at "
                   f"micro-batch {micros[-1]}")
     _, m, k, off, _, _ = best
-    r.train.micro_batch, r.train.gradient_checkpointing, r.train.offload_activations = m, k, off
+    r.train.micro_batch, r.train.offload_activations = m, off
+    if auto_gc:  # true and false keep their meaning
+        r.train.gradient_checkpointing = k
     parts = [f"micro-batch {m}" + (" (auto)" if auto_micro else ""),
              f"checkpointing {k} of {blocks} layers" + (" (auto)" if auto_gc else ""),
              f"offload activations {'on' if off else 'off'}" + (" (auto)" if auto_off else "")]

@@ -44,7 +44,16 @@ def shapes(tmp_path_factory) -> dict[str, Path]:
 
 
 def load(name: str, shapes: dict[str, Path], *overrides: str) -> recipes.Recipe:
-    return recipes.load(ROOT / "recipes" / f"{name}.toml", [f"model.name={shapes[RECIPES[name]]}", *overrides])
+    """A bundled recipe on a config-only model dir; train.kernels "none" unless set (its "auto" depends on
+    whether liger-kernel is installed)."""
+    kernels = [] if any(o.startswith("train.kernels") for o in overrides) else ['train.kernels="none"']
+    return recipes.load(ROOT / "recipes" / f"{name}.toml", [f"model.name={shapes[RECIPES[name]]}", *kernels,
+                                                             *overrides])
+
+
+def guide(name: str, shapes: dict[str, Path], *overrides: str) -> recipes.Recipe:
+    """The recipe at the guide's settings: every layer checkpointed."""
+    return load(name, shapes, "train.gradient_checkpointing=true", *overrides)
 
 
 def card(gib: float | None, gpus: int = 1) -> Hardware:
@@ -60,15 +69,15 @@ def test_lora_parameters_of_mistral_7b_r64_on_all_seven_projections(shapes):
 
 
 def test_language_components_by_hand(shapes):
-    c = plans.plan(load("language", shapes), card(80)).components
+    c = plans.plan(guide("language", shapes), card(80)).components
     assert c["weights (nf4, incl. quant constants)"] == 3_600_416_768  # 6,979,321,856 x (0.5 + 1/64 + 4/16384)
-    # embeddings + lm_head 2 x 32768 x 4096, norms 65 x 4096: fp32 after prepare_model_for_kbit_training
-    assert c["weights (not quantized, fp32 after k-bit prep)"] == (2 * 32768 * 4096 + 65 * 4096) * 4
+    # embeddings + lm_head 2 x 32768 x 4096, norms 65 x 4096: bf16 (crb's k-bit prep upcasts only on fp16)
+    assert c["weights (not quantized, bf16)"] == (2 * 32768 * 4096 + 65 * 4096) * 2
     assert c["trainable parameters (LoRA, fp32)"] == 167_772_160 * 4
     assert c[plans.PAGED] == 167_772_160 * 2  # paged 8-bit AdamW: two 1-byte states, outside torch's allocator
-    micro = plans.plan(load("language", shapes), card(80)).notes["micro_batch"]
+    micro = plans.plan(guide("language", shapes), card(80)).notes["micro_batch"]
     assert c["logits + loss (vocab x tokens)"] == micro * 8192 * 32768 * 14  # bf16 + fp32 + log-softmax + grad
-    assert c["activation checkpoints (layer inputs)"] == micro * 8192 * 4096 * 2 * 32
+    assert c["activation checkpoints (32 layer inputs)"] == micro * 8192 * 4096 * 2 * 32
     assert c["activations (one layer recomputed)"] == micro * 8192 * 2 * (14 * 4096 + 5 * 14336)
 
 
@@ -76,11 +85,13 @@ def test_code_counts_its_tied_embedding_once_and_a_plain_mlp(shapes):
     r = load("code", shapes, "train.micro_batch=1")
     s = plans.shape_of(r, plans.meta_model(r), 1)
     assert not s.gated  # c_fc, c_proj: no gate
-    c = plans.plan(r, card(80)).components
+    c = plans.plan(guide("code", shapes, "train.micro_batch=1"), card(80)).components
     # StarCoder2 ties lm_head to the embedding: 49152 x 3072 once, plus 30 layers' biases and norms
     assert (s.params - s.linear) < 49152 * 3072 * 1.01
-    assert c["weights (not quantized, fp32 after k-bit prep)"] == (s.params - s.linear) * 4
-    assert c["activations (one layer recomputed)"] == 8192 * 2 * (10 * 3072 + 3 * 12288)  # LayerNorm: 4 fewer
+    assert c["weights (not quantized, bf16)"] == (s.params - s.linear) * 2
+    # LayerNorm on a bf16 stream: 0.7 units more; a plain MLP: 2 fewer (no gate, no product)
+    assert c["activations (one layer recomputed)"] == pytest.approx(8192 * 2 * (14.7 * 3072 + 3 * 12288))
+    assert c["backward temporaries (plain MLP, fp32)"] == 8192 * 12288 * plans.PLAIN_MLP_BACKWARD
 
 
 def test_allocated_leaves_out_the_cuda_context_and_paged_states(shapes):
@@ -89,17 +100,31 @@ def test_allocated_leaves_out_the_cuda_context_and_paged_states(shapes):
 
 
 def test_checkpointing_keeps_one_layer_instead_of_all(shapes):
-    on = plans.plan(load("code", shapes, "train.micro_batch=1"), card(80)).components
+    on = plans.plan(guide("code", shapes, "train.micro_batch=1"), card(80)).components
     off = plans.plan(load("code", shapes, "train.micro_batch=1", "train.gradient_checkpointing=false"),
                      card(80)).components
-    assert off["activations (30 layers)"] == 30 * on["activations (one layer recomputed)"]
-    assert "activation checkpoints (layer inputs)" not in off
+    assert off["activations (30 layers kept whole)"] == 30 * on["activations (one layer recomputed)"]
+    assert not any(k.startswith("activation checkpoints") for k in off)
+
+
+def test_checkpointing_some_layers_keeps_the_rest_whole(shapes):
+    """N of L layers checkpointed: N layer inputs plus L - N whole layers; the recomputed layer runs after
+    the whole ones are freed, so it adds nothing while any layer is kept whole."""
+    r = load("language", shapes, "train.micro_batch=1")
+    s = plans.shape_of(r, plans.meta_model(r), 1)
+    c = plans.plan(load("language", shapes, "train.micro_batch=1", "train.gradient_checkpointing=12"),
+                   card(139)).components
+    assert c["activation checkpoints (12 layer inputs)"] == 12 * 8192 * 4096 * 2
+    assert c["activations (20 layers kept whole)"] == pytest.approx(20 * 8192 * plans.layer_bytes(r, s))
+    assert "activations (one layer recomputed)" not in c
 
 
 def test_eager_attention_adds_the_scores(shapes):
-    sdpa = plans.plan(load("translation", shapes), card(80)).components["activations (12 layers)"]
-    eager = plans.plan(load("translation", shapes, 'model.attn_implementation="eager"'),
-                       card(80)).components["activations (12 layers)"]
+    sdpa = plans.plan(load("translation", shapes, "train.gradient_checkpointing=false"),
+                      card(80)).components["activations (24 layers kept whole)"]
+    eager = plans.plan(load("translation", shapes, 'model.attn_implementation="eager"',
+                            "train.gradient_checkpointing=false"),
+                       card(80)).components["activations (24 layers kept whole)"]
     # 16 batch x 2 x 512 tokens through 12 layers of each stack, 16 heads x 512 keys x (2 + 4 + 1) bytes
     assert eager - sdpa == 12 * 16 * 2 * 512 * 16 * 512 * 7
 
@@ -135,18 +160,52 @@ def test_every_guide_recipe_runs_plainly_on_80_gb(shapes, name):
 
 
 @pytest.mark.parametrize("name", ["language", "code"])
-def test_qlora_recipes_run_plainly_from_24_gb_with_auto_micro_batch(shapes, name):
-    r = load(name, shapes)
-    assert r.train.micro_batch == "auto"
-    micro, _ = plans.auto_micro_batch(r, card(24))
-    p = plans.plan(r, card(24), micro)
-    assert micro >= 2 and p.profile == "plain" and p.fits, p.table()
-    assert not plans.plan(r, card(24), 4).fits  # the guide's micro-batch 4 x ctx 8192 needs ~36 GiB
+def test_auto_checks_fewer_layers_on_larger_cards_and_every_choice_fits(shapes, name):
+    """gradient_checkpointing and micro_batch "auto": the plan of the chosen setting fits every card, larger
+    cards recompute fewer layers, and no other setting that fits is faster by the speed model."""
+    r = load(name, shapes, "train.batch_size=8")
+    assert r.train.gradient_checkpointing == "auto" and r.train.micro_batch == "auto"
+    chosen = {}
+    for gib in (16, 24, 48, 80, 139):
+        resolved, why = plans.auto_config(r, card(gib))
+        t = resolved.train
+        p = plans.plan(resolved, card(gib))
+        assert p.fits and p.profile == "plain", (gib, p.table())
+        chosen[gib] = (t.micro_batch, t.gradient_checkpointing)
+        blocks = p.notes["layers"]
+        cost = (1 + plans.RECOMPUTE * t.gradient_checkpointing / blocks) * (1 + plans.SATURATE / (t.micro_batch * 8192))
+        for m in (1, 2, 4, 8):
+            for k in range(blocks + 1):
+                other = load(name, shapes, "train.batch_size=8", f"train.micro_batch={m}",
+                             f"train.gradient_checkpointing={k}", "train.offload_activations=false")
+                if plans.plan(other, card(gib)).fits:
+                    assert (1 + plans.RECOMPUTE * k / blocks) * (1 + plans.SATURATE / (m * 8192)) >= cost - 1e-9
+                    break
+        assert f"checkpointing {t.gradient_checkpointing} of {blocks} layers (auto)" in why[-1]
+    layers = [chosen[g][1] for g in (16, 24, 48, 80)]
+    assert layers == sorted(layers, reverse=True) and layers[0] > 0 and chosen[80][1] == 0
 
 
-def test_8_gb_language_at_2048_offloads_the_optimizer(shapes):
-    """At 8 GB the 7B QLoRA recipe fits only with ZeRO-2 offload (bf16 embeddings, no optimizer on the GPU)."""
-    p = plans.plan(load("language", shapes, "data.max_length=2048"), card(8), 1)
+def test_explicit_checkpointing_keeps_its_meaning(shapes):
+    r = load("language", shapes, "train.gradient_checkpointing=true")
+    resolved, _ = plans.auto_config(r, card(139))
+    assert resolved.train.gradient_checkpointing is True and resolved.train.micro_batch == 16  # largest that fits
+    assert plans.plan(r, card(139)).notes["checkpointed_layers"] == 32
+    r = load("language", shapes, "train.gradient_checkpointing=false", "train.micro_batch=1")
+    assert plans.plan(r, card(139)).notes["checkpointed_layers"] == 0
+
+
+def test_no_gpu_resolves_auto_to_the_plain_path(shapes):
+    resolved, why = plans.auto_config(recipes.load(ROOT / "recipes" / "language.toml",
+                                                   [f"model.name={shapes['mistral-7b']}"]), card(None))
+    t = resolved.train
+    assert (t.kernels, t.gradient_checkpointing, t.micro_batch, t.offload_activations) == ("none", False, 1, False)
+    assert why[0] == "kernels auto -> none (no CUDA GPU)"
+
+
+def test_8_gb_language_at_3072_offloads_the_optimizer(shapes):
+    """At 8 GB the 7B QLoRA recipe at ctx 3072 fits only with ZeRO-2 offload (no optimizer on the GPU)."""
+    p = plans.plan(guide("language", shapes, "data.max_length=3072"), card(8), 1)
     assert p.profiles["plain"] > 8 * GIB * plans.HEADROOM
     assert p.profile == "zero2-offload" and p.fits, p.table()
 
@@ -207,9 +266,9 @@ def test_forced_profile_is_kept(shapes):
 
 
 def test_auto_micro_batch_takes_the_largest_that_fits(shapes):
-    r = load("translation", shapes, 'train.micro_batch="auto"')
-    m80, _ = plans.auto_micro_batch(r, card(80))
-    m24, _ = plans.auto_micro_batch(r, card(24))
+    r = load("translation", shapes, 'train.micro_batch="auto"', "train.gradient_checkpointing=true")
+    m80 = plans.auto_config(r, card(80))[0].train.micro_batch
+    m24 = plans.auto_config(r, card(24))[0].train.micro_batch
     assert r.train.batch_size % m80 == 0 and r.train.batch_size % m24 == 0
     assert m80 > m24 >= 1
     assert plans.plan(r, card(80), m80).fits
@@ -219,7 +278,8 @@ def test_auto_micro_batch_takes_the_largest_that_fits(shapes):
 
 def test_plan_json_schema(shapes, capsys):
     rc = main(["plan", str(ROOT / "recipes" / "language.toml"), "--set", f"model.name={shapes['mistral-7b']}",
-               "--gpu-memory", "24", "--json"])
+               "--set", "train.gradient_checkpointing=true", "--set", 'train.kernels="none"', "--gpu-memory", "24",
+               "--json"])
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert set(d) >= {"components_gib", "total_gib", "capacity_gib", "profile", "reason", "fits", "profiles_gib",
@@ -236,23 +296,25 @@ def test_full_fine_tune_checkpoints_are_fp32_and_one_column_is_recomputed(shapes
     r = load("retrieval", shapes, 'losses=[{name="mnrl"}]', "train.gradient_checkpointing=true")
     s = plans.shape_of(r, plans.meta_model(r), 64)
     c = plans.plan(r, card(80)).components
-    assert c["activation checkpoints (layer inputs)"] == 64 * 3 * 512 * 2048 * 4 * 24
+    assert c["activation checkpoints (24 layer inputs)"] == 64 * 3 * 512 * 2048 * 4 * 24
     assert c["activations (one layer recomputed)"] == 64 * 512 * plans.layer_bytes(r, s)
 
 
 def test_8_gb_language_at_8192_fits_with_the_fused_loss_and_offloaded_checkpoints(shapes):
     """"auto" offload turns on only where the plan needs it; with liger's fused loss the guide's ctx 8192 fits 8 GB."""
-    r = load("language", shapes, 'train.offload_activations="auto"')
-    assert plans.auto_offload(r, card(80))[0] is False and plans.auto_offload(r, card(8))[0] is True
+    r = guide("language", shapes, 'train.offload_activations="auto"')
+    assert plans.auto_config(r, card(80))[0].train.offload_activations is False
+    assert plans.auto_config(r, card(8))[0].train.offload_activations is True
     p = plans.plan(r, card(8))
     assert p.components["activation checkpoints (offloaded to pinned CPU memory)"] == 0
     assert not p.fits and any('train.kernels = "liger"' in a for a in p.advice)
-    fused = plans.plan(load("language", shapes, 'train.offload_activations="auto"', 'train.kernels="liger"'), card(8))
+    fused = plans.plan(guide("language", shapes, 'train.offload_activations="auto"', 'train.kernels="liger"'),
+                       card(8))
     assert fused.fits and fused.profile == "zero2-offload"
     assert "logits + loss (vocab x tokens)" not in fused.components
     assert fused.components[plans.FUSED] == 8192 * 4096 * plans.FUSED_BYTES
-    code = plans.plan(load("code", shapes, 'train.kernels="liger"'), card(80)).components  # no liger for starcoder2
-    assert "logits + loss (vocab x tokens)" in code
+    code = plans.plan(load("code", shapes, 'train.kernels="liger"'), card(80)).components  # liger's loss alone
+    assert "logits + loss (vocab x tokens)" not in code and plans.FUSED in code
 
 
 def test_offload_without_checkpointing_is_an_error_naming_the_key(shapes):

@@ -34,7 +34,7 @@ STEP = "optimizer step temporaries (AdamW's sqrt(v), fp32): the peak is the step
 FUSED = "fused linear + cross-entropy (liger: logits in chunks, input gradient)"
 FUSED_BYTES = 12  # per hidden unit and token: a bf16 + fp32 logits chunk of ~tokens x hidden / vocab rows, grad_input
 LIGER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
-               "granite"}  # model types whose liger-kernel patch fuses the loss (liger-kernel 0.8)
+               "granite"}  # model types liger-kernel 0.8 patches (fused norms and SwiGLU; others get its loss alone)
 HEADROOM = 0.95  # of the card, for the allocator's fragmentation
 PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
 OUTSIDE = (CONTEXT, PAGED)
@@ -271,7 +271,9 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
 def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
     """Whether liger-kernel's fused linear + cross-entropy replaces the logits (train.kernels resolved to
     "liger": by its patch for the types it knows, by crb.engine.kernels for other causal LMs)."""
-    return (kernels or recipe.train.kernels) == "liger" and recipe.data.format in ("chatml", "text")
+    from crb.engine.kernels import CAUSAL_FORMATS
+
+    return (kernels or recipe.train.kernels) == "liger" and recipe.data.format in CAUSAL_FORMATS
 
 
 def layer_bytes(recipe: Recipe, s: Shape) -> float:

@@ -14,7 +14,11 @@ A row is (recipe, memory cap). Its sides run back to back on one GPU, each in it
   figure is the fastest candidate that ran.
 A cap is CRB_GPU_MEMORY_GB for crb and torch.cuda.set_per_process_memory_fraction for TRL ("whole": none).
 Models are random-weight Mistral-7B and StarCoder2-3B shapes, built once on the GPU; rows are 8 full
-8192-token rows of random tokens per step, the same token ids for both sides. Each row's result is kept
+8192-token rows of random tokens per step, the same token ids for both sides. With `--data packed` they
+are short documents instead (log-normal lengths, median 600 tokens, like short retail chats) that each
+side packs into 8192-token rows itself: crb greedily in order (its attention "auto": FlexAttention's
+document block mask on CUDA), TRL with `packing=True` (best-fit decreasing, padding-free, micro-batch 1:
+its collator flattens a micro-batch into one sequence); tokens/s counts the documents' tokens. Each row's result is kept
 in OUT/rows/ as it finishes (a rerun skips finished rows); OUT/frontier.json holds them all.
 """
 
@@ -56,14 +60,18 @@ def side_args(args: argparse.Namespace, recipe: str, row_out: Path, micro: int) 
     """What benchmarks/language.py's functions take."""
     return argparse.Namespace(out=row_out, ctx=args.ctx, micro_batch=micro, accum=ROWS_PER_STEP // micro,
                               steps=args.steps, warmup=args.warmup, tiny=args.tiny, seed=args.seed,
-                              model_dir=model_dir(args, recipe), recipe=ROOT / "recipes" / f"{recipe}.toml")
+                              model_dir=model_dir(args, recipe), recipe=ROOT / "recipes" / f"{recipe}.toml",
+                              packed=args.data == "packed", attn=None)
 
 
 def data(args: argparse.Namespace, recipe: str) -> tuple[Path, Path]:
     """The row files (text for crb, token ids for TRL), made once per model."""
     a = side_args(args, recipe, Path(args.out) / "data" / recipe, ROWS_PER_STEP)
     text_file, rows_file = language.data_files(a)
-    if not rows_file.is_file():
+    if not rows_file.is_file() and a.packed:
+        rows = ROWS_PER_STEP * (args.warmup + args.steps)
+        language.make_packed_data(a.model_dir, text_file, rows_file, int(rows * args.ctx * 1.25), args.seed)
+    elif not rows_file.is_file():
         language.make_data(a.model_dir, text_file, rows_file, args.ctx, ROWS_PER_STEP * (args.warmup + args.steps),
                            args.seed)
     return text_file, rows_file
@@ -100,12 +108,14 @@ def crb_side(args: argparse.Namespace, recipe: str, cap: str, gpu: int | None, o
     rc, wall = run(cmd, out / "crb.log", env_for(gpu, cap))
     metrics = out / "crb" / "metrics.jsonl"
     lines = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.is_file() else []
-    steps = [{"step": s["step"], "step_s": s["step_s"], "loss": s["loss"], "gpu_mem_gib": s.get("gpu_mem_gib")}
-             for s in lines if "step_s" in s]
+    lines = [s for s in lines if "step_s" in s]
+    seen = [0] + [s["tokens"] for s in lines]  # crb logs the tokens seen so far
+    steps = [{"step": s["step"], "step_s": s["step_s"], "loss": s["loss"], "gpu_mem_gib": s.get("gpu_mem_gib"),
+              "step_tokens": seen[i + 1] - seen[i]} for i, s in enumerate(lines)]
     result = language.side_result("crb", a, steps, rc, wall, out / "crb.log")
     profile = out / "crb" / "profile.json"
     result["chosen"] = json.loads(profile.read_text()) if profile.is_file() else None
-    result["rows_identical_to_trl"] = language.check_crb_rows(out / "crb-cache", rows_file)
+    result["rows_identical_to_trl"] = None if a.packed else language.check_crb_rows(out / "crb-cache", rows_file)
     if result["rows_identical_to_trl"] is False:
         result["status"], result["note"] = "failed", "crb's rows differ from TRL's"
     return result
@@ -120,6 +130,8 @@ def trl_candidates(args: argparse.Namespace, recipe: str, cap: str) -> dict[bool
     out: dict[bool, list[int]] = {}
     for liger in (False, True):
         micros = [m for m in (4, 2, 1) if ROWS_PER_STEP % m == 0]
+        if args.data == "packed":  # TRL flattens a micro-batch into one sequence: one 8192-token row per pass
+            micros = [1]
         if cap != "whole" and not args.tiny:
             hw = hardware.Hardware([hardware.Gpu("cap", float(cap), float(cap), (9, 0))], True, 64, 1)
             fits = []
@@ -160,7 +172,7 @@ def trl_side(args: argparse.Namespace, recipe: str, cap: str, gpu: int | None, o
 
 
 def row_name(args: argparse.Namespace, recipe: str, cap: str) -> str:
-    return f"{recipe}-{cap}" + (f"-{args.label}" if args.label else "")
+    return f"{recipe}-{cap}" + ("-packed" if args.data == "packed" else "") + (f"-{args.label}" if args.label else "")
 
 
 def run_row(args: argparse.Namespace, recipe: str, cap: str, gpu: int | None) -> dict:
@@ -171,7 +183,7 @@ def run_row(args: argparse.Namespace, recipe: str, cap: str, gpu: int | None) ->
     skipped = {"status": "not run", "tokens_per_s": None, "peak_gib": None}
     row: dict = json.loads(done.read_text()) if done.is_file() and not args.redo else \
         {"crb": dict(skipped), "trl": dict(skipped), "trl_liger": dict(skipped)}
-    row.update(recipe=recipe, cap=cap, gpu=gpu, label=args.label)
+    row.update(recipe=recipe, cap=cap, gpu=gpu, label=args.label, data=args.data)
 
     def due(side: str) -> bool:  # asked for, and not done yet
         return side in args.sides and row[side].get("status") != "ok"
@@ -206,12 +218,16 @@ def summarize(args: argparse.Namespace, probe: dict) -> dict:
     rows = []
     for f in sorted((Path(args.out) / "rows").glob("*.json")):
         rows.append(json.loads(f.read_text()))
-    metrics["experiments"] = [{"row": f"{r['recipe']}-{r['cap']}-{r['label']}", "crb_set": r.get("crb_set"),
+    metrics["experiments"] = [{"row": f"{r['recipe']}-{r['cap']}-{r.get('data', 'full')}-{r['label']}",
+                               "crb_set": r.get("crb_set"),
                                **{f"{side}_{k}": r[side].get(k) for side in ("crb", "trl", "trl_liger")
                                   for k in ("tokens_per_s", "peak_gib")}, "crb_config": _chosen(r["crb"])}
                               for r in rows if r.get("label")]
+    packed = [r for r in rows if r.get("data") == "packed" and not r.get("label")]
+    if packed:
+        metrics["packed"] = {f"{r['recipe']}_{r['cap']}": _packed(r) for r in packed}
     for recipe in ("language", "code"):
-        mine = [r for r in rows if r["recipe"] == recipe and not r.get("label")]
+        mine = [r for r in rows if r["recipe"] == recipe and not r.get("label") and r.get("data", "full") == "full"]
         if not mine:
             continue
         m: dict = {"caps": []}
@@ -241,8 +257,21 @@ def summarize(args: argparse.Namespace, probe: dict) -> dict:
         metrics[recipe] = m
     return {"device": probe["device"], "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": {"ctx": args.ctx, "rows_per_step": ROWS_PER_STEP, "steps": args.steps, "warmup": args.warmup,
-                       "data": "full rows of random tokens", "model": "random weights, real shapes"},
+                       "data": "full rows of random tokens; packed rows: see metrics.packed",
+                       "model": "random weights, real shapes"},
             "metrics": metrics, "versions": probe["versions"], "crb_commit": language._git_commit(), "rows": rows}
+
+
+def _packed(r: dict) -> dict:
+    c, t, tl = r["crb"], r["trl"], r["trl_liger"]
+    best = max([x for x in (t, tl) if x.get("tokens_per_s")], key=lambda x: x["tokens_per_s"], default={})
+    return {"recipe": r["recipe"], "cap_gib": None if r["cap"] == "whole" else float(r["cap"]),
+            "data": "short documents (log-normal, median 600 tokens) packed into 8192-token rows",
+            "crb_tokens_per_s": c.get("tokens_per_s"), "crb_peak_gib": c.get("peak_gib"), "crb_config": _chosen(c),
+            "trl_tokens_per_s": t.get("tokens_per_s"), "trl_liger_tokens_per_s": tl.get("tokens_per_s"),
+            "trl_peak_gib": t.get("peak_gib"), "trl_liger_peak_gib": tl.get("peak_gib"),
+            "trl_config": "packing=True (bfd, padding-free), sdpa, micro-batch 1 x accumulation 8, gradient "
+                          "checkpointing", "crb_vs_trl_best": _ratio(c, best)}
 
 
 def _ratio(a: dict, b: dict) -> float | None:
@@ -254,7 +283,7 @@ def _chosen(c: dict) -> dict | None:
     if not p:
         return None
     return {k: p.get(k) for k in ("profile", "micro_batch", "checkpointed_layers", "layers", "offload_activations",
-                                  "kernels", "plan_gib")}
+                                  "kernels", "attention", "plan_gib")}
 
 
 def table(summary: dict) -> str:
@@ -262,6 +291,15 @@ def table(summary: dict) -> str:
              f"{'recipe':9} {'cap':>6} {'crb tok/s':>10} {'GiB':>6} {'TRL best':>10} {'GiB':>6} {'ratio':>6}  "
              "crb config / TRL config"]
     for recipe, m in summary["metrics"].items():
+        if recipe == "packed":
+            for name, e in m.items():
+                cfg = e.get("crb_config") or {}
+                lines.append(f"{name + ' packed':16} crb {e['crb_tokens_per_s'] or 0:,.0f} tok/s "
+                             f"{e['crb_peak_gib'] or 0:.1f} GiB ({cfg.get('attention')}, "
+                             f"micro {cfg.get('micro_batch')}); TRL {e['trl_tokens_per_s'] or 0:,.0f}; "
+                             f"TRL+Liger {e['trl_liger_tokens_per_s'] or 0:,.0f}; "
+                             f"ratio {e['crb_vs_trl_best'] or 0:.2f}")
+            continue
         if recipe == "experiments":
             for e in m:
                 cfg = e.get("crb_config") or {}
@@ -301,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crb-set", action="append", default=[], help="extra crb override (experiments)")
     p.add_argument("--label", default="", help="an experiment's name: its rows stay out of the frontier table")
     p.add_argument("--sides", default="crb,trl,trl_liger")
+    p.add_argument("--data", choices=["full", "packed"], default="full",
+                   help="full 8192-token rows, or short documents packed into them")
     args = p.parse_args(argv)
     args.ctx = args.ctx or (256 if args.tiny else 8192)
     args.recipes = [r for r in args.recipes.split(",") if r]

@@ -130,6 +130,33 @@ def make_data(model_dir: Path, text_file: Path, rows_file: Path, ctx: int, n_row
     np.save(rows_file, rows)
 
 
+def make_packed_data(model_dir: Path, text_file: Path, docs_file: Path, n_tokens: int, seed: int,
+                     median: int = 600, sigma: float = 0.6) -> None:
+    """Short documents (log-normal lengths, median `median` tokens, like short retail chats) of random tokens
+    as `text` JSONL for crb, and the same documents as crb tokenizes them (EOS included) for TRL, until
+    `n_tokens` tokens: docs_file holds their ids concatenated ("ids") and their lengths ("lengths")."""
+    from transformers import AutoTokenizer
+
+    from crb.data.text import tokenize_text
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    special = set(tok.all_special_ids)
+    plain = [i for i in range(len(tok)) if i not in special and _plain(tok.decode([i]))]
+    rng = np.random.default_rng(seed)
+    texts, docs, total = [], [], 0
+    while total < n_tokens:
+        n = int(np.clip(rng.lognormal(np.log(median), sigma), 16, 8000))
+        text = tok.decode(rng.choice(plain, size=n).tolist())
+        ids, _ = tokenize_text(text, tok)
+        texts.append(text)
+        docs.append(ids)
+        total += len(ids)
+    text_file.parent.mkdir(parents=True, exist_ok=True)
+    text_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    np.savez(docs_file, ids=np.concatenate([np.asarray(d, np.int64) for d in docs]),
+             lengths=np.asarray([len(d) for d in docs], np.int64))
+
+
 def _plain(s: str) -> bool:
     return bool(s.strip()) and s.isascii() and s.isprintable()
 
@@ -198,7 +225,12 @@ def trl_worker(args: argparse.Namespace, liger: bool) -> None:
     out = Path(args.out)
     side = "trl_liger" if liger else "trl"
     text_file, rows_file = data_files(args)
-    rows = np.load(rows_file)
+    packed = getattr(args, "packed", False)
+    if packed:  # short documents that TRL packs itself (best-fit decreasing, padding-free)
+        with np.load(rows_file) as z:
+            rows = np.split(z["ids"], np.cumsum(z["lengths"])[:-1])
+    else:
+        rows = np.load(rows_file)
     # The settings come from the recipe that crb runs (with the benchmark's overrides).
     r = recipes.load(args.recipe, crb_overrides(args, text_file))
     m, q, t = r.method, r.method.quant, r.train
@@ -220,7 +252,7 @@ def trl_worker(args: argparse.Namespace, liger: bool) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=bnb, dtype=half,
                                                  device_map={"": device},
-                                                 attn_implementation=r.model.attn_implementation)
+                                                 attn_implementation=getattr(args, "attn", None) or "sdpa")
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -235,14 +267,15 @@ def trl_worker(args: argparse.Namespace, liger: bool) -> None:
         optim=optim[t.optimizer], weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
         adam_epsilon=t.eps, max_grad_norm=t.max_grad_norm, gradient_checkpointing=gc,
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=half == torch.bfloat16,
-        fp16=half == torch.float16, max_length=args.ctx, packing=False, logging_steps=1, report_to="none",
+        fp16=half == torch.float16, max_length=args.ctx, packing=packed, logging_steps=1, report_to="none",
+        include_num_input_tokens_seen=packed,
         save_strategy="no", seed=t.seed, data_seed=t.seed, use_liger_kernel=liger, disable_tqdm=True,
         dataloader_num_workers=0)
     timer = StepTimer(gpu)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"input_ids": rows.tolist()}),
-                         processing_class=tok, peft_config=lora, callbacks=[timer])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"input_ids": [
+        x.tolist() for x in rows]}), processing_class=tok, peft_config=lora, callbacks=[timer])
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
-    if len(lengths) != len(rows) or set(lengths) != {args.ctx}:
+    if not packed and (len(lengths) != len(rows) or set(lengths) != {args.ctx}):
         raise SystemExit(f"{side}: TRL's prepared rows are not {len(rows)} x {args.ctx} tokens")
     trainer.train()
     steps = timer.steps
@@ -259,6 +292,7 @@ class StepTimer(TrainerCallback):
         self.steps: list[dict] = []
         self.losses: list[float] = []
         self.t0 = self.last_end = 0.0
+        self.seen = 0
 
     def sync(self) -> None:
         if self.gpu:
@@ -271,10 +305,12 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         self.sync()
         now = time.perf_counter()
+        seen = state.num_input_tokens_seen  # counted only when asked for (packed rows)
         self.steps.append({"step": state.global_step, "step_s": now - self.t0,
+                           "step_tokens": seen - self.seen if seen else None,
                            "interval_s": now - self.last_end if self.steps else None,  # with data + logging
                            "gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if self.gpu else None})
-        self.last_end = now
+        self.last_end, self.seen = now, seen
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
@@ -307,13 +343,16 @@ def side_result(side: str, args: argparse.Namespace, steps: list[dict], rc: int,
     timed = steps[args.warmup:]
     ok = rc == 0 and len(steps) == args.warmup + args.steps
     step_s = sum(s["step_s"] for s in timed) / len(timed) if ok else None
+    counted = ok and all(s.get("step_tokens") for s in timed)  # packed rows: tokens differ from step to step
+    rate = (sum(s["step_tokens"] for s in timed) / sum(s["step_s"] for s in timed) if counted else
+            tokens_per_step(args) / step_s if step_s else None)
     mems = [s["gpu_mem_gib"] for s in steps if s.get("gpu_mem_gib") is not None]
     note, tail = None, []
     if not ok:
         tail = log.read_text(errors="replace").strip().splitlines()[-20:] if log and log.is_file() else []
         note = f"exit {rc}, {len(steps)} of {args.warmup + args.steps} steps: {tail[-1] if tail else ''} (log: {log})"
     return {"side": side, "status": "ok" if ok else "failed", "note": note, "log_tail": tail, "config": config_of(args),
-            "tokens_per_s": tokens_per_step(args) / step_s if step_s else None, "step_s": step_s,
+            "tokens_per_s": rate, "step_s": step_s,
             "peak_gib": max(mems) if ok and mems else None, "wall_s": wall,
             "losses": [s.get("loss") for s in steps], "steps": steps}
 
@@ -393,11 +432,15 @@ def worker_cmd(args: argparse.Namespace, worker: str, result_file: Path) -> list
            "--out", str(args.out), "--ctx", str(args.ctx), "--micro-batch", str(args.micro_batch),
            "--accum", str(args.accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--model-dir", str(args.model_dir), "--seed", str(args.seed), "--recipe", str(args.recipe)]
+    cmd += ["--packed"] if getattr(args, "packed", False) else []
+    cmd += ["--attn", args.attn] if getattr(args, "attn", None) else []
     return cmd + (["--tiny"] if args.tiny else [])
 
 
 def data_files(args: argparse.Namespace) -> tuple[Path, Path]:
     n, data = args.micro_batch * args.accum * (args.warmup + args.steps), Path(args.out) / "data"
+    if getattr(args, "packed", False):  # short documents for n rows, with room for crb's greedy packing
+        return data / f"packed-ctx{args.ctx}-rows{n}.jsonl", data / f"packed-ctx{args.ctx}-rows{n}.npz"
     return data / f"text-ctx{args.ctx}-rows{n}.jsonl", data / f"rows-ctx{args.ctx}-rows{n}.npy"
 
 
@@ -441,6 +484,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and the data")
     p.add_argument("--json", default=None, help="also write language.json here")
     p.add_argument("--recipe", default=str(RECIPE), help="the QLoRA recipe both sides read their settings from")
+    p.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)  # frontier.py's short documents
+    p.add_argument("--attn", default=None, help=argparse.SUPPRESS)  # TRL's attention (default sdpa)
     p.add_argument("--worker", choices=["build", "probe", "trl", "trl_liger"], help=argparse.SUPPRESS)
     p.add_argument("--worker-result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -127,7 +127,7 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
     profile name and a maker of its DeepSpeed plugin (None: plain, or a launcher that set DeepSpeed itself)."""
     say = PartialState().print
     resolved, choices = auto_config(recipe, hw)  # every "auto" of [train]: kernels, micro-batch, checkpointing
-    recipe.train = resolved.train
+    recipe.train, recipe.model = resolved.train, resolved.model
     for line in choices:
         say(f"crb: {line}")
     p = plan(recipe, hw)
@@ -145,6 +145,7 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
              "gradient_checkpointing": recipe.train.gradient_checkpointing, "checkpointed_layers":
                  p.notes["checkpointed_layers"], "layers": p.notes["layers"], "choices": choices,
              "offload_activations": recipe.train.offload_activations, "kernels": recipe.train.kernels,
+             "attention": recipe.model.attn_implementation,
              "plan_gib": round(p.total / 2**30, 3), "capacity_gib": p.capacity and round(p.capacity / 2**30, 3),
              "profiles_gib": {k: round(v / 2**30, 3) for k, v in p.profiles.items()}}, indent=1))
     prof = PROFILES.get(name)

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from crb.data.chatml import chat_template
-from crb.engine.kernels import apply_kernels
+from crb.engine.kernels import apply_kernels, resolve_attention
 from crb.engine.plan import checkpointed, n_blocks
 from crb.engine.recipe import Recipe
 from crb.errors import CrbError
@@ -87,7 +87,10 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         return build_encoder(recipe)
     auto = AUTO_CLASSES.get(kind, AutoModelForCausalLM)
     dtype = DTYPES.get(m.dtype) or (half_dtype(mixed) if method.name in ("lora", "qlora") else torch.float32)
-    kwargs: dict = {"dtype": dtype, "attn_implementation": m.attn_implementation, "revision": m.revision}
+    attention = m.attn_implementation
+    if attention == "auto":  # resolved by the plan in a run; here when a model is built without one
+        attention, _ = resolve_attention(recipe.data.format, recipe.data.packing, device.type == "cuda")
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attention, "revision": m.revision}
     if method.name == "qlora":
         kwargs["quantization_config"] = quant_config(recipe, mixed)
         kwargs["device_map"] = {"": device}
@@ -95,7 +98,7 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         if method.name == "qlora":
             raise CrbError("model.random_init: not with method 'qlora' (save the random model, then load it)")
         config = AutoConfig.from_pretrained(m.name, revision=m.revision)
-        model = auto.from_config(config, dtype=dtype, attn_implementation=m.attn_implementation)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attention)
     else:
         model = load_weights(auto, m.name, **kwargs)
     model.config.use_cache = False

@@ -1,10 +1,13 @@
 """train.kernels: liger-kernel's fused kernels on CUDA, the plain path elsewhere.
 
 For the model types liger-kernel patches (Llama, Mistral, Qwen, Gemma, ...) its patch: fused RMSNorm,
-RoPE, SwiGLU and linear + cross-entropy. For any other causal LM (StarCoder2, ...) its fused linear +
-cross-entropy alone: the model's forward hands the last hidden states to it instead of computing the
-vocabulary logits, so the (tokens x vocabulary) logits are never held. The loss is transformers' own:
-the sum over labelled tokens, divided by `num_items_in_batch`."""
+RoPE, SwiGLU and linear + cross-entropy. For any other causal LM (StarCoder2, ...) and for seq2seq models
+(NLLB's 256k vocabulary) its fused linear + cross-entropy alone: the model's forward hands the last
+(decoder) hidden states to it instead of computing the vocabulary logits, so the (tokens x vocabulary)
+logits are never held. The loss is the sum over labelled tokens, divided by `num_items_in_batch`.
+
+model.attn_implementation = "auto" is chosen here too: FlexAttention for packed rows on CUDA (its block
+mask skips the blocks between documents; SDPA would be handed a dense mask), SDPA otherwise."""
 
 from __future__ import annotations
 
@@ -14,11 +17,19 @@ import types
 import torch
 
 CAUSAL_FORMATS = ("chatml", "text")
+FUSED_FORMATS = (*CAUSAL_FORMATS, "translation")  # models whose vocabulary logits liger's loss can replace
+
+
+def resolve_attention(fmt: str, packing: bool, gpu: bool) -> tuple[str, str]:
+    """model.attn_implementation = "auto" -> "flex_attention" or "sdpa", and why."""
+    if packing and fmt in CAUSAL_FORMATS and gpu:
+        return "flex_attention", "packed rows: FlexAttention's block mask skips the blocks between documents"
+    return "sdpa", "packed rows on CUDA only take FlexAttention" if packing else "rows of one document each"
 
 
 def resolve_kernels(fmt: str, gpu: bool) -> tuple[str, str]:
     """train.kernels = "auto" -> "liger" or "none", and why."""
-    if fmt not in CAUSAL_FORMATS:
+    if fmt not in FUSED_FORMATS:
         return "none", f"no fused kernels for {fmt} models yet"
     if not gpu:
         return "none", "no CUDA GPU"
@@ -45,24 +56,25 @@ def apply_kernels(model: torch.nn.Module, device: torch.device) -> str:
         _apply_liger_kernel_to_instance(model=model)
         return f"liger kernels on ({kind}: RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy)"
     if hasattr(model, "lm_head") and hasattr(model, "model"):
-        model.forward = types.MethodType(fused_causal_forward, model)
+        model.forward = types.MethodType(fused_forward, model)
+        model.crb_fused_loss = True  # the seq2seq loss hands it labels instead of asking for logits
         return f"liger fused linear + cross-entropy on ({kind}: no other liger kernels for it)"
     return f"train.kernels: liger-kernel has nothing for model type {kind!r}: running without"
 
 
-def fused_causal_forward(self: torch.nn.Module, input_ids: torch.Tensor | None = None,
-                         labels: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | None = None,
-                         **kwargs):
-    """A causal LM's forward whose loss goes through liger's fused linear + cross-entropy (no logits). Without
-    labels (generation), the model's own forward."""
+def fused_forward(self: torch.nn.Module, input_ids: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | None = None, **kwargs):
+    """A causal or seq2seq LM's forward whose loss goes through liger's fused linear + cross-entropy (no
+    logits). Without labels (generation), the model's own forward."""
     if labels is None:
         return type(self).forward(self, input_ids=input_ids, **kwargs)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
 
     kwargs.pop("logits_to_keep", None)
-    hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
-    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]  # token t predicts t + 1
+    hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state  # seq2seq: the decoder's
+    seq2seq = self.config.is_encoder_decoder  # labels align with the decoder inputs; causal: token t predicts t + 1
+    target = labels if seq2seq else torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     head, device = self.lm_head, hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
@@ -70,4 +82,4 @@ def fused_causal_forward(self: torch.nn.Module, input_ids: torch.Tensor | None =
                                             target.reshape(-1).to(hidden.device), bias=bias, ignore_index=-100,
                                             reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
-    return CausalLMOutputWithPast(loss=loss / count)
+    return (Seq2SeqLMOutput if seq2seq else CausalLMOutputWithPast)(loss=loss / count)

@@ -188,7 +188,9 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
     else:
         tokens, logit_tokens = n * L, n * L
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", 0)
-    attention = recipe.model.attn_implementation or getattr(cfg, "_attn_implementation", None) or "sdpa"
+    attention = recipe.model.attn_implementation
+    if attention == "auto":
+        attention = getattr(cfg, "_attn_implementation", None) or "sdpa"
     return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
                  logit_tokens, pass_tokens, heads, L, attention, d.format == "clara", cfg.model_type,
                  fused_norm, blocks=n_blocks(model) or layers)
@@ -271,9 +273,9 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
 def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
     """Whether liger-kernel's fused linear + cross-entropy replaces the logits (train.kernels resolved to
     "liger": by its patch for the types it knows, by crb.engine.kernels for other causal LMs)."""
-    from crb.engine.kernels import CAUSAL_FORMATS
+    from crb.engine.kernels import FUSED_FORMATS
 
-    return (kernels or recipe.train.kernels) == "liger" and recipe.data.format in CAUSAL_FORMATS
+    return (kernels or recipe.train.kernels) == "liger" and recipe.data.format in FUSED_FORMATS
 
 
 def layer_bytes(recipe: Recipe, s: Shape) -> float:
@@ -418,9 +420,12 @@ def auto_config(recipe: Recipe, hw: Hardware) -> tuple[Recipe, list[str]]:
     first; then micro-batch, checkpointed layers and activation offload together: of the settings whose plan
     fits the card, the fastest by a simple model (each recomputed layer costs RECOMPUTE / layers of a step;
     a short pass runs below full speed). Offloading is tried only when nothing fits without it."""
-    from crb.engine.kernels import resolve_kernels
+    from crb.engine.kernels import resolve_attention, resolve_kernels
 
     r, t, why = copy.deepcopy(recipe), recipe.train, []
+    if r.model.attn_implementation == "auto":
+        r.model.attn_implementation, reason = resolve_attention(r.data.format, r.data.packing, bool(hw.gpus))
+        why.append(f"attention auto -> {r.model.attn_implementation} ({reason})")
     if t.kernels == "auto":
         r.train.kernels, reason = resolve_kernels(r.data.format, bool(hw.gpus))
         why.append(f"kernels auto -> {r.train.kernels} ({reason})")

@@ -58,8 +58,9 @@ class ModelConfig:
     tokenizer: str | None = doc("Tokenizer id or folder, if not the model's own.", None)
     random_init: bool = doc("Build the model from its config with random weights (demos, tests).", False)
     dtype: Dtype = doc("Dtype the weights load in; auto = bf16 where supported, else fp32 on CPU.", "auto")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = doc(
-        "Attention kernel passed to transformers.", "sdpa")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = doc(
+        "Attention kernel passed to transformers; auto = flex_attention for packed rows on CUDA (a block mask "
+        "that skips the blocks between documents), else sdpa.", "auto")
 
 
 @dataclass(kw_only=True)

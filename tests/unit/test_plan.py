@@ -200,7 +200,18 @@ def test_no_gpu_resolves_auto_to_the_plain_path(shapes):
                                                    [f"model.name={shapes['mistral-7b']}"]), card(None))
     t = resolved.train
     assert (t.kernels, t.gradient_checkpointing, t.micro_batch, t.offload_activations) == ("none", False, 1, False)
-    assert why[0] == "kernels auto -> none (no CUDA GPU)"
+    assert why[:2] == ["attention auto -> sdpa (rows of one document each)", "kernels auto -> none (no CUDA GPU)"]
+    assert resolved.model.attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("packing, gpu, expected", [(True, 139, "flex_attention"), (True, None, "sdpa"),
+                                                     (False, 139, "sdpa")])
+def test_attention_auto_takes_flex_attention_for_packed_rows_on_cuda(shapes, packing, gpu, expected):
+    r = load("language", shapes, f"data.packing={str(packing).lower()}", 'model.attn_implementation="auto"')
+    resolved, why = plans.auto_config(r, card(gpu))
+    assert resolved.model.attn_implementation == expected
+    assert why[0].startswith(f"attention auto -> {expected}")
+    assert r.model.attn_implementation == "auto"  # the recipe itself is left as it was
 
 
 def test_8_gb_language_at_3072_offloads_the_optimizer(shapes):

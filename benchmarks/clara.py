@@ -9,10 +9,12 @@ What it does:
 2. writes stage-1 records of pseudo-words: one document of more than --doc tokens (cut there by crb), one
    question and one answer of about --answer-words words;
 3. runs `python -m crb.run recipes/clara.toml --stage compression` on them: the recipe's LoRA r16 encoder and
-   decoder adapters on the bf16 base, generation + 0.1 x MSE, compress rate --compress, micro-batch
-   --micro-batch, one micro-batch per optimizer step;
-4. step time = the mean of metrics.jsonl's step_s after --warmup steps; peak GiB = the largest gpu_mem_gib
-   (torch.cuda.max_memory_allocated). Prints a table; writes OUT/clara.json (and --json PATH).
+   decoder adapters on the bf16 base, generation + 0.1 x MSE, compress rate --compress; two sides, one after
+   the other: "auto", the shipped recipe (--batch records per step, the guide's 128, micro-batch "auto": the
+   plan's choice for this card and these rows), and "micro2", the recipe as it was (micro-batch 2);
+4. step time = the mean of metrics.jsonl's step_s after the warm-up steps; samples/s = records per step / step
+   time; peak GiB = the largest gpu_mem_gib (torch.cuda.max_memory_allocated). Prints a table; writes
+   OUT/clara.json (and --json PATH).
 """
 
 from __future__ import annotations
@@ -46,17 +48,56 @@ def make_data(path: Path, rows: int, doc_words: int, answer_words: int, seed: in
                                 "docs": [text(doc_words)]}) + "\n")
 
 
+def run_side(args: argparse.Namespace, out: Path, model_dir: Path, name: str, batch: int, micro: str,
+             steps: int, warmup: int) -> dict:
+    """One crb run of stage 1: `steps` timed optimizer steps of `batch` records after `warmup` untimed ones."""
+    n_steps = warmup + steps
+    train = out / "data" / f"stage1-{batch}x{n_steps}.jsonl"
+    make_data(train, batch * n_steps, doc_words=args.doc * 2, answer_words=args.answer_words, seed=args.seed)
+    run_dir = out / "run" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sets = [f"model.name={model_dir}", f'data.train=["{train}"]', "data.eval_split=0.0",
+            f"data.cache_dir={out / 'data' / 'cache'}", f"output.dir={run_dir}",
+            f"clara.doc_max_length={args.doc}", f"clara.compress_rate={args.compress}",
+            f"train.micro_batch={micro}", f"train.batch_size={batch}",
+            f"train.max_steps={n_steps}", "train.report_to=[]", "train.save_every=100000",
+            "hardware.profile=plain"]
+    cmd = [sys.executable, "-m", "crb.run", str(RECIPE), "--stage", "compression"]
+    for s in sets:
+        cmd += ["--set", s]
+    rc, wall = run_logged(cmd, out / "logs" / f"{name}.log", name)
+    stage_out = run_dir / "compression"
+    rows = [json.loads(ln) for ln in (stage_out / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
+    done = [r for r in rows if "step_s" in r]
+    timed = done[warmup:]
+    ok = rc == 0 and len(done) == n_steps
+    step_s = sum(r["step_s"] for r in timed) / len(timed) if ok else None
+    mems = [r["gpu_mem_gib"] for r in done if "gpu_mem_gib" in r]
+    profile = stage_out / "profile.json"
+    chosen = json.loads(profile.read_text()) if profile.is_file() else {}
+    shutil.rmtree(stage_out / "final_adapter", ignore_errors=True)
+    return {"batch": batch, "micro_batch": chosen.get("micro_batch", micro), "choices": chosen.get("choices"),
+            "plan_gib": chosen.get("plan_gib"), "step_s": step_s, "samples_per_s": batch / step_s if step_s else None,
+            "peak_gib": max(mems) if ok and mems else None,
+            "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed) if ok else None,
+            "losses": [r["loss"] for r in done],
+            "components": {k: [r.get(k) for r in done] for k in ("loss_clara_generation", "loss_clara_mse")},
+            "status": "ok" if ok else f"failed (exit {rc}, {len(done)} of {n_steps} steps; log {out / 'logs'})",
+            "wall_s": wall}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="CLaRa stage 1 on a Mistral-7B shape: step time and peak memory")
     p.add_argument("--out", required=True)
     p.add_argument("--model-dir", default=None, help="default /tmp/crb-bench/mistral-7b (or mistral-tiny)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, hidden-128 model: checks on CPU")
-    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=128, help="records per optimizer step (the guide's 128)")
     p.add_argument("--doc", type=int, default=256, help="document tokens the encoder reads (clara.doc_max_length)")
     p.add_argument("--compress", type=int, default=32, help="clara.compress_rate")
     p.add_argument("--answer-words", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--sides", default="micro2,auto", help="micro2: the old fixed micro-batch 2; auto: the recipe's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write clara.json here")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
@@ -72,58 +113,41 @@ def main(argv: list[str] | None = None) -> int:
                            out / "logs" / "build.log", "build")
         if rc:
             return rc
-    n_steps = args.warmup + args.steps
-    train = out / "data" / "stage1.jsonl"
-    make_data(train, args.micro_batch * n_steps, doc_words=args.doc * 2, answer_words=args.answer_words,
-              seed=args.seed)
-    shutil.rmtree(out / "run", ignore_errors=True)
-    sets = [f"model.name={model_dir}", f'data.train=["{train}"]', "data.eval_split=0.0",
-            f"data.cache_dir={out / 'data' / 'cache'}", f"output.dir={out / 'run'}",
-            f"clara.doc_max_length={args.doc}", f"clara.compress_rate={args.compress}",
-            f"train.micro_batch={args.micro_batch}", f"train.batch_size={args.micro_batch}",
-            f"train.max_steps={n_steps}", "train.report_to=[]", "train.save_every=100000",
-            "hardware.profile=plain"]
-    cmd = [sys.executable, "-m", "crb.run", str(RECIPE), "--stage", "compression"]
-    for s in sets:
-        cmd += ["--set", s]
-    rc, wall = run_logged(cmd, out / "logs" / "crb.log", "crb")
-    stage_out = out / "run" / "compression"
-    rows = [json.loads(ln) for ln in (stage_out / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
-    steps = [r for r in rows if "step_s" in r]
-    timed = steps[args.warmup:]
-    ok = rc == 0 and len(steps) == n_steps
-    step_s = sum(r["step_s"] for r in timed) / len(timed) if ok else None
-    mems = [r["gpu_mem_gib"] for r in steps if "gpu_mem_gib" in r]
+    sides = {}
+    for name in args.sides.split(","):
+        if name == "micro2":  # how the recipe ran before: micro-batch 2, one micro-batch per step (per-record
+            # speed does not depend on accumulation), so a few steps suffice
+            sides[name] = run_side(args, out, model_dir, name, 2, "2", steps=8, warmup=2)
+        else:  # the shipped recipe: the guide's batch, micro-batch "auto" chosen by the plan
+            sides[name] = run_side(args, out, model_dir, name, args.batch, '"auto"', args.steps, args.warmup)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    a, b = sides.get("auto", {}), sides.get("micro2", {})
     summary = {
         "device": device, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {"model": "mistral-tiny (2 layers, hidden 128)" if args.tiny else
                    "Mistral-7B shape (32 layers, hidden 4096, GQA 32/8, vocab 32768), random bf16 weights",
                    "stage": "compression", "lora": "r16/alpha32 all-linear, encoder + decoder adapters",
-                   "precision": "bf16", "micro_batch": args.micro_batch, "doc_max_length": args.doc,
+                   "precision": "bf16", "batch": args.batch, "doc_max_length": args.doc,
                    "compress_rate": args.compress, "memory_tokens": args.doc // args.compress,
                    "steps": args.steps, "warmup": args.warmup},
-        "metrics": {"stage1_step_s": step_s, "stage1_peak_gib": max(mems) if ok and mems else None,
-                    "stage1_samples_per_s": args.micro_batch / step_s if step_s else None,
-                    "stage1_tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed) if ok else None,
-                    "micro_batch": args.micro_batch, "doc_max_length": args.doc, "compress_rate": args.compress},
-        "losses": {"crb": [r["loss"] for r in steps]},
-        "components": {k: [r.get(k) for r in steps] for k in ("loss_clara_generation", "loss_clara_mse")},
-        "status": "ok" if ok else f"failed (exit {rc}, {len(steps)} of {n_steps} steps; log {out / 'logs'})",
-        "wall_s": wall, "crb_commit": _git_commit(),
+        "metrics": {"stage1_samples_per_s": a.get("samples_per_s"), "stage1_step_s": a.get("step_s"),
+                    "stage1_peak_gib": a.get("peak_gib"), "stage1_micro_batch": a.get("micro_batch"),
+                    "micro2_samples_per_s": b.get("samples_per_s"), "micro2_peak_gib": b.get("peak_gib"),
+                    "auto_vs_micro2": a["samples_per_s"] / b["samples_per_s"]
+                    if a.get("samples_per_s") and b.get("samples_per_s") else None,
+                    "doc_max_length": args.doc, "compress_rate": args.compress},
+        "sides": sides, "crb_commit": _git_commit(),
     }
-    shutil.rmtree(stage_out / "final_adapter", ignore_errors=True)
     text = json.dumps(summary, indent=1)
     (out / "clara.json").write_text(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
-    m = summary["metrics"]
-    print(f"\nCLaRa stage 1 on {device}: {summary['status']}")
-    if ok:
-        print(f"| micro-batch | doc | compress | step s | samples/s | peak GiB |\n|---|---|---|---|---|---|\n"
-              f"| {args.micro_batch} | {args.doc} | {args.compress} | {step_s:.3f} | {m['stage1_samples_per_s']:.2f} "
-              f"| {m['stage1_peak_gib'] or 0:.1f} |")
-    return 0 if ok else 1
+    print(f"\nCLaRa stage 1 on {device}, doc {args.doc}, compress {args.compress}")
+    print("| side | batch | micro-batch | step s | samples/s | peak GiB | plan GiB |\n|---|---|---|---|---|---|---|")
+    for name, r in sides.items():
+        print(f"| {name} | {r['batch']} | {r['micro_batch']} | {r['step_s'] or 0:.3f} | {r['samples_per_s'] or 0:.2f} "
+              f"| {r['peak_gib'] or 0:.1f} | {r['plan_gib']} |  {r['status']}")
+    return 0 if all(r["status"] == "ok" for r in sides.values()) else 1
 
 
 if __name__ == "__main__":

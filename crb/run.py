@@ -31,7 +31,7 @@ from crb.engine.build import (
 )
 from crb.engine.loop import make_schedule, train
 from crb.engine.metrics import task_metrics
-from crb.engine.plan import auto_config, plan
+from crb.engine.plan import DataFacts, auto_config, data_facts, plan
 from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
@@ -66,14 +66,14 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     capped = hardware.cap_memory(state.device)
     if capped:
         say(f"crb: GPU memory capped at {capped:.1f} GiB (CRB_GPU_MEMORY_GB)")
-    profile, plugin = choose_profile(recipe, hw, out)
-
-    set_seed(recipe.train.seed)
-    mixed = resolve_precision(recipe.train.precision, state.device)
     tokenizer = build_tokenizer(recipe)
     with state.main_process_first():
         train_rows, eval_rows, report = prepare(recipe.data, tokenizer, recipe.train.seed, recipe.clara)
     say(f"crb: data: {report.summary()}")
+    profile, plugin = choose_profile(recipe, hw, out, data_facts(train_rows + eval_rows, recipe.data.format))
+
+    set_seed(recipe.train.seed)
+    mixed = resolve_precision(recipe.train.precision, state.device)
     sched = make_schedule(recipe, len(train_rows), state.num_processes)
     say(f"crb: {sched.total_steps} steps of {recipe.train.batch_size} rows (micro-batch {sched.micro} "
         f"x accumulation {sched.accum} x {state.num_processes} process(es)), precision {mixed}")
@@ -122,15 +122,16 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     return final
 
 
-def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path):
-    """The plan's profile (and micro-batch, when "auto"), said and written to OUT/profile.json; returns the
-    profile name and a maker of its DeepSpeed plugin (None: plain, or a launcher that set DeepSpeed itself)."""
+def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, data: DataFacts | None):
+    """The plan's profile and every "auto" (attention, kernels, micro-batch, checkpointing, offload) for this
+    card and these rows, said and written to OUT/profile.json; returns the profile name and a maker of its
+    DeepSpeed plugin (None: plain, or a launcher that set DeepSpeed itself)."""
     say = PartialState().print
-    resolved, choices = auto_config(recipe, hw)  # every "auto" of [train]: kernels, micro-batch, checkpointing
+    resolved, choices = auto_config(recipe, hw, data)
     recipe.train, recipe.model = resolved.train, resolved.model
     for line in choices:
         say(f"crb: {line}")
-    p = plan(recipe, hw)
+    p = plan(recipe, hw, data=data)
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     name, reason = (p.profile, p.reason) if not launched else ("launcher", "DeepSpeed set by the accelerate config")
     say(f"crb: profile {name}: {reason}")

@@ -148,7 +148,24 @@ class Shape:
     blocks: int = 0  # checkpointable layers (both stacks of an encoder-decoder); 0: `layers`
 
 
-def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
+@dataclass(frozen=True)
+class DataFacts:
+    """What the prepared rows tell the plan that the recipe cannot: the longest row one pass holds (a causal
+    row, a seq2seq source or target, a CLaRa decoder prompt) and whether some row packs several documents."""
+    longest: int
+    packed: bool
+
+
+def data_facts(rows: list[dict], fmt: str) -> DataFacts | None:
+    if not rows or fmt == "retrieval":  # retrieval rows are texts, tokenized batch by batch
+        return None
+    keys = {"clara": ("dec_ids",), "translation": ("input_ids", "labels")}.get(fmt, ("input_ids",))
+    longest = max(len(r[k]) for r in rows for k in keys)
+    packed = any("position_ids" in r and bool((r["position_ids"][1:] == 0).any()) for r in rows)
+    return DataFacts(longest, packed)
+
+
+def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: DataFacts | None = None) -> Shape:
     cfg = model.config
     method, d = recipe.method, recipe.data
     params = sum(p.numel() for p in model.parameters())
@@ -170,7 +187,7 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int) -> Shape:
         getattr(cfg, "encoder_ffn_dim", None) or 4 * hidden
     gated = any(n.rsplit(".", 1)[-1] in GATES for n, _ in model.named_modules())
     fused_norm = any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
-    n, L = micro_batch, d.max_length
+    n, L = micro_batch, min(d.max_length, data.longest) if data else d.max_length
     pass_tokens = n * L  # the most tokens in one pass through one layer stack
     if d.format == "translation":  # encoder and decoder stacks, logits on the target
         tokens, logit_tokens = 2 * n * L, n * L
@@ -346,14 +363,15 @@ def _bucket(profile: Profile) -> float:
     return float(value) if not isinstance(value, str) else 5e8
 
 
-def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: bool = True) -> Plan:
-    """The memory plan of `recipe` on `hw`. Every "auto" in [train] is resolved first, as the run resolves
-    it (`auto_config`); `micro_batch` overrides the micro-batch."""
-    recipe, choices = auto_config(recipe, hw)
+def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: bool = True,
+         data: DataFacts | None = None) -> Plan:
+    """The memory plan of `recipe` on `hw` (and its rows, when prepared). Every "auto" is resolved first, as
+    the run resolves it (`auto_config`); `micro_batch` overrides the micro-batch."""
+    recipe, choices = auto_config(recipe, hw, data)
     micro = micro_batch or recipe.train.micro_batch
     if recipe.data.format == "retrieval":
         micro = recipe.train.batch_size // max(1, hw.processes)
-    s = shape_of(recipe, meta_model(recipe), micro)
+    s = shape_of(recipe, meta_model(recipe), micro, data)
     n_gpus = max(1, hw.processes)
     per_profile = {name: estimate(recipe, s, prof, n_gpus) for name, prof in PROFILES.items()}
     totals = {name: sum(c.values()) for name, c in per_profile.items()}
@@ -370,15 +388,15 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: b
     if capacity:
         p.fits = p.total <= capacity * HEADROOM
         if not p.fits and advise:
-            p.advice = advice(recipe, hw, micro)
+            p.advice = advice(recipe, hw, micro, data)
     return p
 
 
-def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
+def advice(recipe: Recipe, hw: Hardware, micro: int, data: DataFacts | None = None) -> list[str]:
     """Concrete changes that fit: a smaller micro-batch, then shorter sequences, then a smaller method."""
     out = []
     for m in range(micro - 1, 0, -1):
-        if (q := plan(recipe, hw, m, advise=False)).fits:
+        if (q := plan(recipe, hw, m, advise=False, data=data)).fits:
             out.append(f"train.micro_batch = {m} fits ({q.total / GIB:.1f} GiB, {q.profile}); "
                        "accumulation keeps the effective batch")
             break
@@ -387,7 +405,7 @@ def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
         length //= 2
         shorter = copy.deepcopy(recipe)
         shorter.data.max_length = length
-        if (q := plan(shorter, hw, 1, advise=False)).fits:
+        if (q := plan(shorter, hw, 1, advise=False, data=data)).fits:
             out.append(f"data.max_length = {length} fits at micro-batch 1 ({q.total / GIB:.1f} GiB, {q.profile})")
             break
     levers = []  # switches that keep the recipe's math: the fused loss, checkpoints in CPU memory, both
@@ -399,7 +417,7 @@ def advice(recipe: Recipe, hw: Hardware, micro: int) -> list[str]:
     if len(levers) == 2:
         levers.append({**levers[0], **levers[1]})
     for change in levers:
-        if (q := plan(_with(recipe, **change), hw, micro, advise=False)).fits:
+        if (q := plan(_with(recipe, **change), hw, micro, advise=False, data=data)).fits:
             sets = ", ".join(f"train.{k} = {json.dumps(v)}" for k, v in change.items())
             out.insert(0, f"{sets} fits at micro-batch {micro} ({q.total / GIB:.1f} GiB, {q.profile})")
             break
@@ -415,7 +433,7 @@ RECOMPUTE = 0.45  # a step's extra time when every layer is recomputed (H200, ct
 SATURATE = 512  # a pass over T tokens per layer runs at about T / (T + SATURATE) of the card's full speed
 
 
-def auto_config(recipe: Recipe, hw: Hardware) -> tuple[Recipe, list[str]]:
+def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> tuple[Recipe, list[str]]:
     """A copy of `recipe` with every "auto" of [train] resolved, and a line saying why for each. The kernels
     first; then micro-batch, checkpointed layers and activation offload together: of the settings whose plan
     fits the card, the fastest by a simple model (each recomputed layer costs RECOMPUTE / layers of a step;
@@ -424,7 +442,8 @@ def auto_config(recipe: Recipe, hw: Hardware) -> tuple[Recipe, list[str]]:
 
     r, t, why = copy.deepcopy(recipe), recipe.train, []
     if r.model.attn_implementation == "auto":
-        r.model.attn_implementation, reason = resolve_attention(r.data.format, r.data.packing, bool(hw.gpus))
+        packed = data.packed if data else r.data.packing  # before the data is read: packing may pack
+        r.model.attn_implementation, reason = resolve_attention(r.data.format, packed, bool(hw.gpus))
         why.append(f"attention auto -> {r.model.attn_implementation} ({reason})")
     if t.kernels == "auto":
         r.train.kernels, reason = resolve_kernels(r.data.format, bool(hw.gpus))
@@ -459,7 +478,7 @@ def auto_config(recipe: Recipe, hw: Hardware) -> tuple[Recipe, list[str]]:
         if off not in offloads:
             continue
         for m in micros:
-            s = shape_of(r, model, m)
+            s = shape_of(r, model, m, data)
             for k in layers:  # the fewest checkpointed layers that fit at this micro-batch
                 if off and k != blocks:
                     continue
@@ -477,7 +496,7 @@ def auto_config(recipe: Recipe, hw: Hardware) -> tuple[Recipe, list[str]]:
         best = (0.0, micros[0], layers[-1], offloads[-1], 0.0, "")
         reason = "nothing fits the card by the plan: the settings that need the least"
     else:
-        slowest = (1 + RECOMPUTE) * (1 + SATURATE / max(1, shape_of(r, model, micros[-1]).pass_tokens))
+        slowest = (1 + RECOMPUTE) * (1 + SATURATE / max(1, shape_of(r, model, micros[-1], data).pass_tokens))
         reason = (f"plan {best[4] / GIB:.1f} GiB of {capacity / GIB:.1f} GiB ({best[5]}); the fastest setting that "
                   f"fits, by the speed model {best[0] / slowest:.2f} of the time of every layer checkpointed at "
                   f"micro-batch {micros[-1]}")

@@ -40,3 +40,33 @@ def test_the_automatic_configuration_trains_like_the_plain_one(chat_recipe, tmp_
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
         runs[name] = [r["loss"] for r in rows if "loss" in r]
     assert runs["auto"] == pytest.approx(runs["plain"], rel=1e-3)
+
+
+def test_fused_seq2seq_loss_equals_the_logits_loss(translation_recipe, tmp_path):
+    """liger's fused linear + cross-entropy on NLLB's head (train.kernels = "liger") gives the losses of the
+    plain logits path, and trains."""
+    pytest.importorskip("liger_kernel")
+    runs = {}
+    for kernels in ("liger", "none"):
+        out = tmp_path / kernels
+        run(str(translation_recipe), [f'train.kernels="{kernels}"', "train.max_steps=5", "train.precision='bf16'",
+                                      "train.eval_every=0", f"output.dir='{out}'"])
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[kernels] = [r["loss"] for r in rows if "loss" in r]
+    assert runs["liger"] == pytest.approx(runs["none"], rel=2e-2)  # bf16 logits against liger's fp32 chunks
+    assert runs["liger"][-1] < runs["liger"][0]
+
+
+def test_packed_rows_train_alike_with_flex_and_sdpa(chat_recipe, tmp_path):
+    """Packed rows: FlexAttention's document block mask (attention "auto" on CUDA) gives SDPA's losses (its
+    dense mask), and "auto" chose it."""
+    runs = {}
+    for attention in ("auto", "sdpa"):
+        out = tmp_path / attention
+        run(str(chat_recipe), ["data.packing=true", f'model.attn_implementation="{attention}"',
+                               "train.max_steps=4", "train.precision='bf16'", 'train.kernels="none"',
+                               "method.lora.dropout=0.0", f"output.dir='{out}'"])
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[attention] = [r["loss"] for r in rows if "loss" in r]
+    assert json.loads((tmp_path / "auto" / "profile.json").read_text())["attention"] == "flex_attention"
+    assert runs["auto"] == pytest.approx(runs["sdpa"], rel=1e-2)

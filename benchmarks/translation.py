@@ -185,7 +185,7 @@ def crb_overrides(args: argparse.Namespace, text_file: Path) -> list[str]:
             f"data.cache_dir={q(str(out / 'data' / 'crb-cache'))}", f"train.batch_size={args.batch}",
             f"train.micro_batch={args.batch}", f"train.max_steps={args.warmup + args.steps}",
             f"train.precision={q(args.precision)}", "train.save_every=1000000", "train.report_to=[]",
-            f"output.dir={q(str(out / 'crb'))}"]
+            f"output.dir={q(str(out / 'crb'))}", *getattr(args, "crb_set", [])]
 
 
 def run_crb(args: argparse.Namespace, text_file: Path, rows_file: Path) -> dict:
@@ -237,7 +237,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     set_seed(t.seed)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir, dtype=torch.float32,  # crb's: fp32 for full
-                                                  attn_implementation=r.model.attn_implementation)
+                                                  attn_implementation="sdpa")  # transformers' default
     model.config.use_cache = False
     with np.load(rows_file) as rows:
         src, tgt = rows["input_ids"], rows["labels"]
@@ -446,6 +446,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default /tmp/crb-bench/nllb-600m-shape, or m2m100-tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and the data")
     p.add_argument("--json", default=None, help="also write translation.json here")
+    p.add_argument("--crb-set", action="append", default=[], help="extra crb override (experiments)")
     p.add_argument("--worker", choices=["build", "probe", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--worker-result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

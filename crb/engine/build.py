@@ -102,8 +102,8 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
     else:
         model = load_weights(auto, m.name, **kwargs)
     model.config.use_cache = False
-    if recipe.train.kernels == "liger":
-        PartialState().print(f"crb: {apply_kernels(model, device)}")
+    if recipe.train.kernels in ("liger", "cce"):
+        PartialState().print(f"crb: {apply_kernels(model, device, recipe.train.kernels)}")
     layers = checkpointed(recipe, n_blocks(model))
     # Offloaded activations need the reentrant form: it saves each layer's input through autograd, where
     # the loop's save_on_cpu hook moves it to the CPU (the non-reentrant form keeps it in a closure).

@@ -1,10 +1,12 @@
-"""train.kernels: liger-kernel's fused kernels on CUDA, the plain path elsewhere.
+"""train.kernels: liger-kernel's or cut-cross-entropy's fused kernels on CUDA, the plain path elsewhere.
 
 For the model types liger-kernel patches (Llama, Mistral, Qwen, Gemma, ...) its patch: fused RMSNorm,
 RoPE, SwiGLU and linear + cross-entropy. For any other causal LM (StarCoder2, ...) and for seq2seq models
 (NLLB's 256k vocabulary) its fused linear + cross-entropy alone: the model's forward hands the last
 (decoder) hidden states to it instead of computing the vocabulary logits, so the (tokens x vocabulary)
 logits are never held. The loss is the sum over labelled tokens, divided by `num_items_in_batch`.
+"cce" does the same with cut-cross-entropy's kernel, which stays fast at a 256k vocabulary over a
+1024-wide hidden state, where liger's chunks become thin matrix products (NLLB).
 
 model.attn_implementation = "auto" is chosen here too: FlexAttention for packed rows on CUDA (its block
 mask skips the blocks between documents; SDPA would be handed a dense mask), SDPA otherwise."""
@@ -28,20 +30,33 @@ def resolve_attention(fmt: str, packing: bool, gpu: bool) -> tuple[str, str]:
 
 
 def resolve_kernels(fmt: str, gpu: bool) -> tuple[str, str]:
-    """train.kernels = "auto" -> "liger" or "none", and why."""
+    """train.kernels = "auto" -> "liger", "cce" or "none", and why."""
     if fmt not in FUSED_FORMATS:
         return "none", f"no fused kernels for {fmt} models yet"
     if not gpu:
         return "none", "no CUDA GPU"
+    if fmt == "translation":  # liger's chunked loss is slower than the plain logits at NLLB's vocabulary
+        if importlib.util.find_spec("cut_cross_entropy") is None:
+            return "none", "cut-cross-entropy is not installed: pip install 'crb[gpu]'"
+        return "cce", "a CUDA GPU and cut-cross-entropy (a 256k vocabulary)"
     if importlib.util.find_spec("liger_kernel") is None:
         return "none", "liger-kernel is not installed: pip install 'crb[gpu]'"
     return "liger", "a CUDA GPU and liger-kernel"
 
 
-def apply_kernels(model: torch.nn.Module, device: torch.device) -> str:
-    """liger-kernel's kernels in `model`, in place (before PEFT wraps it). Returns what was done, for the log."""
+def apply_kernels(model: torch.nn.Module, device: torch.device, kernels: str = "liger") -> str:
+    """liger-kernel's (or cut-cross-entropy's) kernels in `model`, in place (before PEFT wraps it). Returns what
+    was done, for the log."""
     if device.type != "cuda":
-        return "train.kernels = 'liger' needs a CUDA GPU: running without fused kernels"
+        return f"train.kernels = '{kernels}' needs a CUDA GPU: running without fused kernels"
+    if kernels == "cce":
+        if importlib.util.find_spec("cut_cross_entropy") is None:
+            from crb.errors import CrbError
+
+            raise CrbError("train.kernels: 'cce' needs cut-cross-entropy: pip install 'crb[gpu]'")
+        model.forward = types.MethodType(fused_forward, model)
+        model.crb_fused_loss = "cce"
+        return f"cut-cross-entropy linear + cross-entropy on ({model.config.model_type})"
     try:
         from liger_kernel.transformers.monkey_patch import (
             MODEL_TYPE_TO_APPLY_LIGER_FN,
@@ -57,18 +72,17 @@ def apply_kernels(model: torch.nn.Module, device: torch.device) -> str:
         return f"liger kernels on ({kind}: RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy)"
     if hasattr(model, "lm_head") and hasattr(model, "model"):
         model.forward = types.MethodType(fused_forward, model)
-        model.crb_fused_loss = True  # the seq2seq loss hands it labels instead of asking for logits
+        model.crb_fused_loss = "liger"  # the seq2seq loss hands it labels instead of asking for logits
         return f"liger fused linear + cross-entropy on ({kind}: no other liger kernels for it)"
     return f"train.kernels: liger-kernel has nothing for model type {kind!r}: running without"
 
 
 def fused_forward(self: torch.nn.Module, input_ids: torch.Tensor | None = None,
                   labels: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | None = None, **kwargs):
-    """A causal or seq2seq LM's forward whose loss goes through liger's fused linear + cross-entropy (no
-    logits). Without labels (generation), the model's own forward."""
+    """A causal or seq2seq LM's forward whose loss goes through a fused linear + cross-entropy (liger's, or
+    cut-cross-entropy's: no logits). Without labels (generation), the model's own forward."""
     if labels is None:
         return type(self).forward(self, input_ids=input_ids, **kwargs)
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
 
     kwargs.pop("logits_to_keep", None)
@@ -78,8 +92,17 @@ def fused_forward(self: torch.nn.Module, input_ids: torch.Tensor | None = None,
     head, device = self.lm_head, hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
-    loss = liger_fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).to(dtype), head.weight.to(dtype),
-                                            target.reshape(-1).to(hidden.device), bias=bias, ignore_index=-100,
-                                            reduction="sum")
+    x, w, y = hidden.reshape(-1, hidden.shape[-1]).to(dtype), head.weight.to(dtype), target.reshape(-1)
+    if self.crb_fused_loss == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        if bias is not None:
+            raise ValueError("train.kernels = 'cce': the output layer has a bias, which cut-cross-entropy lacks")
+        loss = linear_cross_entropy(x, w, y.to(hidden.device), ignore_index=-100, reduction="sum")
+    else:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        loss = liger_fused_linear_cross_entropy(x, w, y.to(hidden.device), bias=bias, ignore_index=-100,
+                                                reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
     return (Seq2SeqLMOutput if seq2seq else CausalLMOutputWithPast)(loss=loss / count)

@@ -292,7 +292,7 @@ def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
     "liger": by its patch for the types it knows, by crb.engine.kernels for other causal LMs)."""
     from crb.engine.kernels import FUSED_FORMATS
 
-    return (kernels or recipe.train.kernels) == "liger" and recipe.data.format in FUSED_FORMATS
+    return (kernels or recipe.train.kernels) in ("liger", "cce") and recipe.data.format in FUSED_FORMATS
 
 
 def layer_bytes(recipe: Recipe, s: Shape) -> float:

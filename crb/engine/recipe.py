@@ -155,12 +155,13 @@ class TrainConfig:
         "Keep the checkpointed layer inputs in pinned CPU memory instead of the GPU (needs "
         "gradient_checkpointing; chat, text and translation): frees tokens x hidden x 2 B x layers for PCIe "
         'traffic. "auto": only when `crb plan` says the run does not fit without.', False)
-    kernels: Literal["auto", "none", "liger"] = doc(
+    kernels: Literal["auto", "none", "liger", "cce"] = doc(
         '"liger": liger-kernel\'s fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy (the vocabulary logits '
         "are never materialised) for the model types it patches (Llama, Mistral, Qwen, Gemma, ...), and its fused "
-        'linear + cross-entropy alone for other causal LMs (StarCoder2, ...); needs CUDA and `pip install '
-        "'crb[gpu]'`. \"auto\": liger where a CUDA GPU and liger-kernel are there, else the plain path; \"none\": "
-        "never.", "auto")
+        'linear + cross-entropy alone for other causal and seq2seq LMs (StarCoder2, NLLB, ...). "cce": '
+        "cut-cross-entropy's linear + cross-entropy alone (fast at large vocabularies: NLLB's 256k). Both need "
+        "CUDA and `pip install 'crb[gpu]'`. \"auto\": on a CUDA GPU, cce for translation and liger for chat and "
+        'text, where installed; else the plain path. "none": never.', "auto")
     max_bad_steps: int = doc(
         "Steps whose loss or gradient is NaN/inf are skipped (no update) and counted; one more than this "
         "stops the run, naming the step, its training rows and the last good checkpoint.", 10)

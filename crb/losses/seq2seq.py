@@ -1,6 +1,6 @@
 """Seq2seq (translation) cross-entropy over the labelled target tokens, summed and divided by
 `num_items` (the optimizer step's labelled tokens, as in causal_lm), so accumulation and process
-count don't change the gradient. The batch carries decoder inputs. A model with liger's fused linear +
+count don't change the gradient. The batch carries decoder inputs. A model with a fused linear +
 cross-entropy (train.kernels, crb.engine.kernels) computes that loss itself without vocabulary logits;
 otherwise the logits come back and the loss is taken here."""
 

@@ -42,19 +42,21 @@ def test_the_automatic_configuration_trains_like_the_plain_one(chat_recipe, tmp_
     assert runs["auto"] == pytest.approx(runs["plain"], rel=1e-3)
 
 
-def test_fused_seq2seq_loss_equals_the_logits_loss(translation_recipe, tmp_path):
-    """liger's fused linear + cross-entropy on NLLB's head (train.kernels = "liger") gives the losses of the
+@pytest.mark.parametrize("kernels", ["liger", "cce"])
+def test_fused_seq2seq_loss_equals_the_logits_loss(translation_recipe, tmp_path, kernels):
+    """A fused linear + cross-entropy on NLLB's head (liger's, cut-cross-entropy's) gives the losses of the
     plain logits path, and trains."""
-    pytest.importorskip("liger_kernel")
+    pytest.importorskip({"liger": "liger_kernel", "cce": "cut_cross_entropy"}[kernels])
     runs = {}
-    for kernels in ("liger", "none"):
-        out = tmp_path / kernels
-        run(str(translation_recipe), [f'train.kernels="{kernels}"', "train.max_steps=5", "train.precision='bf16'",
-                                      "train.eval_every=0", f"output.dir='{out}'"])
+    for name in (kernels, "none"):
+        out = tmp_path / name
+        run(str(translation_recipe), [f'train.kernels="{name}"', "train.max_steps=6", "train.log_every=1",
+                                      "train.precision='bf16'", "train.eval_every=0", f"output.dir='{out}'"])
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[kernels] = [r["loss"] for r in rows if "loss" in r]
-    assert runs["liger"] == pytest.approx(runs["none"], rel=2e-2)  # bf16 logits against liger's fp32 chunks
-    assert runs["liger"][-1] < runs["liger"][0]
+        runs[name] = [r["loss"] for r in rows if "loss" in r]
+    assert len(runs[kernels]) == 6
+    assert runs[kernels] == pytest.approx(runs["none"], rel=2e-2)  # bf16 logits against fp32 accumulation
+    assert runs[kernels][-1] < runs[kernels][0]
 
 
 def test_packed_rows_train_alike_with_flex_and_sdpa(chat_recipe, tmp_path):

@@ -59,15 +59,25 @@ def test_fused_seq2seq_loss_equals_the_logits_loss(translation_recipe, tmp_path,
     assert runs[kernels][-1] < runs[kernels][0]
 
 
-def test_packed_rows_train_alike_with_flex_and_sdpa(chat_recipe, tmp_path):
-    """Packed rows: FlexAttention's document block mask (attention "auto" on CUDA) gives SDPA's losses (its
-    dense mask), and "auto" chose it."""
+def test_packed_rows_train_alike_with_flex_and_sdpa(chat_recipe, tiny_model, tmp_path):
+    """Packed rows of a Mistral with 64-wide heads, rows not a multiple of FlexAttention's 128-token blocks:
+    its document block mask (attention "auto" on CUDA) gives SDPA's losses (a dense mask), and "auto" chose it."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    wide = tmp_path / "wide"
+    MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)).save_pretrained(wide)
+    tok.save_pretrained(wide)
     runs = {}
     for attention in ("auto", "sdpa"):
         out = tmp_path / attention
-        run(str(chat_recipe), ["data.packing=true", f'model.attn_implementation="{attention}"',
-                               "train.max_steps=4", "train.precision='bf16'", 'train.kernels="none"',
-                               "method.lora.dropout=0.0", f"output.dir='{out}'"])
+        run(str(chat_recipe), [f"model.name='{wide}'", "data.packing=true", "data.max_length=300",
+                               f'model.attn_implementation="{attention}"', "train.max_steps=4",
+                               "train.precision='bf16'", 'train.kernels="none"', f"output.dir='{out}'"])
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
         runs[attention] = [r["loss"] for r in rows if "loss" in r]
     assert json.loads((tmp_path / "auto" / "profile.json").read_text())["attention"] == "flex_attention"

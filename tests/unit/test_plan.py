@@ -161,8 +161,8 @@ def test_every_guide_recipe_runs_plainly_on_80_gb(shapes, name):
 
 @pytest.mark.parametrize("name", ["language", "code"])
 def test_auto_checks_fewer_layers_on_larger_cards_and_every_choice_fits(shapes, name):
-    """gradient_checkpointing and micro_batch "auto": the plan of the chosen setting fits every card, larger
-    cards recompute fewer layers, and no other setting that fits is faster by the speed model."""
+    """gradient_checkpointing and micro_batch "auto": the plan of the chosen setting fits every card, a larger
+    card's choice is no slower by the speed model, and no other setting that fits is faster."""
     r = load(name, shapes, "train.batch_size=8")
     assert r.train.gradient_checkpointing == "auto" and r.train.micro_batch == "auto"
     chosen = {}
@@ -171,9 +171,9 @@ def test_auto_checks_fewer_layers_on_larger_cards_and_every_choice_fits(shapes, 
         t = resolved.train
         p = plans.plan(resolved, card(gib))
         assert p.fits and p.profile == "plain", (gib, p.table())
-        chosen[gib] = (t.micro_batch, t.gradient_checkpointing)
         blocks = p.notes["layers"]
         cost = (1 + plans.RECOMPUTE * t.gradient_checkpointing / blocks) * (1 + plans.SATURATE / (t.micro_batch * 8192))
+        chosen[gib] = (t.micro_batch, t.gradient_checkpointing, cost)
         for m in (1, 2, 4, 8) if gib == 24 else ():  # no faster setting fits (checked on one card: it is slow)
             for k in range(blocks + 1):
                 other = load(name, shapes, "train.batch_size=8", f"train.micro_batch={m}",
@@ -182,8 +182,9 @@ def test_auto_checks_fewer_layers_on_larger_cards_and_every_choice_fits(shapes, 
                     assert (1 + plans.RECOMPUTE * k / blocks) * (1 + plans.SATURATE / (m * 8192)) >= cost - 1e-9
                     break
         assert f"checkpointing {t.gradient_checkpointing} of {blocks} layers (auto)" in why[-1]
-    layers = [chosen[g][1] for g in (16, 24, 48, 80)]
-    assert layers == sorted(layers, reverse=True) and layers[0] > 0 and chosen[80][1] == 0
+    costs = [chosen[g][2] for g in (16, 24, 48, 80, 139)]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+    assert chosen[16][1] > 0 and chosen[80][1] == 0
 
 
 def test_explicit_checkpointing_keeps_its_meaning(shapes):
@@ -331,3 +332,58 @@ def test_8_gb_language_at_8192_fits_with_the_fused_loss_and_offloaded_checkpoint
 def test_offload_without_checkpointing_is_an_error_naming_the_key(shapes):
     with pytest.raises(recipes.RecipeError, match=r"train\.offload_activations"):
         load("language", shapes, "train.gradient_checkpointing=false", "train.offload_activations=true")
+
+
+def test_data_facts_read_the_longest_row_and_whether_rows_pack_documents():
+    import numpy as np
+
+    packed = {"input_ids": np.arange(5), "position_ids": np.array([0, 1, 2, 0, 1])}
+    single = {"input_ids": np.arange(3), "position_ids": np.arange(3)}
+    assert plans.data_facts([packed, single], "text") == plans.DataFacts(5, True)
+    assert plans.data_facts([single], "chatml") == plans.DataFacts(3, False)
+    assert plans.data_facts([{"dec_ids": np.arange(120), "doc_ids": np.arange(256)}], "clara").longest == 120
+    assert plans.data_facts([{"input_ids": np.arange(7), "labels": np.arange(9)}], "translation").longest == 9
+    assert plans.data_facts([], "text") is None
+    assert plans.data_facts([{"texts": ["a", "b"]}], "retrieval") is None
+
+
+def test_clara_micro_batch_comes_from_its_decoder_prompts(shapes):
+    """Without rows the plan takes data.max_length (2048) for CLaRa's decoder prompt; with the prepared rows'
+    longest prompt (~120 tokens) the micro-batch is several times larger, and its plan still fits."""
+    r = load("clara", shapes, 'train.micro_batch="auto"')
+    facts = plans.DataFacts(120, False)
+    bound, _ = plans.auto_config(r, card(139))
+    real, why = plans.auto_config(r, card(139), facts)
+    assert real.train.micro_batch >= 4 * bound.train.micro_batch
+    assert plans.plan(real, card(139), data=facts).fits
+    assert f"micro-batch {real.train.micro_batch} (auto)" in why[-1]
+
+
+def test_attention_auto_follows_the_rows_not_the_packing_switch(shapes):
+    r = load("language", shapes, "data.packing=true")
+    one_doc, why = plans.auto_config(r, card(139), plans.DataFacts(8192, False))
+    assert one_doc.model.attn_implementation == "sdpa" and why[0].startswith("attention auto -> sdpa")
+    packed, _ = plans.auto_config(r, card(139), plans.DataFacts(8192, True))
+    assert packed.model.attn_implementation == "flex_attention"
+
+
+BOTH = {"liger_kernel", "cut_cross_entropy"}
+
+
+@pytest.mark.parametrize("fmt, gpu, installed, expected", [
+    ("chatml", True, {"liger_kernel"}, "liger"), ("text", True, set(), "none"), ("text", False, BOTH, "none"),
+    ("translation", True, BOTH, "cce"), ("translation", True, {"liger_kernel"}, "none"),
+    ("retrieval", True, BOTH, "none"), ("clara", True, BOTH, "none")])
+def test_kernels_auto_per_format(monkeypatch, fmt, gpu, installed, expected):
+    """liger for chat and text; cut-cross-entropy for translation (liger's chunks are slow at 256k / 1024);
+    nothing without CUDA or the package, and nothing yet for retrieval and CLaRa."""
+    import importlib.util
+
+    from crb.engine.kernels import resolve_kernels
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in installed else
+                        None if name in ("liger_kernel", "cut_cross_entropy") else real(name, *a))
+    kernels, reason = resolve_kernels(fmt, gpu)
+    assert kernels == expected and reason

@@ -213,7 +213,7 @@ def crb_overrides(args: argparse.Namespace, side: str) -> list[str]:
             f"data.cache_dir={q(str(out / 'data' / 'crb-cache'))}", f"train.batch_size={batch}",
             f"train.micro_batch={batch}", f"train.max_steps={warmup + steps}", f"train.precision={q(args.precision)}",
             f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "train.save_every=1000000",
-            "train.report_to=[]", f"output.dir={q(str(out / side))}", loss]
+            "train.report_to=[]", f"output.dir={q(str(out / side))}", loss, *getattr(args, "crb_set", [])]
 
 
 def run_crb(args: argparse.Namespace, side: str) -> dict:
@@ -652,6 +652,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a 2-layer, d_model-64 T5 encoder, short texts, batch 8 "
                    "(GradCache batch 64): checks on CPU")
     p.add_argument("--only", default=",".join(SIDES), help=f"comma-separated sides to run, of {', '.join(SIDES)}")
+    p.add_argument("--crb-set", action="append", default=[], help="extra crb override (experiments)")
     p.add_argument("--batch", type=int, default=None, help="rows per step, crb and ST (default 64; 8 with --tiny)")
     p.add_argument("--big-batch", type=int, default=None, help="crb's GradCache run (default 1024; 64 with --tiny)")
     p.add_argument("--mini-batch", type=int, default=None, help="its mini_batch_size (default 64; 8 with --tiny)")

@@ -121,7 +121,20 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         model = add_lora(model, recipe, "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM")
     elif method.name == "freeze":
         freeze(model, method.trainable)
+    if recipe.train.compile:
+        compile_layers(model)
     return model
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile each transformer layer in place (after LoRA is in it); returns how many."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    PartialState().print(f"crb: torch.compile on {len(layers)} layers (the first steps compile)")
+    return len(layers)
 
 
 def prepare_kbit(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -211,6 +224,8 @@ def build_encoder(recipe: Recipe) -> torch.nn.Module:
         keep_layers(model[0].auto_model, layers)
     if recipe.method.name == "freeze":
         freeze(model, recipe.method.trainable)
+    if recipe.train.compile:
+        compile_layers(model)
     return model
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -457,9 +460,54 @@ def _convert(tp: Any, value: Any, key: str, origins: dict[str, Path]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and type(value) is float and not math.isfinite(value):  # TOML has inf and nan
+        raise RecipeError(_where_key(key, origins) + f"{key}: expected a finite number, got {value}")
     if tp in (int, float, str, bool) and type(value) is tp:
         return value
     raise RecipeError(_where_key(key, origins) + f"{key}: expected {_type_name(tp)}, got {_got(value)}")
+
+
+# Sane bounds: a value outside is a typo or a unit mistake (lr = 2 for 2e-4, max_length in characters), never
+# a setting that trains. Checked before the finer rules below.
+RANGES: dict[str, tuple[float, float]] = {
+    "train.lr": (0, 1), "train.weight_decay": (0, 1), "train.eps": (0, 0.1), "train.max_grad_norm": (0, 1e6),
+    "train.epochs": (0, 10_000), "train.max_steps": (0, 10**9), "train.batch_size": (1, 1 << 20),
+    "data.max_length": (1, 1 << 20), "method.lora.r": (1, 1 << 16), "method.lora.alpha": (0, 1 << 20),
+    "eval.max_new_tokens": (1, 1 << 16), "eval.num_beams": (1, 64), "eval.batch_size": (1, 1 << 16),
+    "clara.doc_max_length": (1, 1 << 16), "clara.top_k": (1, 1024), "clara.temperature": (0, 100),
+}
+
+# Tables and keys that only some settings use: set under another, they would be silently ignored.
+USED_BY: list[tuple[str, str, Any]] = [
+    ("method.lora", "method.name", lambda r: r.method.name in ("lora", "qlora")),
+    ("method.quant", "method.name", lambda r: r.method.name == "qlora"),
+    ("method.trainable", "method.name", lambda r: r.method.name == "freeze"),
+    ("clara", "data.format", lambda r: r.data.format == "clara"),
+    ("data.languages", "data.format", lambda r: r.data.format == "translation"),
+    ("data.source_lang", "data.format", lambda r: r.data.format == "translation"),
+    ("data.target_langs", "data.format", lambda r: r.data.format == "translation"),
+    ("eval.max_new_tokens", "data.format", lambda r: r.data.format == "translation"),
+    ("eval.num_beams", "data.format", lambda r: r.data.format == "translation"),
+    ("data.hard_negatives", "data.format", lambda r: r.data.format == "retrieval"),
+    ("data.corpus", "data.format", lambda r: r.data.format == "retrieval"),
+]
+
+
+def _check_unused(r: Recipe, origins: dict[str, Path]) -> None:
+    """A table or key the chosen method or format does not use: an error where this recipe (or --set) sets
+    it, a warning where it comes from a recipe it extends (switching the method of a base is legitimate)."""
+    top = {origins.get(""), Path("--set")}
+    for prefix, by, used in USED_BY:
+        if used(r):
+            continue
+        keys = sorted(k for k in origins if k == prefix or k.startswith(prefix + "."))
+        if not keys:
+            continue
+        value = functools.reduce(getattr, by.split("."), r)
+        why = f"{keys[0]}: not used by {by} '{value}' (remove it, or change {by})"
+        if origins[keys[0]] in top:
+            raise RecipeError(_where_key(keys[0], origins) + why)
+        warnings.warn(_where_key(keys[0], origins) + why + " [inherited]", stacklevel=2)
 
 
 def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
@@ -468,6 +516,11 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
     def bad(key: str, why: str, value: Any) -> RecipeError:
         return RecipeError(_where_key(key, origins) + f"{key}: {why}, got {_got(value)}")
 
+    _check_unused(r, origins)
+    for i, loss in enumerate(r.losses):  # free-form options: numbers must still be numbers
+        for name, value in loss.options.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f"losses[{i}].options.{name}", "expected a finite number", value)
     for key, value in [("train.lr", r.train.lr), ("train.batch_size", r.train.batch_size),
                        ("data.max_length", r.data.max_length),
                        ("method.lora.r", r.method.lora.r), ("method.lora.alpha", r.method.lora.alpha),
@@ -482,6 +535,10 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
                        ("eval.max_samples", r.eval.max_samples), ("data.hard_negatives", r.data.hard_negatives)]:
         if not value >= 0:
             raise bad(key, "expected a value >= 0", value)
+    for key, (low, high) in RANGES.items():
+        value = functools.reduce(getattr, key.split("."), r)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+            raise bad(key, f"expected a value in [{low:g}, {high:g}]", value)
     if r.train.epochs == 0 and r.train.max_steps == 0:
         raise bad("train.epochs", "expected epochs > 0 or max_steps > 0", 0)
     for key, value in [("train.warmup_ratio", r.train.warmup_ratio), ("data.eval_split", r.data.eval_split),
@@ -724,6 +781,10 @@ def to_dict(recipe: Recipe) -> dict:
 
     d = clean(dataclasses.asdict(recipe))
     d.pop("extends", None)
+    for key, _, used in USED_BY:  # what the method and format ignore is left out, so the dump loads again
+        if not used(recipe):
+            *parents, last = key.split(".")
+            functools.reduce(dict.__getitem__, parents, d).pop(last, None)
     return d
 
 

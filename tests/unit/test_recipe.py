@@ -150,7 +150,9 @@ def test_an_integer_is_a_float_where_a_float_is_due(write):
 @pytest.mark.parametrize("old, new, message", [
     ("lr = 1e-3", "lr = 0", "9: train.lr: expected a value > 0, got float 0.0"),
     ("lr = 1e-3", "lr = -1e-3", "9: train.lr: expected a value > 0, got float -0.001"),
-    ("lr = 1e-3", "lr = nan", "9: train.lr: expected a value > 0, got float nan"),
+    ("lr = 1e-3", "lr = nan", "9: train.lr: expected a finite number, got nan"),
+    ("lr = 1e-3", "lr = inf", "9: train.lr: expected a finite number, got inf"),
+    ("lr = 1e-3", "lr = 2.0", "9: train.lr: expected a value in [0, 1], got float 2.0"),
     ("lr = 1e-3", "warmup_ratio = 1.0", "9: train.warmup_ratio: expected a value in [0, 1), got float 1.0"),
     ("lr = 1e-3", "warmup_ratio = 1.5", "9: train.warmup_ratio: expected a value in [0, 1), got float 1.5"),
     ("batch_size = 8", "batch_size = 10",
@@ -158,6 +160,8 @@ def test_an_integer_is_a_float_where_a_float_is_due(write):
     ('format = "chatml"', 'format = "chatml"\neval = ["train.jsonl"]\neval_split = 0.1',
      "8: data.eval_split: expected 0 when data.eval lists files, got float 0.1"),
     ("lr = 1e-3", "epochs = 0", "9: train.epochs: expected epochs > 0 or max_steps > 0, got int 0"),
+    ('format = "chatml"', 'format = "chatml"\nmax_length = 100000000',
+     "7: data.max_length: expected a value in [1, 1.04858e+06], got int 100000000"),
 ])
 def test_impossible_value_says_expected_and_got(write, old, new, message):
     path = write(edit(BASE, old, new))
@@ -435,3 +439,22 @@ def test_cli_show_round_trips(write, tmp_path, capsys):
     assert second == first
     assert second["train"]["lr"] == 3e-5 and second["method"]["name"] == "full"
     assert dumps(load(again)).split("\n", 1)[1] == shown.split("\n", 1)[1]  # all but the `# resolved from` line
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[method]\nname = "full"\n[method.lora]\nr = 8\n', "method.lora: not used by method.name 'full'"),
+    ('[method]\nname = "lora"\n[method.quant]\nbits = 4\n', "method.quant: not used by method.name 'lora'"),
+    ("[clara]\ntop_k = 3\n", "clara: not used by data.format 'chatml'"),
+    ("[eval]\nnum_beams = 4\n", "eval.num_beams: not used by data.format 'chatml'"),
+])
+def test_a_table_the_method_does_not_use_is_an_error(write, table, message):
+    path = write(BASE + "\n" + table)
+    assert message in error(path) and error(path).startswith(f"{path}:")
+
+
+def test_an_inherited_unused_table_is_a_warning(write):
+    write(BASE + '\n[method]\nname = "lora"\n[method.lora]\nr = 8\n', "base.toml")
+    child = write('extends = "base.toml"\n[method]\nname = "full"\n', "child.toml")
+    with pytest.warns(UserWarning, match="method.lora: not used by method.name 'full'.*inherited"):
+        r = load(child)
+    assert r.method.name == "full" and "lora" not in to_dict(r)["method"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -108,6 +109,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,
                   make_batcher(recipe, tokenizer, accelerator.unwrap_model(model)), sched, out, start,
                   task_metrics(recipe, tokenizer, train_rows, eval_rows), report.train_sources)
+    check_finite(accelerator, model, final, out)
     artifact = save_final(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:
         summary = {"final": final, "data": report.__dict__, "trainable_params": trainable, "total_params": total,
@@ -120,6 +122,18 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
                                          for k, v in final["baseline"].items()) + " (before -> after)")
     say(f"crb: done: {artifact}")
     return final
+
+
+def check_finite(accelerator: Accelerator, model: torch.nn.Module, final: dict, out: Path) -> None:
+    """A run whose weights or last eval loss are not finite is not done: no final model, the last good
+    checkpoint named."""
+    bad = [k for k, v in final.items() if "loss" in k and isinstance(v, float) and not math.isfinite(v)]
+    if not checkpoint.weights_finite(accelerator, model):
+        bad.insert(0, "weights")
+    if bad:
+        good = checkpoint.latest_good(out / "checkpoints")
+        raise CrbError(f"training diverged: {', '.join(bad)} not finite; no final model written; last good "
+                       f"checkpoint: {good or 'none'} (lower train.lr, or resume from it with --resume)")
 
 
 def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, data: DataFacts | None):

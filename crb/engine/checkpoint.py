@@ -47,7 +47,7 @@ def keep_trainable_only(accelerator: Accelerator) -> None:
 
 
 def save(accelerator: Accelerator, root: Path, step: int, state: dict, keep: int) -> Path:
-    """Write checkpoint `root/step-N` atomically; keep the newest `keep`."""
+    """Write checkpoint `root/step-N` atomically; keep the newest `keep` and the newest with finite weights."""
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     if accelerator.is_main_process:
@@ -63,8 +63,10 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, keep: int
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+        good = latest_good(root)  # never rotated away: after a divergence it is the one to resume from
         for old in complete(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != good:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -80,6 +82,19 @@ def complete(root: Path) -> list[Path]:
 def latest(root: Path) -> Path | None:
     found = complete(root)
     return found[-1] if found else None
+
+
+def latest_good(root: Path) -> Path | None:
+    """The newest complete checkpoint whose weights were finite when it was written."""
+    good = [p for p in complete(root) if json.loads((p / STATE_FILE).read_text()).get("finite", True)]
+    return good[-1] if good else None
+
+
+def weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Whether every trainable weight is finite on every process (each checks its own shards)."""
+    bad = sum(int((~torch.isfinite(p.detach())).any()) for p in model.parameters() if p.requires_grad and p.numel())
+    flag = torch.tensor([float(bad)], device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() == 0
 
 
 def load(accelerator: Accelerator, path: Path) -> dict:

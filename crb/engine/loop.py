@@ -258,7 +258,8 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                 upcoming.result()  # the tokenizer is not shared across threads
                 last.update(run_eval(done))
             if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
-                checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen, "bad_steps": bad_steps},
+                checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen, "bad_steps": bad_steps,
+                                                        "finite": checkpoint.weights_finite(acc, model)},
                                 t.keep_checkpoints)
     ahead.shutdown()
     last["train_s"] = time.perf_counter() - t0
@@ -299,7 +300,7 @@ def skip_bad_step(acc: Accelerator, metrics: MetricsLog, done: int, rows: list[i
     acc.print(f"crb: step {done}: non-finite loss or gradient, update skipped ({bad} of train.max_bad_steps "
               f"{limit}); records {shown}")
     if bad > limit:
-        good = checkpoint.latest(ckpt_root)
+        good = checkpoint.latest_good(ckpt_root)
         raise CrbError(f"train.max_bad_steps: {bad} steps had a non-finite loss or gradient, the last step {done} "
                        f"(records {shown}); stopped; last good checkpoint: {good or 'none yet'} "
                        "(lower train.lr, or check those records)")

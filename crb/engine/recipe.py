@@ -494,9 +494,9 @@ USED_BY: list[tuple[str, str, Any]] = [
 
 
 def _check_unused(r: Recipe, origins: dict[str, Path]) -> None:
-    """A table or key the chosen method or format does not use: an error where this recipe (or --set) sets
-    it, a warning where it comes from a recipe it extends (switching the method of a base is legitimate)."""
-    top = {origins.get(""), Path("--set")}
+    """A table or key the chosen method or format does not use: an error where the same file sets both (or
+    --set sets the table), a warning where the method or format comes from elsewhere (a --set or an extending
+    recipe switching a base recipe's method is legitimate; the table is then ignored, said so)."""
     for prefix, by, used in USED_BY:
         if used(r):
             continue
@@ -505,9 +505,10 @@ def _check_unused(r: Recipe, origins: dict[str, Path]) -> None:
             continue
         value = functools.reduce(getattr, by.split("."), r)
         why = f"{keys[0]}: not used by {by} '{value}' (remove it, or change {by})"
-        if origins[keys[0]] in top:
+        source, decider = origins[keys[0]], origins.get(by)
+        if source == Path("--set") or decider is None or source == decider:
             raise RecipeError(_where_key(keys[0], origins) + why)
-        warnings.warn(_where_key(keys[0], origins) + why + " [inherited]", stacklevel=2)
+        warnings.warn(_where_key(keys[0], origins) + why + f" [{by} set in {decider}: ignored]", stacklevel=2)
 
 
 def _check_values(r: Recipe, origins: dict[str, Path]) -> None:

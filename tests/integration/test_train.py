@@ -285,6 +285,32 @@ def test_too_many_nan_steps_stop_with_the_last_good_checkpoint(chat_recipe, tmp_
     assert json.loads((good / "crb_state.json").read_text())["bad_steps"] == 2
 
 
+def test_diverged_weights_end_with_the_last_good_checkpoint_not_done(chat_recipe, tmp_path, monkeypatch, capsys):
+    """Weights that turn inf mid-run (every later step skipped as non-finite) end the run with an error that
+    names the newest checkpoint written while the weights were finite, and no final model."""
+    import crb.losses as losses_module
+
+    real, seen = losses_module.LOSSES["causal_lm"], [0]
+
+    def loss(model, batch, num_items, **kw):
+        if torch.is_grad_enabled():
+            seen[0] += 1
+            if seen[0] == 5:  # step 3's first micro-batch: a LoRA weight blows up
+                next(p for p in model.parameters() if p.requires_grad).data.fill_(float("inf"))
+        return real(model, batch, num_items, **kw)
+
+    monkeypatch.setitem(losses_module.LOSSES, "causal_lm", loss)
+    out = tmp_path / "diverged"
+    rc = cli(["run", str(chat_recipe), "--set", "train.max_steps=6", "--set", "train.save_every=2",
+              "--set", "train.max_bad_steps=100", "--set", f"output.dir='{out}'"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("crb: error: training diverged: weights")
+    assert f"last good checkpoint: {out / 'checkpoints' / 'step-2'} " in err
+    assert json.loads((out / "checkpoints" / "step-4" / "crb_state.json").read_text())["finite"] is False
+    assert "crb: done" not in captured.out and not (out / "final_adapter").exists()
+
+
 def oom_above(rows: int, monkeypatch) -> None:
     """The causal-LM loss raises CUDA's out-of-memory error for training micro-batches of more than `rows`."""
     import crb.losses as losses_module

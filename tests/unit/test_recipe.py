@@ -452,9 +452,13 @@ def test_a_table_the_method_does_not_use_is_an_error(write, table, message):
     assert message in error(path) and error(path).startswith(f"{path}:")
 
 
-def test_an_inherited_unused_table_is_a_warning(write):
+def test_an_unused_table_is_a_warning_when_the_method_comes_from_elsewhere(write):
     write(BASE + '\n[method]\nname = "lora"\n[method.lora]\nr = 8\n', "base.toml")
     child = write('extends = "base.toml"\n[method]\nname = "full"\n', "child.toml")
-    with pytest.warns(UserWarning, match="method.lora: not used by method.name 'full'.*inherited"):
+    with pytest.warns(UserWarning, match="method.lora: not used by method.name 'full'.*ignored"):
         r = load(child)
     assert r.method.name == "full" and "lora" not in to_dict(r)["method"]
+    path = write(BASE + '\n[method]\nname = "lora"\n[method.lora]\nr = 8\n', "qlora.toml")
+    with pytest.warns(UserWarning, match="method.name set in --set"):
+        load(path, ['method.name="full"'])
+    assert "method.quant: not used" in error(path, ["method.quant.bits=8"])

@@ -71,11 +71,14 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     with state.main_process_first():
         train_rows, eval_rows, report = prepare(recipe.data, tokenizer, recipe.train.seed, recipe.clara)
     say(f"crb: data: {report.summary()}")
-    profile, plugin = choose_profile(recipe, hw, out, data_facts(train_rows + eval_rows, recipe.data.format))
+    profile, plugin, trainable = choose_profile(recipe, hw, out, data_facts(train_rows + eval_rows,
+                                                                           recipe.data.format))
 
     set_seed(recipe.train.seed)
     mixed = resolve_precision(recipe.train.precision, state.device)
     sched = make_schedule(recipe, len(train_rows), state.num_processes)
+    if state.is_main_process:
+        checkpoint.check_space(out, checkpoint.bytes_needed(recipe.train, trainable, sched))
     say(f"crb: {sched.total_steps} steps of {recipe.train.batch_size} rows (micro-batch {sched.micro} "
         f"x accumulation {sched.accum} x {state.num_processes} process(es)), precision {mixed}")
 
@@ -138,8 +141,8 @@ def check_finite(accelerator: Accelerator, model: torch.nn.Module, final: dict, 
 
 def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, data: DataFacts | None):
     """The plan's profile and every "auto" (attention, kernels, micro-batch, checkpointing, offload) for this
-    card and these rows, said and written to OUT/profile.json; returns the profile name and a maker of its
-    DeepSpeed plugin (None: plain, or a launcher that set DeepSpeed itself)."""
+    card and these rows, said and written to OUT/profile.json; returns the profile name, a maker of its
+    DeepSpeed plugin (None: plain, or a launcher that set DeepSpeed itself) and the trainable parameters."""
     say = PartialState().print
     resolved, choices = auto_config(recipe, hw, data)
     recipe.train, recipe.model = resolved.train, resolved.model
@@ -152,9 +155,7 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, dat
     if p.fits is False and not launched:
         say("crb: warning: the plan does not fit this card; it may run out of memory. " + "; ".join(p.advice))
     if PartialState().is_main_process:
-        t = recipe.train
-        state_bytes = 2 if "8bit" in t.optimizer else 8  # optimizer states per trainable parameter
-        checkpoint.check_space(out, p.notes["trainable"] * ((t.keep_checkpoints + 1) * (4 + state_bytes) + 4))
+        checkpoint.check_space(out, 0)  # writable; the room for checkpoints is checked once the schedule is known
         (out / "profile.json").write_text(json.dumps(
             {"profile": name, "reason": reason, "micro_batch": recipe.train.micro_batch,
              "gradient_checkpointing": recipe.train.gradient_checkpointing, "checkpointed_layers":
@@ -165,8 +166,8 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, dat
              "profiles_gib": {k: round(v / 2**30, 3) for k, v in p.profiles.items()}}, indent=1))
     prof = PROFILES.get(name)
     if launched or prof is None or prof.deepspeed_json is None:
-        return name, None
-    return name, lambda accum: deepspeed_plugin(prof, accum, recipe.train.max_grad_norm)
+        return name, None, p.notes["trainable"]
+    return name, lambda accum: deepspeed_plugin(prof, accum, recipe.train.max_grad_norm), p.notes["trainable"]
 
 
 def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> Batcher:

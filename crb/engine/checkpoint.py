@@ -9,11 +9,16 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 
 from crb.errors import CrbError
+
+if TYPE_CHECKING:
+    from crb.engine.loop import Schedule
+    from crb.engine.recipe import TrainConfig
 
 STATE_FILE = "crb_state.json"
 
@@ -32,6 +37,16 @@ def check_space(out: Path, need: float) -> None:
     if free < need:
         raise CrbError(f"output.dir: {out} has {free / 2**30:.2f} GiB free; the checkpoints and final weights need "
                        f"about {need / 2**30:.2f} GiB (free space, or lower train.keep_checkpoints)")
+
+
+def bytes_needed(t: TrainConfig, trainable: int, sched: Schedule) -> float:
+    """Disk for the checkpoints this schedule writes (at most train.keep_checkpoints + 1 at once while a new one
+    replaces the oldest; one more for a stop on a signal) and the final weights: fp32 weights and optimizer
+    states of the trainable parameters each."""
+    saves = sched.total_steps // t.save_every if t.save_every else sched.total_steps // sched.steps_per_epoch
+    at_once = min(saves + 1, t.keep_checkpoints + 1)
+    state_bytes = 2 if "8bit" in t.optimizer else 8  # optimizer states per trainable parameter
+    return trainable * (at_once * (4 + state_bytes) + 4)
 
 
 def keep_trainable_only(accelerator: Accelerator) -> None:

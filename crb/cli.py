@@ -156,7 +156,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crb", description="Train the Cognitive Retail Brain's models from TOML recipes.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors and the libraries' console output")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_recipe(name: str, help_: str) -> argparse.ArgumentParser:
@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_demo)
 
     args = p.parse_args(argv)
+    if args.debug:
+        import os
+
+        os.environ["CRB_DEBUG"] = "1"  # the libraries' own console output too (crb.console)
     try:
         code = args.func(args)
     except CrbError as e:

@@ -28,3 +28,7 @@ class Stopped(CrbError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum  # as a shell reports a signal
+
+
+class CrbWarning(UserWarning):
+    """Something a user should know that does not stop the run; printed as one line, `crb: warning: ...`."""

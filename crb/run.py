@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
+from crb import console
 from crb.data import prepare
 from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
 from crb.engine import checkpoint, hardware, lock
@@ -40,6 +41,7 @@ from crb.losses import DEFAULT_LOSS, LOSSES
 
 def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None = None,
         stage: str | None = None) -> dict:
+    console.quiet()  # library noise to OUT/crb.log, once the run knows OUT
     if lock.is_lock(recipe_path):  # a lock file: its recipe, after checking what it pinned
         recipe, drift = lock.load(recipe_path, overrides)
         for line in drift:
@@ -62,6 +64,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     cpu = not torch.cuda.is_available()  # so torchrun on CPU becomes gloo data parallel
     state = PartialState(cpu=cpu)
     out = Path(recipe.output.dir)
+    console.attach(out, state.process_index)
     say = state.print
     say(f"crb: {recipe.source}{f' stage {recipe.stage}' if recipe.stage else ''} -> {out}\ncrb: {hw.describe()}")
     capped = hardware.cap_memory(state.device)
@@ -248,12 +251,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from a checkpoint folder, or the run's latest when no folder is given")
     p.add_argument("--stage", default=None, help="run only this [[stages]] entry (default: all, in order)")
     p.add_argument("--allow-pickle", action="store_true", help="load pickled (.bin) model weights too")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and the libraries' console output")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.debug:
+        os.environ["CRB_DEBUG"] = "1"  # the libraries' own console output too
     if args.allow_pickle:
         os.environ["CRB_ALLOW_PICKLE"] = "1"
     try:

@@ -23,7 +23,7 @@ import tomli_w
 import tomllib
 
 from crb.engine import sources
-from crb.errors import RecipeError
+from crb.errors import CrbWarning, RecipeError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -508,7 +508,7 @@ def _check_unused(r: Recipe, origins: dict[str, Path]) -> None:
         source, decider = origins[keys[0]], origins.get(by)
         if source == Path("--set") or decider is None or source == decider:
             raise RecipeError(_where_key(keys[0], origins) + why)
-        warnings.warn(_where_key(keys[0], origins) + why + f" [{by} set in {decider}: ignored]", stacklevel=2)
+        warnings.warn(_where_key(keys[0], origins) + why + f" [{by} set in {decider}: ignored]", CrbWarning, 2)
 
 
 def _check_values(r: Recipe, origins: dict[str, Path]) -> None:

@@ -471,6 +471,7 @@ max_length = 128
 cache_dir = {q(str(f["dir"] / "crb-cache"))}
 
 [train]
+seed = {args.seed}
 epochs = 1
 lr = 5e-5
 scheduler = "linear"

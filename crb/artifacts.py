@@ -132,10 +132,12 @@ def _search(model, recipe: dict, query: str, k: int = 3) -> str:
 
     rows = []
     for file in [*recipe["data"]["train"], *recipe["data"].get("eval", [])]:
-        rows += [retrieval.row(retrieval.check_triple(r.data, r.where())) for r in read_jsonl(file)
-                 if not isinstance(r, Exception)]
+        rows += [retrieval.row(retrieval.check_triple(r.data, r.where()), retrieval.instruction_of(r.data))
+                 for r in read_jsonl(file) if not isinstance(r, Exception)]
     corpus = retrieval.corpus(recipe["data"].get("corpus", []), rows)
-    scores = model.similarity(model.encode([query], convert_to_tensor=True),
-                              model.encode(corpus, convert_to_tensor=True, batch_size=64))[0]
+    _, query_prompt = retrieval.anchors(rows[:1])  # the training data's instruction, as training used it
+    document_prompt = retrieval.prompt(recipe["data"].get("document_instruction", ""))
+    scores = model.similarity(model.encode([query], convert_to_tensor=True, prompt=query_prompt),
+                              model.encode(corpus, convert_to_tensor=True, batch_size=64, prompt=document_prompt))[0]
     top = torch.topk(scores, min(k, len(corpus)))
     return "\n".join(f"{s:.3f}  {corpus[i]}" for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True))

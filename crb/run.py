@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from crb import console
 from crb.data import prepare
 from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
+from crb.data.retrieval import prompt as retrieval_prompt
 from crb.engine import checkpoint, hardware, lock
 from crb.engine import recipe as recipes
 from crb.engine.build import (
@@ -179,7 +180,9 @@ def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> B
     if kind == "seq2seq":
         return seq2seq_batcher(tokenizer.pad_token_id, model.config.decoder_start_token_id)
     if kind == "embedding":
-        return retrieval_batcher(getattr(model, "preprocess", None) or model.tokenize, recipe.data.hard_negatives)
+        encode = getattr(model, "preprocess", None) or (  # sentence-transformers before 6.1: tokenize, no prompt
+            lambda texts, prompt=None: model.tokenize([(prompt or "") + t for t in texts]))
+        return retrieval_batcher(encode, recipe.data.hard_negatives, retrieval_prompt(recipe.data.document_instruction))
     if kind == "clara":
         c = recipe.clara
         return clara_batcher(tokenizer.pad_token_id, c.doc_max_length + 3 + c.doc_max_length // c.compress_rate)

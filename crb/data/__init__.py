@@ -76,8 +76,9 @@ def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
         row = translation.tokenize_pair(pair, tokenizer)
         return row, max(len(row["input_ids"]), len(row["labels"]))
     if cfg.format == "retrieval":
-        texts = retrieval.check_triple(rec.data, rec.where())
-        return retrieval.row(texts), max(len(ids) for ids in tokenizer(texts)["input_ids"])
+        texts, instruction = retrieval.check_triple(rec.data, rec.where()), retrieval.instruction_of(rec.data)
+        with_prompts = [f"{instruction} {texts[0]}".strip(), *texts[1:]]  # as the encoder will read them
+        return retrieval.row(texts, instruction), max(len(ids) for ids in tokenizer(with_prompts)["input_ids"])
     if cfg.format == "clara":
         row = clara_row(rec, clara_cfg, tokenizer, template)
         return row, len(row["dec_ids"])

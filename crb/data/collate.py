@@ -65,13 +65,19 @@ def seq2seq_batcher(pad_id: int, decoder_start_id: int) -> Batcher:
                    lambda b: int(b["attention_mask"].sum() + (b["labels"] != IGNORE).sum()))
 
 
-def retrieval_batcher(preprocess: Callable[[list[str]], dict], hard_negatives: int) -> Batcher:
-    """Columns [anchor, positive, negatives...] each through the encoder's preprocessing; a batch
-    keeps as many hard negatives as its poorest record has (at most `hard_negatives`)."""
+def retrieval_batcher(preprocess: Callable[..., dict], hard_negatives: int, document_prompt: str | None = None
+                      ) -> Batcher:
+    """Columns [anchor, positive, negatives...] each through the encoder's preprocessing (sentence-transformers'
+    `preprocess(texts, prompt=...)`: the queries with their instruction as the prompt, the documents with
+    `document_prompt`); a batch keeps as many hard negatives as its poorest record has (at most
+    `hard_negatives`)."""
+    from crb.data.retrieval import anchors
 
     def make(rows: list[Row]) -> dict[str, Any]:
         columns = 2 + min(hard_negatives, *(len(r["texts"]) - 2 for r in rows))
-        features = [preprocess([str(r["texts"][c]) for r in rows]) for c in range(columns)]
+        queries, query_prompt = anchors(rows)
+        features = [preprocess(queries, prompt=query_prompt)]
+        features += [preprocess([str(r["texts"][c]) for r in rows], prompt=document_prompt) for c in range(1, columns)]
         return {"features": features, "n_rows": len(rows)}
 
     def tokens(batch: dict[str, Any]) -> int:

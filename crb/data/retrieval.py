@@ -1,8 +1,11 @@
-"""Retrieval records `instruction, query, positive, negative` -> rows of texts
-[instruction + query, positive, negatives...]; the encoder's own tokenizer runs per batch.
+"""Retrieval records `instruction, query, positive, negative` -> rows of texts [query, positive,
+negatives...] and the query's instruction; the encoder's own tokenizer runs per batch.
 
-The instruction is prepended to the query as sentence-transformers' prompts are (text, then a
-space); documents are encoded as they are."""
+INSTRUCTOR's convention: the instruction goes in front of the query as a sentence-transformers prompt
+("instruction" + a space), so that a model whose pooling leaves prompts out (sentence-transformers sets
+that for hkunlp/instructor-*) pools the query's tokens alone; `data.document_instruction` does the same
+for the documents. A prompt is one per batch: a batch whose rows carry different instructions gets each
+instruction written into its query text instead (then pooled with it), and says so once."""
 
 from __future__ import annotations
 
@@ -26,12 +29,41 @@ def check_triple(data: dict, where: str) -> list[str]:
     negatives = [negatives] if isinstance(negatives, str) else negatives
     if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
         raise DataError(f"{where}: negative: expected text or a list of texts")
-    anchor = f"{instruction.strip()} {data['query']}" if instruction.strip() else data["query"]
-    return [anchor, data["positive"], *negatives]
+    return [data["query"], data["positive"], *negatives]
 
 
-def row(texts: list[str]) -> dict[str, np.ndarray]:
-    return {"texts": np.asarray(texts)}
+def instruction_of(data: dict) -> str:
+    return str(data.get("instruction", "")).strip()
+
+
+def row(texts: list[str], instruction: str = "") -> dict[str, np.ndarray]:
+    return {"texts": np.asarray(texts), "instruction": np.asarray([instruction])}
+
+
+def prompt(instruction: str) -> str | None:
+    """An instruction as a sentence-transformers prompt: the text in front, then a space."""
+    return f"{instruction} " if instruction else None
+
+
+def anchors(rows: list[dict[str, np.ndarray]]) -> tuple[list[str], str | None]:
+    """The rows' queries and the prompt to encode them with: their shared instruction; with different
+    instructions, none (each instruction is then written into its query)."""
+    instructions = [str(r["instruction"][0]) if "instruction" in r else "" for r in rows]
+    queries = [str(r["texts"][0]) for r in rows]
+    if len(set(instructions)) == 1:
+        return queries, prompt(instructions[0])
+    _say_mixed()
+    return [f"{p} {q}" if p else q for p, q in zip(instructions, queries, strict=True)], None
+
+
+_said: list[bool] = []
+
+
+def _say_mixed() -> None:
+    if not _said:
+        _said.append(True)
+        print("crb: warning: a batch holds queries with different instructions: each is written into its query "
+              "and pooled with it (a sentence-transformers prompt is one per batch)")
 
 
 def corpus(files: list[str], rows: list[dict[str, np.ndarray]]) -> list[str]:
@@ -51,6 +83,7 @@ def corpus(files: list[str], rows: list[dict[str, np.ndarray]]) -> list[str]:
     return list(seen)
 
 
-def queries(rows: list[dict[str, np.ndarray]]) -> tuple[list[str], list[str]]:
-    """(queries, the positive of each) of the eval rows."""
-    return [str(r["texts"][0]) for r in rows], [str(r["texts"][1]) for r in rows]
+def queries(rows: list[dict[str, np.ndarray]]) -> tuple[list[str], str | None, list[str]]:
+    """(queries, their prompt, the positive of each) of the eval rows."""
+    texts, query_prompt = anchors(rows)
+    return texts, query_prompt, [str(r["texts"][1]) for r in rows]

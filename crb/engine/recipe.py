@@ -124,6 +124,10 @@ class DataConfig:
     hard_negatives: int = doc(
         "retrieval: hard negatives per record used beside the in-batch ones (a batch uses the fewest any of its "
         "records has).", 1)
+    document_instruction: str = doc(
+        "retrieval: an instruction in front of every document (INSTRUCTOR's document side, e.g. 'Represent the "
+        "product description for retrieval:'), as the records' `instruction` is in front of each query; both "
+        "are sentence-transformers prompts (an INSTRUCTOR model leaves their tokens out of its mean pooling).", "")
     corpus: list[str] = doc(
         "retrieval: JSONL files of `text` documents that join the eval corpus (besides every positive and "
         "negative in the data).", factory=list)
@@ -490,6 +494,7 @@ USED_BY: list[tuple[str, str, Any]] = [
     ("eval.num_beams", "data.format", lambda r: r.data.format == "translation"),
     ("data.hard_negatives", "data.format", lambda r: r.data.format == "retrieval"),
     ("data.corpus", "data.format", lambda r: r.data.format == "retrieval"),
+    ("data.document_instruction", "data.format", lambda r: r.data.format == "retrieval"),
 ]
 
 

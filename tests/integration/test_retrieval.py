@@ -31,7 +31,7 @@ def _subsample(src: Path, dest: Path, n: int, seed: int = 0) -> Path:
 
 def test_record_shapes_and_errors():
     assert check_triple({"instruction": "Represent the query:", "query": "red shoes", "positive": "P",
-                         "negative": "N"}, "f:1") == ["Represent the query: red shoes", "P", "N"]
+                         "negative": "N"}, "f:1") == ["red shoes", "P", "N"]  # the instruction is a prompt
     assert check_triple({"query": "q", "positive": "p", "negative": ["a", "b"]}, "f:2") == ["q", "p", "a", "b"]
     assert check_triple({"query": "q", "positive": "p"}, "f:3") == ["q", "p"]
     with pytest.raises(DataError, match=r"^f:4: missing field 'positive'$"):
@@ -56,6 +56,39 @@ def test_batches_keep_the_fewest_hard_negatives(tmp_path, minilm):
     assert len(batcher.collate(train[:2])["features"]) == 3  # the second record has one
     assert len(batcher.collate(train)["features"]) == 2  # the third none: in-batch negatives only
     assert batcher.count(batcher.collate(train)) == 3
+
+
+def test_instructions_are_prompts_left_out_of_pooling_as_instructor_was_trained(tmp_path, minilm):
+    """INSTRUCTOR's convention: a batch's shared instruction is a sentence-transformers prompt (its token count
+    travels with the features), the documents get data.document_instruction the same way, and with the pooling
+    set as for hkunlp/instructor-* (include_prompt false) the query's embedding ignores the instruction tokens;
+    a batch with different instructions writes each into its query."""
+    from sentence_transformers import SentenceTransformer
+
+    instruction, doc_instruction = "Represent the shopper's search query for retrieving products:", "Represent:"
+    records = [{"instruction": instruction, "query": f"red shoes {i}", "positive": f"p{i}"} for i in range(2)]
+    data = write_jsonl(tmp_path / "r.jsonl", records + [{"instruction": "Other:", "query": "q", "positive": "p"}])
+    path = write_recipe(tmp_path / "r.toml", retrieval_recipe_text(tmp_path, minilm, data, data, None, ""))
+    r = recipes.load(path, [f"data.document_instruction={json.dumps(doc_instruction)}"])
+    model = SentenceTransformer(minilm, device="cpu")
+    model.set_pooling_include_prompt(False)  # what sentence-transformers does for hkunlp/instructor-*
+    train, _, _ = prepare(r.data, model.tokenizer, 0)
+    batcher = make_batcher(r, model.tokenizer, model)
+    batch = batcher.collate(train[:2])
+    query, document = batch["features"]
+    prompt_tokens = len(model.tokenizer(instruction + " ")["input_ids"]) - 1  # without the closing [SEP]
+    assert int(torch.as_tensor(query["prompt_length"]).flatten()[0]) == prompt_tokens
+    assert int(torch.as_tensor(document["prompt_length"]).flatten()[0]) == len(model.tokenizer("Represent: ")
+                                                                                ["input_ids"]) - 1
+    model.eval()
+    with torch.no_grad():
+        pooled = model(dict(query))["sentence_embedding"]
+        plain = model({**query, "prompt_length": 0})["sentence_embedding"]  # the instruction pooled too
+    assert not torch.allclose(pooled, plain, atol=1e-4)
+    mixed = batcher.collate(train)  # two instructions: written into the queries, no prompt
+    assert "prompt_length" not in mixed["features"][0]
+    tokens = model.tokenizer.convert_ids_to_tokens(mixed["features"][0]["input_ids"][2])
+    assert "other" in tokens
 
 
 def test_cached_loss_equals_plain_loss(tmp_path, minilm):

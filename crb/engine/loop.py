@@ -207,10 +207,8 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                     break
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
-                    if world > 1 or deepspeed or sched.micro == 1:
-                        raise CrbError(f"step {step + 1}: CUDA out of memory at micro-batch {sched.micro}"
-                                       f"{' on 1 of ' + str(world) + ' processes' if world > 1 else ''}: lower "
-                                       "data.max_length or train.micro_batch (see `crb plan`)") from None
+                    if world > 1 or deepspeed or sched.micro == 1:  # the others wait in a collective: stop
+                        raise CrbError(oom_advice(step + 1, sched, world, deepspeed)) from None
                 old = sched.micro
                 sched = smaller(sched)
                 acc.gradient_accumulation_steps, acc.step = sched.accum, 0
@@ -266,6 +264,21 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
     if baseline:
         last["baseline"] = baseline
     return last
+
+
+def oom_advice(step: int, sched: Schedule, world: int, deepspeed: bool) -> str:
+    """The one line a run that cannot halve its micro-batch by itself stops with: what to set. With several
+    processes (or DeepSpeed) the others are inside a collective of this step, so the micro-batch cannot be
+    changed on one process alone; the launcher ends them when this one exits."""
+    where = f" on 1 of {world} processes" if world > 1 else (" under DeepSpeed" if deepspeed else "")
+    if sched.micro == 1:
+        return (f"step {step}: CUDA out of memory at micro-batch 1{where}: set a lower data.max_length, "
+                "train.gradient_checkpointing = true or train.offload_activations = \"auto\" (`crb plan` shows "
+                "what fits)")
+    half = smaller(sched)
+    return (f"step {step}: CUDA out of memory at micro-batch {sched.micro}{where}: set train.micro_batch = "
+            f"{half.micro} (accumulation {half.accum} keeps the effective batch), or leave it \"auto\" for the plan "
+            "to choose")
 
 
 def smaller(sched: Schedule) -> Schedule:

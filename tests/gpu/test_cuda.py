@@ -82,3 +82,30 @@ def test_packed_rows_train_alike_with_flex_and_sdpa(chat_recipe, tiny_model, tmp
         runs[attention] = [r["loss"] for r in rows if "loss" in r]
     assert json.loads((tmp_path / "auto" / "profile.json").read_text())["attention"] == "flex_attention"
     assert runs["auto"] == pytest.approx(runs["sdpa"], rel=1e-2)
+
+
+def test_out_of_memory_under_a_cap_halves_the_micro_batch(chat_recipe, tiny_model, tmp_path, monkeypatch, capsys):
+    """A real CUDA out-of-memory: a model whose fp32 logits at micro-batch 8 x 2048 tokens (2 GiB, and their
+    gradient) exceed a 3 GiB cap; the run halves the micro-batch by itself and finishes the same effective batch."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    wide = tmp_path / "wide-vocab"
+    MistralForCausalLM(MistralConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)).save_pretrained(wide)
+    tok.save_pretrained(wide)
+    texts = tmp_path / "long.jsonl"  # 16 documents longer than 2048 tokens: full rows
+    texts.write_text("".join(json.dumps({"text": " ".join(f"word{i * j % 97}" for j in range(3000))}) + "\n"
+                             for i in range(16)))
+    monkeypatch.setenv("CRB_GPU_MEMORY_GB", "3")
+    out = tmp_path / "capped"
+    run(str(chat_recipe), [f"model.name='{wide}'", "method.name='full'", 'data.format="text"', f"data.train=['{texts}']",
+                           "data.eval_split=0", "data.max_length=2048", "train.micro_batch=8", "train.batch_size=8",
+                           "train.max_steps=2", "train.precision='fp32'", 'train.kernels="none"',
+                           "train.gradient_checkpointing=false", f"output.dir='{out}'"])
+    said = capsys.readouterr().out
+    assert "out of memory at micro-batch 8; going on with micro-batch 4 x accumulation 2" in said
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]

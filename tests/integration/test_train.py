@@ -343,8 +343,19 @@ def test_out_of_memory_at_micro_batch_1_stops_with_a_clear_message(chat_recipe, 
     oom_above(0, monkeypatch)
     rc = cli(["run", str(chat_recipe), "--set", "train.max_steps=2", "--set", f"output.dir='{tmp_path / 'o'}'"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and err == ("crb: error: step 1: CUDA out of memory at micro-batch 1: lower data.max_length or "
-                               "train.micro_batch (see `crb plan`)")
+    assert rc == 2 and err == ("crb: error: step 1: CUDA out of memory at micro-batch 1: set a lower "
+                               "data.max_length, train.gradient_checkpointing = true or train.offload_activations = "
+                               '"auto" (`crb plan` shows what fits)')
+
+
+def test_out_of_memory_with_several_processes_stops_with_what_to_set():
+    """Several processes (or DeepSpeed) cannot halve on one process: one line says the micro-batch to set."""
+    from crb.engine.loop import Schedule, oom_advice
+
+    line = oom_advice(3, Schedule(8, 2, 10, 10), world=4, deepspeed=False)
+    assert line == ("step 3: CUDA out of memory at micro-batch 8 on 1 of 4 processes: set train.micro_batch = 4 "
+                    '(accumulation 4 keeps the effective batch), or leave it "auto" for the plan to choose')
+    assert "under DeepSpeed: set train.micro_batch = 2 (accumulation 2" in oom_advice(1, Schedule(4, 1, 5, 5), 1, True)
 
 
 def test_lock_pins_the_run_and_reports_drift(chat_recipe, chat_file, tmp_path, capsys, monkeypatch):

@@ -101,10 +101,10 @@ def test_out_of_memory_under_a_cap_halves_the_micro_batch(chat_recipe, tiny_mode
                              for i in range(16)))
     monkeypatch.setenv("CRB_GPU_MEMORY_GB", "3")
     out = tmp_path / "capped"
-    run(str(chat_recipe), [f"model.name='{wide}'", "method.name='full'", 'data.format="text"',
-                           f"data.train=['{texts}']", "data.eval_split=0", "data.max_length=2048",
-                           "train.micro_batch=8", "train.batch_size=8", "train.max_steps=2", "train.precision='fp32'", 'train.kernels="none"',
-                           "train.gradient_checkpointing=false", f"output.dir='{out}'"])
+    sets = [f"model.name='{wide}'", "method.name='full'", 'data.format="text"', f"data.train=['{texts}']",
+            "data.eval_split=0", "data.max_length=2048", "train.micro_batch=8", "train.batch_size=8",
+            "train.max_steps=2", "train.precision='fp32'", 'train.kernels="none"', "train.gradient_checkpointing=false"]
+    run(str(chat_recipe), [*sets, f"output.dir='{out}'"])
     said = capsys.readouterr().out
     assert "out of memory at micro-batch 8; going on with micro-batch 4 x accumulation 2" in said
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

@@ -110,6 +110,17 @@ dir = "{tmp_path / 'out'}"
 """)
 
 
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """No Hugging Face hub and an empty cache: HF_HUB_OFFLINE set where huggingface_hub reads it (its constants,
+    read once at import; the environment too, for subprocesses)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer

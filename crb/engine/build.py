@@ -11,7 +11,6 @@ import re
 import torch
 from accelerate import PartialState
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -21,6 +20,7 @@ from transformers import (
 )
 
 from crb.data.chatml import chat_template
+from crb.engine import hub
 from crb.engine.kernels import apply_kernels, resolve_attention
 from crb.engine.plan import checkpointed, n_blocks
 from crb.engine.recipe import Recipe
@@ -50,7 +50,8 @@ def half_dtype(mixed: str) -> torch.dtype:
 
 def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     m = recipe.model
-    tok = AutoTokenizer.from_pretrained(m.tokenizer or m.name, revision=None if m.tokenizer else m.revision)
+    with hub.loading(m.tokenizer or m.name, "tokenizer", "model.tokenizer" if m.tokenizer else "model.name"):
+        tok = AutoTokenizer.from_pretrained(m.tokenizer or m.name, revision=None if m.tokenizer else m.revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is never attended to nor trained on
     if recipe.data.format in ("chatml", "clara"):
@@ -64,7 +65,7 @@ def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
 
 def load_weights(auto, name: str, **kwargs) -> torch.nn.Module:
     """`from_pretrained` from safetensors only: pickled (.bin) weights can run code when loaded, so they
-    need the user's explicit `--allow-pickle` (CRB_ALLOW_PICKLE=1)."""
+    need the user's explicit `--allow-pickle` (CRB_ALLOW_PICKLE=1). A hub or cache failure is one line."""
     if os.environ.get("CRB_ALLOW_PICKLE") != "1":
         kwargs["use_safetensors"] = True
     try:
@@ -73,7 +74,7 @@ def load_weights(auto, name: str, **kwargs) -> torch.nn.Module:
         if "safetensors" in str(e) and kwargs.get("use_safetensors"):
             raise CrbError(f"model.name: {name} has no safetensors weights; pickled weights can run code when "
                            "loaded: convert them, or pass --allow-pickle if you trust them") from None
-        raise
+        raise hub.load_error(str(name), "weights", e) from e
 
 
 def n_memory(recipe: Recipe) -> int:
@@ -97,7 +98,7 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
     if m.random_init:
         if method.name == "qlora":
             raise CrbError("model.random_init: not with method 'qlora' (save the random model, then load it)")
-        config = AutoConfig.from_pretrained(m.name, revision=m.revision)
+        config = hub.config(m.name, m.revision)
         model = auto.from_config(config, dtype=dtype, attn_implementation=attention)
     else:
         model = load_weights(auto, m.name, **kwargs)
@@ -215,8 +216,9 @@ def build_encoder(recipe: Recipe) -> torch.nn.Module:
     from sentence_transformers import SentenceTransformer
 
     m = recipe.model
-    model = SentenceTransformer(m.name, revision=m.revision, device="cpu",
-                                model_kwargs={"dtype": DTYPES.get(m.dtype) or torch.float32})
+    with hub.loading(m.name, "sentence-transformers model"):
+        model = SentenceTransformer(m.name, revision=m.revision, device="cpu",
+                                    model_kwargs={"dtype": DTYPES.get(m.dtype) or torch.float32})
     model.max_seq_length = recipe.data.max_length
     layers = checkpointed(recipe, n_blocks(model[0].auto_model))
     if layers:

@@ -101,11 +101,12 @@ def meta_model(recipe: Recipe) -> torch.nn.Module:
 @functools.lru_cache(maxsize=4)
 def _meta_model(name: str, revision: str | None, kind: str) -> torch.nn.Module:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForTextEncoding
+    from transformers import AutoModelForTextEncoding
 
+    from crb.engine import hub
     from crb.engine.build import AUTO_CLASSES
 
-    config = AutoConfig.from_pretrained(name, revision=revision)
+    config = hub.config(name, revision)  # the hub, its cache, or the copy shipped with crb
     with init_empty_weights():  # embedding: the encoder alone
         model = AUTO_CLASSES.get(kind, AutoModelForTextEncoding).from_config(config)
     model.tie_weights()  # not done on the meta device: a tied lm_head would be counted twice

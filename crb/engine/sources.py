@@ -11,6 +11,7 @@ import re
 import urllib.request
 from pathlib import Path
 
+from crb.engine.hub import first_line
 from crb.errors import RecipeError
 
 BUNDLED = Path(__file__).resolve().parents[2] / "recipes"
@@ -72,7 +73,8 @@ def fetch_pinned(url: str, where: str = "") -> Path:
             with urllib.request.urlopen(address, timeout=30) as response:  # noqa: S310 (https only, checked above)
                 body = response.read()
     except OSError as e:
-        raise RecipeError(f"{where}{address}: cannot fetch the recipe: {e}") from None
+        raise RecipeError(f"{where}{address}: cannot fetch the recipe ({first_line(e)}): download it and "
+                          "pass its path") from None
     got = hashlib.sha256(body).hexdigest()
     if got != pin:
         raise RecipeError(f"{where}{address}: sha256 mismatch: pinned {pin}, got {got}")

@@ -109,6 +109,16 @@ def test_broken_translation_records(translation_recipe, tmp_path, capsys, record
     assert re.search(expected, err), err
 
 
+@pytest.mark.parametrize("local_tokenizer", [False, True], ids=["tokenizer", "config"])
+def test_a_model_not_on_reach_is_one_line(chat_recipe, tiny_model, no_hub, capsys, local_tokenizer):
+    """No hub and not cached: the tokenizer, or with a local one the model's config (the plan), names the model
+    and what to do."""
+    extra = ["--set", f"model.tokenizer='{tiny_model}'"] if local_tokenizer else []
+    err = one_line_error(capsys, ["run", str(chat_recipe), "--set", "model.name='nobody/no-such-model'", *extra])
+    what = "config" if local_tokenizer else "tokenizer"
+    assert f"model.name 'nobody/no-such-model': cannot load its {what}" in err and "HF_HUB_OFFLINE" in err, err
+
+
 # ---------------------------------------------------------------- property: random mutations, never a traceback
 
 VALUES = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),

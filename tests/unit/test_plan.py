@@ -22,7 +22,8 @@ SHAPES = {
                                 num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
                                 sliding_window=None),  # v0.3: no sliding window
     "starcoder2-3b": Starcoder2Config(vocab_size=49152, hidden_size=3072, intermediate_size=12288,
-                                      num_hidden_layers=30, num_attention_heads=24, num_key_value_heads=2),
+                                      num_hidden_layers=30, num_attention_heads=24, num_key_value_heads=2,
+                                      sliding_window=4096),
     "nllb-600m": M2M100Config(vocab_size=256206, d_model=1024, encoder_layers=12, decoder_layers=12,
                               encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
                               decoder_ffn_dim=4096, scale_embedding=True),

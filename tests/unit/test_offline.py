@@ -1,0 +1,89 @@
+"""No network: `crb plan` works on every bundled recipe from the model configs shipped with crb, and these
+are the shapes test_plan.py checks the planner on; a model neither reachable nor shipped is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from crb.cli import main
+from crb.engine import build, hub
+from crb.engine import plan as plans
+from crb.engine import recipe as recipes
+from tests.unit.test_plan import RECIPES, ROOT, SHAPES
+
+LAYERS = {"language": 32, "code": 30, "translation": 24, "retrieval": 24, "clara": 32}  # checkpointable blocks
+# What the planner reads of a config (aliases resolve: T5's num_heads is its num_attention_heads).
+KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
+        "num_hidden_layers", "encoder_layers", "decoder_layers", "num_attention_heads", "num_key_value_heads",
+        "decoder_attention_heads", "head_dim", "d_kv", "feed_forward_proj", "scale_embedding", "tie_word_embeddings",
+        "sliding_window")
+MISSING = "nobody/no-such-model"
+
+
+def model_name(recipe: str) -> str:
+    return recipes.load(ROOT / "recipes" / f"{recipe}.toml").model.name
+
+
+def last_error_line(capsys, argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-1500:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("crb: error: "), err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("recipe", list(LAYERS))
+def test_plan_of_every_bundled_recipe_works_with_no_hub(no_hub, capsys, recipe):
+    plans._meta_model.cache_clear()  # built afresh here, from the shipped config
+    assert main(["plan", str(ROOT / "recipes" / f"{recipe}.toml"), "--gpu-memory", "80", "--json"]) == 0
+    out, err = capsys.readouterr()
+    p = json.loads(out)
+    assert p["notes"]["layers"] == LAYERS[recipe] and p["total_gib"] > 1 and p["fits"] is True
+    assert f"crb: model.name '{model_name(recipe)}': using the config shipped with crb" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_shipped_configs_are_the_planner_tests_shapes(recipe):
+    """Every bundled recipe's model has a shipped config, with test_plan.py's SHAPES values (no silent drift)."""
+    from transformers import AutoConfig
+
+    folder = hub.shipped_config(model_name(recipe))
+    assert folder is not None, f"no config shipped for {recipe}'s model"
+    shipped, expected = AutoConfig.from_pretrained(folder), SHAPES[RECIPES[recipe]]
+    assert {k: getattr(shipped, k, None) for k in KEYS} == {k: getattr(expected, k, None) for k in KEYS}
+
+
+def test_plan_of_a_model_neither_reachable_nor_shipped_is_one_line(no_hub, capsys):
+    line = last_error_line(capsys, ["plan", str(ROOT / "recipes" / "language.toml"),
+                                    "--set", f'model.name="{MISSING}"'])
+    assert f"model.name '{MISSING}': cannot load its config" in line
+    assert f"hf download {MISSING} --local-dir" in line and "HF_HUB_OFFLINE" in line and "model.revision" in line
+
+
+def test_a_pinned_revision_is_not_planned_from_the_shipped_config(no_hub, capsys):
+    plans._meta_model.cache_clear()
+    line = last_error_line(capsys, ["plan", str(ROOT / "recipes" / "code.toml"), "--set", 'model.revision="v0.1"'])
+    assert "model.name 'bigcode/starcoder2-3b'" in line and "without model.revision" in line
+
+
+@pytest.mark.parametrize("what", ["tokenizer", "weights", "config"])
+def test_every_loader_names_the_model_and_what_to_do(no_hub, what):
+    """The tokenizer, weights and config loads of `crb run` (and data, merge, verify) fail as one HubError."""
+    loaders = {"tokenizer": lambda: build.build_tokenizer(recipes.load(ROOT / "recipes" / "language.toml",
+                                                                       [f'model.name="{MISSING}"'])),
+               "weights": lambda: build.load_weights(AutoModelForCausalLM, MISSING),
+               "config": lambda: hub.config(MISSING)}
+    with pytest.raises(hub.HubError) as e:
+        loaders[what]()
+    assert f"model.name '{MISSING}': cannot load its {what}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_sentence_transformers_model_is_one_line(no_hub):
+    r = recipes.load(ROOT / "recipes" / "retrieval.toml", [f'model.name="{MISSING}"'])
+    with pytest.raises(hub.HubError, match=f"model.name '{MISSING}': cannot load its sentence-transformers model"):
+        build.build_encoder(r)

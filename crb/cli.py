@@ -29,11 +29,29 @@ def cmd_run(args: argparse.Namespace) -> None:
     run(args.recipe, args.overrides, args.resume, args.stage)
 
 
-def cmd_validate(args: argparse.Namespace) -> None:
+def cmd_validate(args: argparse.Namespace) -> int:
     from crb.engine import recipe
 
     r = recipe.load(args.recipe, args.overrides)
-    print(f"{args.recipe}: ok ({r.method.name} {r.model.name}, {r.data.format} data, {len(r.data.train)} file(s))")
+    head = f"{args.recipe}: ok ({r.method.name} {r.model.name}, {r.data.format} data"
+    if args.quick:
+        print(f"{head}, {len(r.data.train)} file(s))")
+        return 0
+    from crb.data import validate
+
+    parts = []
+    for one in [recipe.load(args.recipe, args.overrides, stage["name"]) for stage in r.stages] or [r]:
+        v = validate(one.data, one.clara)
+        for severity, line in v.first:
+            print(f"crb: {severity}: {line}", file=sys.stderr)
+        if more := v.errors + v.skipped - len(v.first):
+            severity = "error" if v.errors else "warning"
+            print(f"crb: {severity}: ... and {more} more malformed record(s)", file=sys.stderr)
+        if v.errors:
+            return 2  # as crb run, which stops at this stage
+        parts.append(f"stage {one.stage} {v.summary()}" if one.stage else v.summary())
+    print(f"{head}: {'; '.join(parts)})")
+    return 0
 
 
 def cmd_lock(args: argparse.Namespace) -> None:
@@ -173,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allow-pickle", action="store_true",
                    help="load pickled (.bin) model weights too (they can run code: only ones you trust)")
     s.set_defaults(func=cmd_run)
-    with_recipe("validate", "check a recipe and its data files").set_defaults(func=cmd_validate)
+    s = with_recipe("validate", "check a recipe and every record of its data files as training does (no model loads)")
+    s.add_argument("--quick", action="store_true", help="check the recipe only, not the data files' records")
+    s.set_defaults(func=cmd_validate)
     with_recipe("show", "print the resolved recipe (extends and --set applied) as TOML").set_defaults(func=cmd_show)
     s = with_recipe("plan", "estimate the memory a recipe needs, before any GPU work")
     s.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a card of this size")

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -53,63 +54,75 @@ class DataReport:
         return s
 
 
-def _lm_doc(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str) -> Doc:
-    if cfg.format == "chatml":
-        name = cfg.field or "messages"
-        if name not in rec.data:
-            raise DataError(f"{rec.where()}: missing field '{name}'")
-        return tokenize_chat(check_messages(rec.data[name], rec.where()), tokenizer, template, rec.where())
-    name = cfg.field or "text"
+def check_record(rec: Record, cfg: DataConfig, clara_cfg: ClaraConfig | None = None) -> Any:
+    """A record's fields in its format's shape, checked as training checks them, or a DataError naming the record
+    and the field at fault. No tokenizer: what needs one (token counts, language tokens) comes after."""
+    where = rec.where()
+    if cfg.format == "translation":
+        return translation.check_pair(rec.data, where, cfg)
+    if cfg.format == "retrieval":
+        return retrieval.check_triple(rec.data, where)
+    if cfg.format == "clara":
+        return _check_clara(rec.data, where, clara_cfg)
+    name = cfg.field or ("messages" if cfg.format == "chatml" else "text")
     if name not in rec.data:
-        raise DataError(f"{rec.where()}: missing field '{name}'")
-    return tokenize_text(check_text(rec.data[name], rec.where(), name), tokenizer)
+        raise DataError(f"{where}: missing field '{name}'")
+    if cfg.format == "chatml":
+        return check_messages(rec.data[name], where)
+    return check_text(rec.data[name], where, name)
+
+
+def _check_clara(data: dict, where: str, c: ClaraConfig) -> dict:
+    """A CLaRa record's documents (those the stage reads), question, answer, gold indices and memory slots."""
+    from crb.data import clara  # here, so `python -m crb.data.clara` runs without a double import
+
+    if c.stage == "compression":
+        r = clara.check_stage1(data, where)
+        return {"docs": [r["doc"]], "question": None, "answer": clara.stage1_target(r["qa"]), "gold": [0],
+                "slots": 1}
+    r = clara.check_stage23(data, where)
+    if len(r["docs"]) < c.top_k:
+        raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(r['docs'])}")
+    docs = r["docs"][: c.top_k] if c.stage == "instruction" else r["docs"]
+    return {"docs": docs, "question": r["question"], "answer": r["answer"], "gold": r["pos_index"],
+            "slots": c.top_k}
 
 
 def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
               report: DataReport, clara_cfg: ClaraConfig | None = None) -> tuple[Row | Doc, int] | None:
     """One record in its format's shape, with its length in tokens (None: not in the recipe's directions)."""
+    checked = check_record(rec, cfg, clara_cfg)
     if cfg.format == "translation":
-        pair = translation.check_pair(rec.data, rec.where(), cfg, tokenizer)
-        if not translation.in_directions(pair, cfg):
+        translation.check_language_tokens(checked, rec.where(), tokenizer)
+        if not translation.in_directions(checked, cfg):
             report.other_directions += 1
             return None
-        row = translation.tokenize_pair(pair, tokenizer)
+        row = translation.tokenize_pair(checked, tokenizer)
         return row, max(len(row["input_ids"]), len(row["labels"]))
     if cfg.format == "retrieval":
-        texts, instruction = retrieval.check_triple(rec.data, rec.where()), retrieval.instruction_of(rec.data)
-        with_prompts = [f"{instruction} {texts[0]}".strip(), *texts[1:]]  # as the encoder will read them
-        return retrieval.row(texts, instruction), max(len(ids) for ids in tokenizer(with_prompts)["input_ids"])
+        instruction = retrieval.instruction_of(rec.data)
+        with_prompts = [f"{instruction} {checked[0]}".strip(), *checked[1:]]  # as the encoder will read them
+        return retrieval.row(checked, instruction), max(len(ids) for ids in tokenizer(with_prompts)["input_ids"])
     if cfg.format == "clara":
-        row = clara_row(rec, clara_cfg, tokenizer, template)
+        row = clara_row(checked, clara_cfg, tokenizer, template, rec.where())
         return row, len(row["dec_ids"])
-    doc = _lm_doc(rec, cfg, tokenizer, template)
+    if cfg.format == "chatml":
+        doc = tokenize_chat(checked, tokenizer, template, rec.where())
+    else:
+        doc = tokenize_text(checked, tokenizer)
     return doc, len(doc[0])
 
 
-def clara_row(rec: Record, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, template: str) -> Row:
-    """A CLaRa record as token ids: documents for the encoder (flattened), the decoder prompt and labels,
-    and in stage 3 the question for the query reasoner and the gold documents."""
-    from crb.data import clara  # here, so `python -m crb.data.clara` runs without a double import
-
+def clara_row(r: dict, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, template: str, where: str) -> Row:
+    """A checked CLaRa record (`_check_clara`) as token ids: documents for the encoder (flattened), the decoder
+    prompt and labels, and in stage 3 the question for the query reasoner and the gold documents."""
     n_mem = c.doc_max_length // c.compress_rate
-    where = rec.where()
-    if c.stage == "compression":
-        r = clara.check_stage1(rec.data, where)
-        docs, question, answer, gold, slots = [r["doc"]], None, clara.stage1_target(r["qa"]), [0], 1
-    else:
-        r = clara.check_stage23(rec.data, where)
-        docs, question, answer, gold = r["docs"], r["question"], r["answer"], r["pos_index"]
-        if len(docs) < c.top_k:
-            raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(docs)}")
-        if c.stage == "instruction":
-            docs = docs[: c.top_k]
-        slots = c.top_k
-    encoded = [document_ids(d, tokenizer, c.doc_max_length, n_mem) for d in docs]
-    dec_ids, dec_labels = decoder_ids(question, answer, slots, n_mem, tokenizer, template, where)
+    encoded = [document_ids(d, tokenizer, c.doc_max_length, n_mem) for d in r["docs"]]
+    dec_ids, dec_labels = decoder_ids(r["question"], r["answer"], r["slots"], n_mem, tokenizer, template, where)
     row = {"doc_ids": np.concatenate([e[0] for e in encoded]), "doc_mask": np.concatenate([e[1] for e in encoded]),
-           "dec_ids": dec_ids, "dec_labels": dec_labels, "gold": np.asarray(gold, np.int64)}
+           "dec_ids": dec_ids, "dec_labels": dec_labels, "gold": np.asarray(r["gold"], np.int64)}
     if c.stage == "end_to_end":
-        row["query_ids"], row["query_mask"] = document_ids(question, tokenizer, c.doc_max_length, n_mem)
+        row["query_ids"], row["query_mask"] = document_ids(r["question"], tokenizer, c.doc_max_length, n_mem)
     return row
 
 
@@ -204,6 +217,67 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
         report.target_tokens = int(sum((r["labels"][shift:] != -100).sum() for r in train))
     _save_cache(cache, train, evals, report)
     return train, evals, report
+
+
+SHOWN = 10  # the malformed records `crb validate` lists
+
+
+@dataclass
+class Validation:
+    """What `crb validate` found in a recipe's data files."""
+
+    files: int = 0
+    records: int = 0
+    usable: int = 0  # training records that pass (in the recipe's directions)
+    other_directions: int = 0
+    errors: int = 0  # malformed records that stop crb run
+    skipped: int = 0  # malformed records crb run skips (data.bad_records = "skip")
+    first: list[tuple[str, str]] = field(default_factory=list)  # (severity, "file:line: what") of the first SHOWN
+
+    def add(self, severity: str, message: str) -> None:
+        if severity == "error":
+            self.errors += 1
+        else:
+            self.skipped += 1
+        if len(self.first) < SHOWN:
+            self.first.append((severity, message))
+
+    def summary(self) -> str:
+        s = f"{self.records} record(s) in {self.files} file(s)"
+        if self.other_directions:
+            s += f", {self.other_directions} in directions the recipe does not train"
+        if self.skipped:
+            s += f", {self.skipped} malformed to be skipped (data.bad_records = \"skip\")"
+        return s
+
+
+def validate(cfg: DataConfig, clara_cfg: ClaraConfig | None = None) -> Validation:
+    """Every record of the data files (train, eval, a retrieval corpus) through the checks training runs, short of
+    those that need the tokenizer (token counts, language tokens, the chat template): no model or tokenizer loads."""
+    v = Validation()
+    corpus = cfg.corpus if cfg.format == "retrieval" else []
+    for split, files in (("train", cfg.train), ("eval", cfg.eval), ("corpus", corpus)):
+        for file in files:
+            v.files += 1
+            for rec in read_jsonl(file):
+                v.records += 1
+                try:
+                    if isinstance(rec, DataError):
+                        raise rec
+                    if split == "corpus":
+                        retrieval.check_document(rec.data, rec.where())
+                        continue
+                    checked = check_record(rec, cfg, clara_cfg)
+                except DataError as e:  # training skips a malformed record only where bad_records says so
+                    v.add("warning" if cfg.bad_records == "skip" and split != "corpus" else "error", e.one_line())
+                    continue
+                if cfg.format == "translation" and not translation.in_directions(checked, cfg):
+                    v.other_directions += 1
+                elif split == "train":
+                    v.usable += 1
+    if not v.usable and not v.errors:
+        v.add("error", f"{cfg.train[0]}: no usable training records ({v.summary()})")
+    return v
 
 
 def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str, seed: int,

@@ -76,11 +76,16 @@ def corpus(files: list[str], rows: list[dict[str, np.ndarray]]) -> list[str]:
         for rec in read_jsonl(file):
             if isinstance(rec, DataError):
                 raise rec
-            text = rec.data.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{rec.where()}: text: expected non-empty text")
-            seen[text] = None
+            seen[check_document(rec.data, rec.where())] = None
     return list(seen)
+
+
+def check_document(data: dict, where: str) -> str:
+    """The `text` of a `data.corpus` record, or a DataError."""
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: text: expected non-empty text")
+    return text
 
 
 def queries(rows: list[dict[str, np.ndarray]]) -> tuple[list[str], str | None, list[str]]:

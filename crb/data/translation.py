@@ -14,7 +14,7 @@ from crb.errors import DataError
 FIELDS = ("source_lang", "target_lang", "source_text", "target_text")
 
 
-def check_pair(data: dict, where: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+def check_pair(data: dict, where: str, cfg: DataConfig) -> dict[str, str]:
     """The record's four fields, or a DataError naming the record and the field or code at fault."""
     for name in FIELDS:
         if name not in data:
@@ -22,12 +22,16 @@ def check_pair(data: dict, where: str, cfg: DataConfig, tokenizer: PreTrainedTok
         if not isinstance(data[name], str) or not data[name].strip():
             raise DataError(f"{where}: {name}: expected non-empty text")
     for name in ("source_lang", "target_lang"):
-        code = data[name]
-        if code not in cfg.languages:
-            raise DataError(f"{where}: {name}: unsupported language code '{code}' (supported: data.languages)")
-        if tokenizer.convert_tokens_to_ids(code) in (None, tokenizer.unk_token_id):
-            raise DataError(f"{where}: {name}: the tokenizer has no language token '{code}'")
+        if data[name] not in cfg.languages:
+            raise DataError(f"{where}: {name}: unsupported language code '{data[name]}' (supported: data.languages)")
     return {k: data[k] for k in FIELDS}
+
+
+def check_language_tokens(pair: dict[str, str], where: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A DataError when the tokenizer has no token for one of the pair's language codes."""
+    for name in ("source_lang", "target_lang"):
+        if tokenizer.convert_tokens_to_ids(pair[name]) in (None, tokenizer.unk_token_id):
+            raise DataError(f"{where}: {name}: the tokenizer has no language token '{pair[name]}'")
 
 
 def in_directions(pair: dict[str, str], cfg: DataConfig) -> bool:

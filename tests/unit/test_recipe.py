@@ -417,6 +417,8 @@ def test_cli_validate_bad_set_exits_2(write, capsys):
 def test_cli_validate_ok(write, capsys):
     path = write()
     assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: ok (lora org/model, chatml data: 1 record(s) in 1 file(s))\n"
+    assert main(["validate", str(path), "--quick"]) == 0
     assert capsys.readouterr().out == f"{path}: ok (lora org/model, chatml data, 1 file(s))\n"
 
 

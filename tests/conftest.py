@@ -11,7 +11,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+FIXTURES = ROOT / "tests" / "fixtures"
+# 64 records of the CLaRa reference repository's stage-1 example data, unmodified (licence and source:
+# tests/fixtures/clara/README.md): real text for the tests, in the repository, so none of them skips.
+CLARA_SLICE = FIXTURES / "clara" / "pretrain_data_64.jsonl"
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
 

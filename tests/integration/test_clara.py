@@ -16,9 +16,8 @@ from crb.engine import recipe as recipes
 from crb.engine.build import build_model, build_tokenizer, n_memory
 from crb.errors import CrbError
 from crb.run import make_batcher, run
-from tests.conftest import SHARED_DATA, write_jsonl, write_recipe
+from tests.conftest import CLARA_SLICE, write_jsonl, write_recipe
 
-CLARA = SHARED_DATA / "clara" / "pretrain_data.jsonl"
 DOCS = ["The navy suit is wool, costs 320 dollars and comes in sizes 38 to 44.",
         "Our store opens at nine and closes at eight; returns are free within 30 days.",
         "The running shoe weighs 240 grams, has a neutral platform and costs 140 dollars.",
@@ -143,9 +142,8 @@ def test_stage3_topk_gradient_reaches_the_query_reasoner(tmp_path, tiny_model):
     assert not any(".encoder." in n and v > 0 for n, v in grads.items())  # candidates compress without grad
 
 
-@pytest.mark.skipif(not CLARA.is_file(), reason="needs ../shared/data/clara/pretrain_data.jsonl")
 def test_three_stages_chain_and_each_loss_falls(tmp_path, tiny_model):
-    lines = CLARA.read_text().splitlines()[:20]
+    lines = CLARA_SLICE.read_text().splitlines()[:20]
     s1 = tmp_path / "clara20.jsonl"
     s1.write_text("\n".join(lines) + "\n")
     s23 = write_jsonl(tmp_path / "clara20-23.jsonl",

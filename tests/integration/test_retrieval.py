@@ -1,6 +1,6 @@
 """The retrieval agent: the pretrained all-MiniLM-L6-v2 fine-tuned contrastively in crb's loop.
-Real data, subsampled for CPU: the shipped retail search triples, and (when present) the CLaRa
-documents' questions, compared with sentence-transformers' own trainer."""
+Real data, subsampled for CPU: the shipped retail search triples, and the CLaRa fixture's documents'
+questions, compared with sentence-transformers' own trainer."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ from crb.data.retrieval import check_triple
 from crb.engine import recipe as recipes
 from crb.errors import DataError
 from crb.run import make_batcher, run
-from tests.conftest import DEMO_DATA, SHARED_DATA, retrieval_recipe_text, write_jsonl, write_recipe
-
-CLARA = SHARED_DATA / "clara" / "pretrain_data.jsonl"
+from tests.conftest import CLARA_SLICE, DEMO_DATA, retrieval_recipe_text, write_jsonl, write_recipe
 
 
 def _subsample(src: Path, dest: Path, n: int, seed: int = 0) -> Path:
@@ -136,59 +134,113 @@ def test_finetuning_raises_ndcg_on_held_out_retail_queries(tmp_path, minilm):
     assert rows[0]["step"] == 0 and "ndcg@10" in rows[0]  # before training, in metrics.jsonl too
 
 
-@pytest.mark.skipif(not CLARA.is_file(), reason="needs ../shared/data/clara/pretrain_data.jsonl")
+def _without_dropout(model: str, dest: Path) -> Path:
+    """The model's folder with dropout off (its files linked, config.json changed): training is then the same
+    arithmetic in crb and in sentence-transformers, which draw their dropout masks differently."""
+    dest.mkdir()
+    for f in Path(model).iterdir():
+        if f.name != "config.json":
+            (dest / f.name).symlink_to(f)
+    config = json.loads((Path(model) / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                  "attention_probs_dropout_prob": 0.0}))
+    return dest
+
+
 def test_clara_questions_beat_untuned_and_match_sentence_transformers_trainer(tmp_path, minilm):
-    """Split the CLaRa documents 80/20; train on questions of the 80%; rank the whole corpus for
-    questions of the 20%. crb must beat the untuned model and land within 0.01 nDCG@10 of
-    SentenceTransformerTrainer with the same data, seed and hyperparameters."""
-    docs = [json.loads(ln) for ln in CLARA.read_text().splitlines()]
-    order = np.random.default_rng(0).permutation(len(docs))
-    test_ids = set(order[: len(docs) // 5].tolist())
+    """The CLaRa fixture's 64 documents split 48/16; train on 96 questions of the 48 (6 steps of 16), rank all 64
+    documents for the 142 questions of the 16. crb's training is sentence-transformers' trainer's: the same
+    batches (crb's order given to the trainer), seed, hyperparameters and loss give the same embeddings, to
+    1e-4 where training moved them by over 1e-2 (measured: 2e-7 apart, moved 0.1); an untrained or differently
+    trained model fails that. And it helps: held-out nDCG@10, MRR@10 and recall@1 rise."""
+    from sentence_transformers import SentenceTransformer
+
+    from crb.data.retrieval import corpus as make_corpus
+    from crb.engine.loop import epoch_order
+    from crb.engine.metrics import retrieval_scores
+
+    model = str(_without_dropout(minilm, tmp_path / "minilm"))
+    docs = [json.loads(ln) for ln in CLARA_SLICE.read_text().splitlines()]
+    held_out = set(np.random.default_rng(0).permutation(len(docs))[: len(docs) // 4].tolist())
     pairs = {"train": [], "test": []}
     for i, d in enumerate(docs):
         for q in d["question"]:
-            pairs["test" if i in test_ids else "train"].append({"query": q, "positive": d["docs"][0]})
-    rng = random.Random(0)
-    train = rng.sample(pairs["train"], 384)
-    test = rng.sample(pairs["test"], 200)
-    train_file = write_jsonl(tmp_path / "train.jsonl", train)
-    test_file = write_jsonl(tmp_path / "test.jsonl", test)
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d["docs"][0]} for d in docs])
-    text = retrieval_recipe_text(tmp_path, minilm, train_file, test_file, corpus).replace(
-        "max_length = 64", "max_length = 128")
-    final = run(str(write_recipe(tmp_path / "r.toml", text)))
-    untuned, tuned = final["baseline"]["ndcg@10"], final["ndcg@10"]
-
-    st = _sentence_transformers_trainer(minilm, train, tmp_path, final["step"])
-    from crb.data.retrieval import corpus as make_corpus
-    from crb.engine.metrics import retrieval_scores
+            pairs["test" if i in held_out else "train"].append({"query": q, "positive": d["docs"][0]})
+    batches = _distinct_positives(pairs["train"], 16, 6)
+    assert len(batches) == 96
+    test = pairs["test"]
+    order = epoch_order(96, 42, 0)  # crb's row order (train.seed 42): the file puts the batches' rows there
+    train = [None] * 96
+    for k, i in enumerate(order):
+        train[i] = batches[k]
+    corpus_file = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d["docs"][0]} for d in docs])
+    text = retrieval_recipe_text(tmp_path, model, write_jsonl(tmp_path / "train.jsonl", train),
+                                 write_jsonl(tmp_path / "test.jsonl", test), corpus_file)
+    final = run(str(write_recipe(tmp_path / "r.toml", text.replace("max_length = 64", "max_length = 128"))))
+    assert final["step"] == 6
 
     r = recipes.load(tmp_path / "r.toml")
+    assert r.train.seed == 42
+    st = _sentence_transformers_trainer(model, batches, tmp_path, final["step"])
+    tuned = SentenceTransformer(str(tmp_path / "out" / "final_model"), device="cpu")
+    untuned = SentenceTransformer(model, device="cpu")
+    texts = [x["query"] for x in test] + [d["docs"][0] for d in docs]  # held-out questions, every document
+    crb_emb, st_emb, base_emb = (torch.from_numpy(m.encode(texts, batch_size=64)) for m in (tuned, st, untuned))
+    moved, apart = (st_emb - base_emb).abs().max(), (crb_emb - st_emb).abs().max()
+    assert moved > 1e-2 and apart < 1e-4, (float(moved), float(apart))
     _, eval_rows, _ = prepare(r.data, st.tokenizer, 0)
-    train_rows, _, _ = prepare(r.data, st.tokenizer, 0)
-    st_ndcg = retrieval_scores(st, eval_rows, make_corpus(r.data.corpus, [*train_rows, *eval_rows]), 64)["ndcg@10"]
-    print(json.dumps({"ndcg10_untuned": untuned, "ndcg10_crb": tuned, "ndcg10_st": st_ndcg}))
-    assert tuned > untuned + 0.005, (untuned, tuned)  # measured: 0.914 -> 0.923 (ST: 0.924)
-    assert abs(tuned - st_ndcg) <= 0.01, (tuned, st_ndcg)
+    st_ndcg = retrieval_scores(st, eval_rows, make_corpus(r.data.corpus, eval_rows), 64)["ndcg@10"]
+    assert final["ndcg@10"] == pytest.approx(st_ndcg, abs=1e-3)
+
+    untuned_scores = final["baseline"]
+    print(json.dumps({"untuned": untuned_scores, "crb": {k: final[k] for k in untuned_scores}, "ndcg10_st": st_ndcg,
+                      "moved": float(moved), "apart": float(apart)}))
+    # measured: nDCG@10 0.9700 -> 0.9755, MRR@10 0.9624 -> 0.9699, recall@1 0.944 -> 0.958 (2 of 142 questions)
+    for metric in ("ndcg@10", "mrr@10"):
+        assert final[metric] > untuned_scores[metric] + 0.003, (metric, untuned_scores[metric], final[metric])
+    assert final["recall@1"] > untuned_scores["recall@1"]
+
+
+def _distinct_positives(pairs: list[dict], size: int, n: int) -> list[dict]:
+    """n batches of `size` pairs, no two of a batch with the same positive (in-batch negatives must be
+    negatives: several questions share a CLaRa document), one after another."""
+    pool, out = random.Random(0).sample(pairs, len(pairs)), []
+    for _ in range(n):
+        batch, seen = [], set()
+        for x in pool:
+            if x["positive"] not in seen and len(batch) < size:
+                batch.append(x)
+                seen.add(x["positive"])
+        pool = [x for x in pool if not any(x is y for y in batch)]
+        out += batch
+    return out
 
 
 def _sentence_transformers_trainer(model_path: str, train: list[dict], tmp_path: Path, steps: int):
-    """sentence-transformers' own trainer on the same pairs and settings as the crb recipe above."""
+    """sentence-transformers' own trainer on the same settings as the crb recipe above, its batches the rows of
+    `train` in order (crb's order: the trainer's shuffling off)."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers import SentenceTransformerTrainingArguments as Args
+    from torch.utils.data import SequentialSampler
 
     try:
+        from sentence_transformers.base.sampler import DefaultBatchSampler
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    except ImportError:
+    except ImportError:  # sentence-transformers before 6.1
         from sentence_transformers.losses import MultipleNegativesRankingLoss
+        from sentence_transformers.sampler import DefaultBatchSampler
+
+    def in_order(dataset, batch_size: int, drop_last: bool, **_):
+        return DefaultBatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=drop_last)
+
     model = SentenceTransformer(model_path, device="cpu")
     model.max_seq_length = 128
     data = Dataset.from_dict({"anchor": [r["query"] for r in train], "positive": [r["positive"] for r in train]})
     args = Args(output_dir=str(tmp_path / "st"), num_train_epochs=1, per_device_train_batch_size=16,
                 learning_rate=5e-5, lr_scheduler_type="linear", warmup_steps=int(np.ceil(0.1 * steps)),
                 weight_decay=0.01, max_grad_norm=1.0, seed=42, data_seed=42, save_strategy="no", report_to=[],
-                logging_steps=10, use_cpu=True, dataloader_drop_last=True)
+                logging_steps=10, use_cpu=True, dataloader_drop_last=True, batch_sampler=in_order)
     SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
                                loss=MultipleNegativesRankingLoss(model)).train()
     return model

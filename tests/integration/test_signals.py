@@ -1,6 +1,11 @@
 """A real `crb run` process stopped by SIGTERM / SIGINT: it finishes the step, writes a complete
 checkpoint of it, exits non-zero (128 + the signal) with a one-line message, and --resume continues
-from there to the end."""
+from there to the end.
+
+The signal comes from this test, another process, as in real life; so that its step is known, the run
+waits after logging step STOP until its SIGTERM/SIGINT handler has seen the signal (a wrapper around
+`python -m crb.run` that hooks crb's metrics log and signal handler, nothing else). The stop therefore
+always lands after step STOP: no race with the training speed, no skip."""
 
 from __future__ import annotations
 
@@ -15,11 +20,39 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+STOP = 3  # the step after which the signal arrives
+WAIT_S = 240
+
+# `python -c HOOKED READY STEP <crb.run arguments>`: crb.run, which after logging step STEP touches READY
+# and waits until its signal handler has run (at most WAIT_S seconds: then it trains on, and the test fails).
+HOOKED = f"""
+import sys, time
+from pathlib import Path
+import crb.engine.loop as loop
+from crb.run import main
+ready, stop_at = Path(sys.argv.pop(1)), int(sys.argv.pop(1))
+seen = []
+handle = loop.StopRequest._handle
+def _handle(self, signum, frame):
+    seen.append(signum)
+    handle(self, signum, frame)
+loop.StopRequest._handle = _handle
+write = loop.MetricsLog.write
+def _write(self, row):
+    write(self, row)
+    if row.get("step") == stop_at and "loss" in row:
+        ready.touch()
+        deadline = time.time() + {WAIT_S}
+        while not seen and time.time() < deadline:
+            time.sleep(0.01)
+loop.MetricsLog.write = _write
+sys.exit(main())
+"""
 
 
-def start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "crb.run", str(recipe), "--set", "train.max_steps=400", "--set", "train.log_every=1",
-           "--set", "train.save_every=1000", "--set", f"output.dir='{out}'", *extra]
+def start(recipe: Path, out: Path, ready: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", HOOKED, str(ready), str(STOP), str(recipe), "--set", "train.max_steps=400",
+           "--set", "train.log_every=1", "--set", "train.save_every=1000", "--set", f"output.dir='{out}'"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -33,29 +66,25 @@ def logged_steps(out: Path) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_finishes_the_step_checkpoints_and_resume_completes(chat_recipe, tmp_path, sig):
-    out = tmp_path / "run"
-    proc = start(chat_recipe, out)
-    deadline = time.time() + 240
-    while len(logged_steps(out)) < 2:  # training is under way
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    proc = start(chat_recipe, out, ready)
+    deadline = time.time() + WAIT_S
+    while not ready.exists():  # training has logged step STOP and now waits for the signal
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=240)
+    _, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 128 + sig, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"crb: stopped: {sig.name} after step "), last
-    step = int(last.split("after step ")[1].split(":")[0])
-    ckpt = out / "checkpoints" / f"step-{step}"
-    assert str(ckpt) in last and (ckpt / "crb_state.json").is_file()
-    assert json.loads((ckpt / "crb_state.json").read_text())["step"] == step
-    assert step >= 2 and max(logged_steps(out)) == step  # the step it was in finished, no later one began
+    ckpt = out / "checkpoints" / f"step-{STOP}"
+    assert last == f"crb: stopped: {sig.name} after step {STOP}: checkpoint {ckpt}; continue with --resume", last
+    assert json.loads((ckpt / "crb_state.json").read_text())["step"] == STOP
+    assert logged_steps(out) == list(range(1, STOP + 1))  # the step it was in finished, no later one began
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
-    if step >= 12:
-        pytest.skip("the signal came after step 12")
     resumed = subprocess.run([sys.executable, "-m", "crb.run", str(chat_recipe), "--set", "train.max_steps=12",
                               "--set", "train.save_every=1000", "--set", f"output.dir='{out}'", "--resume"],
                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {ckpt} at step {step}" in resumed.stdout + resumed.stderr
+    assert f"resumed from {ckpt} at step {STOP}" in resumed.stdout + resumed.stderr
     assert logged_steps(out) == list(range(1, 13))  # no step lost or repeated

@@ -15,9 +15,7 @@ from safetensors.torch import load_file
 
 from crb.cli import main as cli
 from crb.run import run
-from tests.conftest import SHARED_DATA, make_model_dir, write_jsonl
-
-CLARA = SHARED_DATA / "clara" / "pretrain_data.jsonl"
+from tests.conftest import CLARA_SLICE, make_model_dir, write_jsonl
 
 
 def losses(out: Path) -> list[float]:
@@ -25,10 +23,10 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-@pytest.mark.skipif(not CLARA.is_file(), reason="../shared/data/clara is absent")
 def test_loss_falls_over_50_steps_on_real_text(tmp_path):
+    """504 real question/answer pairs (the CLaRa fixture's 64 documents) as chats, 50 steps of 16."""
     records = []
-    for line in CLARA.read_text().splitlines()[:200]:
+    for line in CLARA_SLICE.read_text().splitlines():
         rec = json.loads(line)
         for q, a in zip(rec["question"], rec["answers"], strict=False):
             records.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
@@ -151,6 +149,36 @@ def test_cli_errors_are_one_line(chat_recipe, tmp_path, capsys):
     assert len(err) == 1 and f"{bad}:2: bad JSON" in err[0]
 
 
+def test_qlora_quantizes_the_base_to_4_bits(chat_recipe, tiny_model):
+    """method qlora on the CPU: every linear layer of the base is a bitsandbytes 4-bit layer whose weight is
+    stored packed (two nf4 values per byte, double-quantized absmax constants) and dequantizes to the saved
+    weight within nf4's error; lm_head is kept as is; only the LoRA adapters on top train."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from crb.engine import recipe as recipes
+    from crb.engine.build import build_model
+
+    saved = load_file(tiny_model / "model.safetensors")
+    model = build_model(recipes.load(chat_recipe, ["method.name='qlora'"]), "no", torch.device("cpu"))
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down of both layers
+    for name, layer in quantized.items():
+        w, key = layer.weight, name.replace("base_model.model.", "").replace(".base_layer", "") + ".weight"
+        assert isinstance(w, bnb.nn.Params4bit) and w.dtype == torch.uint8 and not w.requires_grad
+        assert w.numel() == layer.in_features * layer.out_features // 2  # 4 bits a weight
+        qs = w.quant_state
+        assert qs is not None and qs.quant_type == "nf4" and qs.nested and tuple(qs.shape) == saved[key].shape
+        back = dequantize_4bit(w.data, qs).float()
+        levels = (back.reshape(-1, qs.blocksize).sort(1).values.diff(dim=1) != 0).sum(1) + 1
+        assert qs.blocksize == 64 and levels.max() <= 16  # 4 bits: at most 16 values in each block of 64
+        err = float((back - saved[key]).norm() / saved[key].norm())
+        assert 0.03 < err < 0.15, (name, err)  # the saved weight, rounded (nf4: about 9 % here)
+    assert not isinstance(model.base_model.model.lm_head, bnb.nn.Linear4bit)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
 def test_qlora_with_paged_8bit_adamw_runs_on_cpu(chat_recipe, tmp_path):
     out = tmp_path / "q"
     final = run(str(chat_recipe), ["method.name='qlora'", "train.optimizer='paged_adamw_8bit'",
@@ -171,17 +199,48 @@ def test_freeze_trains_only_matching_parameters(chat_recipe, tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("method", ["qlora"])
-def test_offloaded_activations_train_the_same_as_kept_ones(chat_recipe, tmp_path, method):
+def test_offloaded_activations_train_the_same_as_kept_ones(chat_recipe, tmp_path, method, monkeypatch):
     """Checkpointed layer inputs in CPU memory (reentrant checkpointing + save_on_cpu) change where
-    tensors live, not the math: the same losses and adapter as checkpoints kept in place."""
+    tensors live, not the math: the same losses and adapter as checkpoints kept in place. On the CPU
+    nothing moves, so the test watches the path: with offloading, every checkpointed layer's input of
+    every training forward goes through save_on_cpu's pack hook; without, save_on_cpu is never entered."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    packed: set[tuple] = set()
+    layer_inputs: list[tuple] = []
+    real = torch.autograd.graph.save_on_cpu
+
+    class counted_save_on_cpu(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: packed.add((t.data_ptr(), tuple(t.shape))) or pack(t)
+
+    def record(module, args):
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing and module.training \
+                and torch.is_grad_enabled():
+            layer_inputs.append((args[0].data_ptr(), tuple(args[0].shape)))
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counted_save_on_cpu)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
     runs = {}
-    for offload in (False, True):
-        out = tmp_path / f"{method}-{offload}"
-        run(str(chat_recipe), [f"method.name='{method}'", "train.gradient_checkpointing=true", "train.max_steps=3",
-                               f"train.offload_activations={str(offload).lower()}", "train.kernels='liger'",
-                               f"output.dir='{out}'"])
-        runs[offload] = (losses(out), adapter(out))
-        assert json.loads((out / "profile.json").read_text())["offload_activations"] is offload
+    try:
+        for offload in (False, True):
+            packed.clear()
+            layer_inputs.clear()
+            out = tmp_path / f"{method}-{offload}"
+            run(str(chat_recipe), [f"method.name='{method}'", "train.gradient_checkpointing=true", "train.max_steps=3",
+                                   f"train.offload_activations={str(offload).lower()}", "train.kernels='liger'",
+                                   f"output.dir='{out}'"])
+            runs[offload] = (losses(out), adapter(out))
+            assert json.loads((out / "profile.json").read_text())["offload_activations"] is offload
+            assert len(layer_inputs) == 3 * 2 * 2  # steps x micro-batches x layers, all checkpointed
+            if offload:
+                assert set(layer_inputs) <= packed, "a checkpointed layer's input was not offloaded"
+            else:
+                assert not packed  # save_on_cpu never entered
+    finally:
+        hook.remove()
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     for k, v in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6)

@@ -16,7 +16,7 @@ from crb.data.collate import IGNORE, seq2seq_batcher
 from crb.engine import recipe as recipes
 from crb.errors import DataError, RecipeError
 from crb.run import run
-from tests.conftest import write_jsonl
+from tests.conftest import translation_records, write_jsonl
 
 
 def _rows(recipe_path, tok):
@@ -66,13 +66,45 @@ def test_training_lowers_loss_and_generation_starts_with_the_target_language(tra
     assert cli(["verify", str(out), "--prompt", "Where is my order?", "--target-lang", "xxx_Yyyy"]) == 2
 
 
-def test_lora_on_seq2seq_writes_an_adapter(translation_recipe, tmp_path):
+def test_lora_on_seq2seq_trains_only_adapters_in_encoder_and_decoder(translation_recipe, tmp_path, tiny_nllb):
+    """method lora on the encoder-decoder: LoRA layers on the linear layers of both stacks, only the adapters
+    train (the base is frozen), the loss falls, and the saved adapter lowers the base model's loss on the pairs."""
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
-    run(str(translation_recipe), ["method.name='lora'", "train.max_steps=4", "train.eval_every=0"])
-    base = AutoModelForSeq2SeqLM.from_pretrained(recipes.load(translation_recipe).model.name)
-    model = PeftModel.from_pretrained(base, tmp_path / "out" / "final_adapter")
+    from crb.engine.build import build_model
+
+    sets = ["method.name='lora'", "method.lora.dropout=0.0", "train.max_steps=12", "train.log_every=1",
+            "data.eval=[]"]
+    r = recipes.load(translation_recipe, sets)
+    built = build_model(r, "no", torch.device("cpu"))
+    lora = {n for n, m in built.named_modules() if isinstance(m, LoraLayer)}
+    assert any(".encoder." in n for n in lora) and any(".decoder." in n for n in lora)
+    assert any(n.endswith("encoder_attn.q_proj") for n in lora) and any(n.endswith("fc2") for n in lora)
+    trainable = {n for n, p in built.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert len(trainable) == 2 * len(lora)  # an A and a B per adapted layer, nothing else
+
+    run(str(translation_recipe), sets)
+    out = tmp_path / "out"
+    losses = [x["loss"] for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+    assert len(losses) == 12 and max(losses[-3:]) < min(losses[:3]), losses
+    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_nllb)
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_nllb), out / "final_adapter")
     assert model.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
+    assert len([n for n, _ in model.named_parameters() if "lora_" in n]) == len(trainable)  # all of them saved
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # B starts at zero
+    tok = AutoTokenizer.from_pretrained(tiny_nllb)
+    _, rows, _, _ = _rows(translation_recipe, tok)
+    batch = seq2seq_batcher(tok.pad_token_id, tok.eos_token_id).collate(rows)  # every training pair
+    with torch.no_grad():
+        tuned, plain = model(**batch).loss, base(**batch).loss
+    assert tuned < plain - 0.1, (float(tuned), float(plain))  # the adapter learnt the pairs (5.73 -> 5.54)
+    merged = model.merge_and_unload().state_dict()
+    frozen = base.state_dict()
+    changed = {k for k in frozen if not torch.equal(merged[k], frozen[k])}
+    assert changed and all(k.endswith("proj.weight") or k.endswith("fc1.weight") or k.endswith("fc2.weight")
+                           for k in changed), changed  # merging moves the adapted linear weights, nothing else
 
 
 def test_unknown_language_code_names_file_line_and_code(translation_recipe, tiny_nllb, tmp_path):
@@ -101,4 +133,8 @@ def test_directions_filter_is_counted(translation_recipe, tiny_nllb):
     train, _, report = prepare(r.data, tok, 0)
     assert report.other_directions == len(train) + 6 // 2  # the French half of train and of eval
     assert all(row["labels"][0] == tok.convert_tokens_to_ids("hin_Deva") for row in train)
-    assert torch.is_tensor(torch.as_tensor(train[0]["input_ids"]))
+    hindi = [x for x in translation_records() * 4 if x["target_lang"] == "hin_Deva"]  # the train file's
+    assert len(train) == len(hindi) == 32
+    decoded = sorted((tok.decode(row["input_ids"], skip_special_tokens=True),
+                      tok.decode(row["labels"], skip_special_tokens=True)) for row in train)
+    assert decoded == sorted((x["source_text"], x["target_text"]) for x in hindi)  # each Hindi pair, no French

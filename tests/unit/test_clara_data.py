@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from crb.data.clara import build_stage23, check_stage1, check_stage23, main, read_stage1, stage1_target
 from crb.data.reader import read_jsonl
 from crb.errors import DataError
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared/data/clara/pretrain_data.jsonl"
+from tests.conftest import CLARA_SLICE
 
 
 def stage1(**kw) -> dict:
@@ -164,11 +162,19 @@ def test_cli(tmp_path, capsys):
     assert capsys.readouterr().err == f"crb: error: {tmp_path / 'missing.jsonl'}: No such file or directory\n"
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=f"{SHARED} not present")
-def test_shared_pretrain_data():
-    recs = read_stage1(SHARED)
-    assert len(recs) == 1000
+def test_real_stage1_records_give_one_stage23_record_per_question():
+    """The reference repository's own stage-1 records (64 of them): each read as its first document and its
+    (question, answer) pairs; stage 2/3 has one record per question, its own document among 4 others."""
+    raw = [json.loads(line) for line in CLARA_SLICE.read_text().splitlines()]
+    recs = read_stage1(CLARA_SLICE)
+    assert len(recs) == len(raw) == 64
+    for rec, d in zip(recs, raw, strict=True):
+        assert rec["doc"] == d["docs"][0] and rec["qa"] == list(zip(d["question"], d["answers"], strict=True))
     out = build_stage23(recs, 5, 0)
-    assert 7500 <= len(out) <= 8300
-    assert len(out) == sum(len(r["qa"]) for r in recs)
-    assert all(len(r["docs"]) == 5 and len(set(r["docs"])) == 5 for r in out)
+    expected = [(q, a, d["docs"][0]) for d in raw for q, a in zip(d["question"], d["answers"], strict=True)]
+    assert len(out) == len(expected) == 504
+    for r, (question, answer, own) in zip(out, expected, strict=True):
+        assert (r["question"], r["answer"]) == (question, answer)
+        assert len(r["docs"]) == 5 and len(set(r["docs"])) == 5
+        assert r["docs"][r["pos_index"][0]] == own and r["docs"].count(own) == 1
+    assert build_stage23(recs, 5, 0) == out and build_stage23(recs, 5, 1) != out  # seeded

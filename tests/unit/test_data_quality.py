@@ -1,4 +1,4 @@
-"""`crb data inspect | check | clean` on small files holding each defect, and on the shared CLaRa data."""
+"""`crb data inspect | check | clean` on small files holding each defect, and on real CLaRa records (fixtures)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from crb.cli import main as cli
 from crb.data import quality
 from crb.engine import recipe as recipes
-from tests.conftest import SHARED_DATA
+from tests.conftest import CLARA_SLICE
 
 
 def chat(user: str, answer: str = "We do.", last: str = "assistant") -> str:
@@ -88,19 +88,15 @@ def test_inspect_counts_match_an_independent_count(chat_recipe, chat_file, capsy
     assert chat_file.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
-CLARA = SHARED_DATA / "clara" / "pretrain_data.jsonl"
-
-
-@pytest.mark.skipif(not CLARA.is_file(), reason="../shared/data/clara is absent")
 def test_inspect_clara_pretrain_data_matches_an_independent_count(chat_recipe, tiny_model, tmp_path):
     recipe = tmp_path / "clara.toml"
-    recipe.write_text(f'extends = "clara"\n[model]\nname = "{tiny_model}"\n[data]\ntrain = ["{CLARA}"]\n'
+    recipe.write_text(f'extends = "clara"\n[model]\nname = "{tiny_model}"\n[data]\ntrain = ["{CLARA_SLICE}"]\n'
                       f'eval_split = 0.0\n[output]\ndir = "{tmp_path / "out"}"\n')
     r = recipes.load(recipe, stage="compression")
     rep = quality.inspect(r)
     counts: dict[str, int] = {}
     n = 0
-    for line in CLARA.read_text().splitlines():
+    for line in CLARA_SLICE.read_text().splitlines():
         if not line.strip():
             continue
         d = json.loads(line)

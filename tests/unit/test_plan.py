@@ -4,6 +4,7 @@ built on the meta device), the profile chosen for simulated cards, and the JSON 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -388,3 +389,98 @@ def test_kernels_auto_per_format(monkeypatch, fmt, gpu, installed, expected):
                         None if name in ("liger_kernel", "cut_cross_entropy") else real(name, *a))
     kernels, reason = resolve_kernels(fmt, gpu)
     assert kernels == expected and reason
+
+
+# ---------------------------------------------------------------- against measured peaks
+
+ACCURACY = json.loads((ROOT / "benchmarks" / "results" / "plan_accuracy.json").read_text())
+H100_GIB = 79.18  # what torch reports for the H100 80GB HBM3 the rows ran on
+TOLERANCE = 0.05  # docs/plan.md: "Every measured row is within 5 %"
+# The settings in force at the measured commit (014b7ea), where today's recipes say "auto" or had no such key:
+# every layer checkpointed, no fused kernels, checkpoints kept on the GPU, SDPA.
+THEN = ['train.kernels="none"', "train.offload_activations=false"]
+CAUSAL_THEN = [*THEN, "train.gradient_checkpointing=true", 'model.attn_implementation="sdpa"']
+# Rows whose measurement no longer describes what crb builds, or that the plan misses for a known reason:
+# strict, so that a re-measured row or a corrected plan makes the mark fail and go.
+OFF = {
+    ("language", "ctx 2048, micro-batch 1"):
+        "-9.7 %: measured when k-bit preparation upcast the non-quantized weights to fp32 (1.0 GiB, and autocast "
+        "kept a 0.25 GiB bf16 copy of the fp32 lm_head); crb keeps them bf16 now and the plan counts 0.75 GiB less. "
+        "The two ctx-8192 language rows lack the same 0.75 GiB and stay inside 5 % (-4.8 %, -4.6 %). Re-measure.",
+    ("code", "ctx 4096, micro-batch 1"):
+        "+11 %: the plan now adds 'backward temporaries (plain MLP, fp32)' (1.03 GiB, fitted on H200 rows with "
+        "liger's fused loss) on top of the plain logits; here the logits' backward is the peak, before any MLP "
+        "backward runs. Not the fp32 norms: the build measured here held 0.56 GiB more than today's would.",
+    ("code", "ctx 8192, micro-batch 2"):
+        "+26 %: as the ctx-4096 code row, with 4.13 GiB of plain-MLP backward temporaries added to 10.5 GiB of "
+        "logits + loss.",
+    ("code", "8 GB cap, ctx 4096, micro-batch 1"):
+        "+11 %: the ctx-4096 code row again (the 8 GiB cap chose the plain profile; same run, same peak).",
+    ("language", '8 GB cap, ctx 8192, micro-batch 1, train.kernels="liger"'):
+        "-10 %: a liger row, already outside 5 % when measured (docs/plan.md: -5.2 %, the fused loss untraced); "
+        "since, the liger layer bytes were re-fitted on H200 rows with bf16 norms (LIGER_LORA_LAYER: the recomputed "
+        "layer 1.97 -> 1.62 GiB), which moved this ZeRO-2 row further under. An under-prediction: re-measure.",
+    ("language", 'ctx 8192, micro-batch 1, train.kernels="liger"'):
+        "-24 %: measured at 12.44 GiB with fp32 norms (and liger-kernel 0.8.5); docs/plan.md's calibration row of "
+        "this setting on the H200 with bf16 norms measured 9.2 GiB, which this plan (9.41 GiB) meets. Re-measure.",
+}
+
+
+def measured_config(row: dict) -> list[str]:
+    """The overrides benchmarks/plan_accuracy.py ran the row with (its `common` and per-recipe sets), from the
+    row's recipe and setting text; an unknown setting fails here rather than going untested."""
+    recipe, setting = row["recipe"], row["setting"]
+
+    def common(micro: int) -> list[str]:
+        return ["data.eval_split=0", "data.eval=[]", f"train.micro_batch={micro}", f"train.batch_size={micro}",
+                f'hardware.profile="{row["run_profile"]}"']
+
+    if recipe in ("language", "code"):
+        ctx, micro = map(int, re.search(r"ctx (\d+), micro-batch (\d+)", setting).groups())
+        sets = [*common(micro), 'data.format="text"', "data.packing=true", f"data.max_length={ctx}", *CAUSAL_THEN]
+        if 'train.kernels="liger"' in setting:  # the liger rows: the 8 GB one with offload "auto" (-> on)
+            off = '"auto"' if "8 GB" in setting else "false"
+            sets = [*sets[:-4], 'train.kernels="liger"', f"train.offload_activations={off}", *sets[-2:]]
+        return sets
+    if recipe == "translation":
+        batch = int(re.fullmatch(r"batch (\d+), 256 \+ 256 tokens", setting).group(1))
+        return [*common(batch), "data.max_length=256", *THEN]
+    if recipe == "retrieval":
+        m = re.fullmatch(r"batch (\d+), 3 x 256 tokens, (cached_mnrl mini-batch 16|plain mnrl)", setting)
+        plain = ['losses=[{name="mnrl", options={scale=20.0}}]'] if m.group(2) == "plain mnrl" else []
+        return [*common(int(m.group(1))), "data.corpus=[]", "data.max_length=256", *THEN, *plain]
+    if recipe == "clara":
+        micro = int(re.fullmatch(r"stage 1, micro-batch (\d+)", setting).group(1))
+        return [*common(micro), "data.max_length=512", 'data.overlong="truncate"', *THEN,
+                'model.attn_implementation="sdpa"']
+    raise AssertionError(f"plan_accuracy.json: no known configuration for {recipe} / {setting}")
+
+
+def _accuracy_rows() -> list:
+    out = []
+    for r in ACCURACY["rows"] + ACCURACY["fused_loss_rows"]:
+        key = (r["recipe"], r["setting"])
+        off = [pytest.mark.xfail(raises=AssertionError, strict=True, reason=OFF[key])] if key in OFF else []
+        out.append(pytest.param(r, id=f"{r['recipe']} / {r['setting']}", marks=off))
+    return out
+
+
+@pytest.mark.parametrize("row", _accuracy_rows())
+def test_plan_meets_the_measured_peak(shapes, row):
+    """Each run of benchmarks/results/plan_accuracy.json (H100 80GB, 3 optimizer steps, rows of max_length tokens)
+    planned again by today's code with that run's configuration: the plan's allocator part is within 5 % of the
+    measured torch.cuda.max_memory_allocated; a run that ran out of memory is one the plan says does not fit.
+    The prediction is recomputed, never read from the file."""
+    gib = float(row["env"].get("CRB_GPU_MEMORY_GB", H100_GIB))
+    hw = Hardware(gpus=[Gpu("H100", gib, gib, (9, 0))], bf16=True, ram_gib=1000, processes=1)
+    model = RECIPES[row["recipe"]]
+    r = recipes.load(ROOT / "recipes" / f"{row['recipe']}.toml", [f"model.name={shapes[model]}", *measured_config(row)],
+                     stage="compression" if row["recipe"] == "clara" else None)
+    p = plans.plan(r, hw, advise=False)
+    assert p.profile == row["run_profile"]
+    if row["status"] != "ok":  # it ran out of memory
+        assert "out of memory" in " ".join(row["note"]) and p.fits is False
+        return
+    predicted, measured = p.allocated / GIB, row["measured_gib"]
+    assert abs(predicted - measured) <= TOLERANCE * measured, \
+        f"plan {predicted:.3f} GiB, measured {measured:.3f} GiB ({100 * (predicted - measured) / measured:+.1f} %)"

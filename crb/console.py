@@ -5,6 +5,7 @@ CRB_DEBUG=1 (`crb --debug`) leaves the console as the libraries set it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -79,6 +80,8 @@ def quiet() -> None:
 
 
 def attach(out: Path, rank: int) -> None:
-    """From now on (and what was held so far) into OUT/crb.log."""
+    """From now on (and what was held so far) into OUT/crb.log. A folder that cannot be written is left to
+    the run's own check (one line naming output.dir); the records stay held meanwhile."""
     if os.environ.get("CRB_DEBUG") != "1":
-        LOG.attach(out / ("crb.log" if rank == 0 else f"crb.rank{rank}.log"))
+        with contextlib.suppress(OSError):
+            LOG.attach(out / ("crb.log" if rank == 0 else f"crb.rank{rank}.log"))

@@ -9,6 +9,8 @@ instruction written into its query text instead (then pooled with it), and says 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from crb.data.reader import read_jsonl
@@ -56,14 +58,10 @@ def anchors(rows: list[dict[str, np.ndarray]]) -> tuple[list[str], str | None]:
     return [f"{p} {q}" if p else q for p, q in zip(instructions, queries, strict=True)], None
 
 
-_said: list[bool] = []
-
-
+@functools.cache  # said once per process
 def _say_mixed() -> None:
-    if not _said:
-        _said.append(True)
-        print("crb: warning: a batch holds queries with different instructions: each is written into its query "
-              "and pooled with it (a sentence-transformers prompt is one per batch)")
+    print("crb: warning: a batch holds queries with different instructions: each is written into its query "
+          "and pooled with it (a sentence-transformers prompt is one per batch)")
 
 
 def corpus(files: list[str], rows: list[dict[str, np.ndarray]]) -> list[str]:

@@ -186,7 +186,7 @@ def run_row(args: argparse.Namespace, recipe: str, cap: str, gpu: int | None) ->
     row.update(recipe=recipe, cap=cap, gpu=gpu, label=args.label, data=args.data)
 
     def due(side: str) -> bool:  # asked for, and not done yet
-        return side in args.sides and row[side].get("status") != "ok"
+        return side in args.sides.split(",") and row[side].get("status") != "ok"
 
     if due("crb"):
         row["crb_set"] = args.crb_set
@@ -322,7 +322,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="crb as shipped vs TRL's best configuration that fits, per memory cap")
     p.add_argument("--out", required=True)
     p.add_argument("--recipes", default="language,code")
@@ -345,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     args.ctx = args.ctx or (256 if args.tiny else 8192)
     args.recipes = [r for r in args.recipes.split(",") if r]
     args.out = Path(args.out).resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = main_args(argv)
     (args.out / "rows").mkdir(parents=True, exist_ok=True)
     probe_file = args.out / ".probe.json"
     a = side_args(args, "language", args.out, ROWS_PER_STEP)

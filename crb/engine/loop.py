@@ -31,6 +31,7 @@ from crb.data.collate import Batcher
 from crb.engine import checkpoint
 from crb.engine.metrics import Metric
 from crb.engine.recipe import Recipe
+from crb.engine.trace import StepTrace
 from crb.errors import CrbError, Stopped
 
 Row = dict[str, np.ndarray]
@@ -185,10 +186,12 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
     baseline = run_eval(0) if eval_rows and start == 0 else {}  # so every run shows what training changed
     ahead = ThreadPoolExecutor(max_workers=1)  # builds (tokenizes, pads) the next step's batches during this one
     upcoming = ahead.submit(step_data, start)
+    trace = StepTrace(t.trace_steps, start, out_dir, acc.is_main_process)
     with progress, StopRequest() as stop:
         for step in range(start, sched.total_steps):
             epoch = step // sched.steps_per_epoch
             model.train()
+            trace.before(step)
             tick = time.perf_counter()
             rows, batches = upcoming.result()
             if step + 1 < sched.total_steps:
@@ -250,6 +253,7 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                 if not progress.live.is_started:
                     acc.print(f"step {done}/{sched.total_steps}  {info}")
             progress.update(task, completed=done)
+            trace.after(done, last=done == sched.total_steps)
             epoch_end = done % sched.steps_per_epoch == 0
             due = (t.eval_every and done % t.eval_every == 0) or (not t.eval_every and epoch_end)
             if eval_rows and (due or done == sched.total_steps):  # and always at the end

@@ -181,6 +181,9 @@ class TrainConfig:
     eval_every: int = doc("Evaluate every N optimizer steps; 0 = at each epoch end.", 0)
     save_every: int = doc("Checkpoint every N optimizer steps; 0 = at each epoch end.", 0)
     keep_checkpoints: int = doc("How many recent checkpoints to keep.", 2)
+    trace_steps: int = doc(
+        "Trace this many optimizer steps after the first with torch.profiler: OUTPUT/trace/kernels.txt (device "
+        "time per kernel), kernels.json and a Chrome trace. 0 = off.", 0)
     report_to: list[Literal["tensorboard", "wandb"]] = doc(
         "Accelerate trackers besides metrics.jsonl (wandb only when installed).",
         factory=lambda: ["tensorboard"])
@@ -476,6 +479,7 @@ def _convert(tp: Any, value: Any, key: str, origins: dict[str, Path]) -> Any:
 RANGES: dict[str, tuple[float, float]] = {
     "train.lr": (0, 1), "train.weight_decay": (0, 1), "train.eps": (0, 0.1), "train.max_grad_norm": (0, 1e6),
     "train.epochs": (0, 10_000), "train.max_steps": (0, 10**9), "train.batch_size": (1, 1 << 20),
+    "train.trace_steps": (0, 1000),
     "data.max_length": (1, 1 << 20), "method.lora.r": (1, 1 << 16), "method.lora.alpha": (0, 1 << 20),
     "eval.max_new_tokens": (1, 1 << 16), "eval.num_beams": (1, 64), "eval.batch_size": (1, 1 << 16),
     "clara.doc_max_length": (1, 1 << 16), "clara.top_k": (1, 1024), "clara.temperature": (0, 100),

@@ -283,7 +283,7 @@ def _chosen(c: dict) -> dict | None:
     if not p:
         return None
     return {k: p.get(k) for k in ("profile", "micro_batch", "checkpointed_layers", "layers", "offload_activations",
-                                  "kernels", "attention", "plan_gib")}
+                                  "kernels", "compile", "attention", "plan_gib")}
 
 
 def table(summary: dict) -> str:
@@ -318,6 +318,7 @@ def table(summary: dict) -> str:
                          f"{t or 0:>10,.0f} {e.get('trl_best_peak_gib') or e.get('trl_peak_gib') or 0:>6.1f} "
                          f"{(c / t if c and t else 0):>6.2f}  micro {cfg.get('micro_batch')} ckpt "
                          f"{cfg.get('checkpointed_layers')}/{cfg.get('layers')} {cfg.get('kernels')} "
+                         f"{'compiled ' if cfg.get('compile') else ''}"
                          f"{cfg.get('profile')} / {e.get('trl_best_config')}")
     return "\n".join(lines)
 

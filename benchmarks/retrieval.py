@@ -25,10 +25,12 @@ Speed (the default; GPU), in order, each heavy part in its own process so that e
    tokenizing the step's texts (its batcher runs in the step); the Trainer's DataLoader has the batch tokenized
    before on_step_begin, so st_interval_s (step end to step end, the tokenizing included) is kept beside it.
 
-Both sides checkpoint activations (crb's `train.gradient_checkpointing`; on the ST side the same call on the
-encoder that crb makes; --no-gradient-checkpointing turns it off on both): without it, plain MNRL at batch 64 x 3
-texts of up to 257 tokens keeps about 4 GiB of activations per 64 texts per layer (T5 attention is eager and keeps
-fp32 scores), far past an 80 GiB H100, beside the 20 GiB that the fp32 weights, gradients and AdamW state take.
+The ST side checkpoints every layer (the same call on the encoder that crb makes); crb runs as its recipe
+ships: gradient checkpointing "auto" (the plan recomputes the fewest layers that fit: 22 of 24 on an H200)
+and compile "auto" (each T5 block compiled on CUDA). --no-gradient-checkpointing turns it off on both:
+without it, plain MNRL at batch 64 x 3 texts of up to 257 tokens keeps about 4 GiB of activations per 64
+texts per layer (T5 attention is eager and keeps fp32 scores), far past an 80 GiB H100,
+beside the 20 GiB that the fp32 weights, gradients and AdamW state take.
 On an H100 the whole run takes about 5 minutes, 2 of them the GradCache run (`--only crb,st` leaves it out).
 
 Quality (--quality; CPU is fine): the CLaRa documents of ../shared/data/clara/pretrain_data.jsonl split 80/20 by
@@ -212,8 +214,9 @@ def crb_overrides(args: argparse.Namespace, side: str) -> list[str]:
             "data.corpus=[]", "data.eval_split=0", f"data.max_length={args.max_length}",
             f"data.cache_dir={q(str(out / 'data' / 'crb-cache'))}", f"train.batch_size={batch}",
             f"train.micro_batch={batch}", f"train.max_steps={warmup + steps}", f"train.precision={q(args.precision)}",
-            f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "train.save_every=1000000",
-            "train.report_to=[]", f"output.dir={q(str(out / side))}", loss, *getattr(args, "crb_set", [])]
+            *([] if args.gradient_checkpointing else ["train.gradient_checkpointing=false"]),
+            "train.save_every=1000000", "train.report_to=[]", f"output.dir={q(str(out / side))}", loss,
+            *getattr(args, "crb_set", [])]
 
 
 def run_crb(args: argparse.Namespace, side: str) -> dict:

@@ -165,6 +165,7 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, dat
              "gradient_checkpointing": recipe.train.gradient_checkpointing, "checkpointed_layers":
                  p.notes["checkpointed_layers"], "layers": p.notes["layers"], "choices": choices,
              "offload_activations": recipe.train.offload_activations, "kernels": recipe.train.kernels,
+             "compile": recipe.train.compile,
              "attention": recipe.model.attn_implementation,
              "plan_gib": round(p.total / 2**30, 3), "capacity_gib": p.capacity and round(p.capacity / 2**30, 3),
              "profiles_gib": {k: round(v / 2**30, 3) for k, v in p.profiles.items()}}, indent=1))

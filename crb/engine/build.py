@@ -122,7 +122,7 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         model = add_lora(model, recipe, "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM")
     elif method.name == "freeze":
         freeze(model, method.trainable)
-    if recipe.train.compile:
+    if recipe.train.compile is True:  # "auto" is resolved by the plan before a run builds
         compile_layers(model)
     return model
 
@@ -226,7 +226,7 @@ def build_encoder(recipe: Recipe) -> torch.nn.Module:
         keep_layers(model[0].auto_model, layers)
     if recipe.method.name == "freeze":
         freeze(model, recipe.method.trainable)
-    if recipe.train.compile:
+    if recipe.train.compile is True:  # "auto" is resolved by the plan before a run builds
         compile_layers(model)
     return model
 

@@ -385,7 +385,8 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: b
     t = recipe.train
     p.notes = {"parameters": s.params, "trainable": s.trainable, "tokens_per_micro_batch": s.tokens,
                "micro_batch": micro, "gpus": n_gpus, "checkpointed_layers": checkpointed(recipe, s.blocks),
-               "layers": s.blocks, "offload_activations": bool(t.offload_activations), "kernels": t.kernels}
+               "layers": s.blocks, "offload_activations": bool(t.offload_activations), "kernels": t.kernels,
+               "compile": t.compile}
     if capacity:
         p.fits = p.total <= capacity * HEADROOM
         if not p.fits and advise:
@@ -441,7 +442,7 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
     first; then micro-batch, checkpointed layers and activation offload together: of the settings whose plan
     fits the card, the fastest by a simple model (each recomputed layer costs RECOMPUTE / layers of a step;
     a short pass runs below full speed). Offloading is tried only when nothing fits without it."""
-    from crb.engine.kernels import resolve_attention, resolve_kernels
+    from crb.engine.kernels import resolve_attention, resolve_compile, resolve_kernels
 
     r, t, why = copy.deepcopy(recipe), recipe.train, []
     if r.model.attn_implementation == "auto":
@@ -451,6 +452,9 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
     if t.kernels == "auto":
         r.train.kernels, reason = resolve_kernels(r.data.format, bool(hw.gpus))
         why.append(f"kernels auto -> {r.train.kernels} ({reason})")
+    if t.compile == "auto":
+        r.train.compile, reason = resolve_compile(r.data.format, bool(hw.gpus))
+        why.append(f"compile auto -> {'on' if r.train.compile else 'off'} ({reason})")
     auto_gc, auto_micro, auto_off = (t.gradient_checkpointing == "auto", t.micro_batch == "auto",
                                      t.offload_activations == "auto")
     if not (auto_gc or auto_micro or auto_off):
@@ -475,8 +479,9 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
         return r, why
     best: tuple[float, int, int, bool, float, str] | None = None
     capacity = hw.gpus[0].total_gib * GIB
-    # Cheapest first: everything on the GPU; then the optimizer in CPU memory; then the checkpoints too.
-    tiers = [(False, False), (True, False)] + [(True, True)] * (True in offloads)
+    # Cheapest first: plain data parallel; then ZeRO's sharding; then the optimizer in CPU memory; then the
+    # checkpoints too (each tier only when nothing of the one before fits).
+    tiers = [("plain", False), ("zero", False), ("offload", False)] + [("offload", True)] * (True in offloads)
     for offload_profile, off in tiers:
         if off not in offloads:
             continue
@@ -514,15 +519,17 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
     return r, why
 
 
-def _fitting(recipe: Recipe, s: Shape, hw: Hardware, capacity: float,
-             offload_profiles: bool) -> tuple[str | None, float]:
-    """The profile `choose` takes for `recipe` (of those without CPU offload unless `offload_profiles`) and
-    its total, or (None, 0) when the plan does not fit."""
+def _fitting(recipe: Recipe, s: Shape, hw: Hardware, capacity: float, tier: str) -> tuple[str | None, float]:
+    """The profile `choose` takes for `recipe` among the tier's ("plain"; "zero": no CPU offload; "offload":
+    any) and its total, or (None, 0) when the plan does not fit."""
     n_gpus = max(1, hw.processes)
     totals = {name: sum(estimate(recipe, s, prof, n_gpus).values()) for name, prof in PROFILES.items()}
-    chosen, _ = choose(recipe.hardware.profile,
-                       lambda p: totals[p.name] if offload_profiles or not p.offload_optimizer else float("inf"),
-                       capacity, n_gpus, quantized=recipe.method.name == "qlora")
+
+    def total(p: Profile) -> float:
+        allowed = {"plain": p.name == "plain", "zero": not p.offload_optimizer}.get(tier, True)
+        return totals[p.name] if allowed else float("inf")
+
+    chosen, _ = choose(recipe.hardware.profile, total, capacity, n_gpus, quantized=recipe.method.name == "qlora")
     total = totals[chosen.name]
     return (chosen.name, total) if total <= capacity * HEADROOM else (None, 0.0)
 

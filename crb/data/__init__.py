@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from crb.data import retrieval, translation
 from crb.data.chatml import chat_template, check_messages, tokenize_chat
-from crb.data.clara_inputs import decoder_ids, document_ids
+from crb.data.clara_inputs import PARAPHRASE, decoder_ids, document_ids
 from crb.data.packing import Doc, one_per_row, pack, pack_groups
 from crb.data.reader import Record, file_sha256, read_jsonl
 from crb.data.text import check_text, tokenize_text
@@ -78,14 +78,14 @@ def _check_clara(data: dict, where: str, c: ClaraConfig) -> dict:
 
     if c.stage == "compression":
         r = clara.check_stage1(data, where)
-        return {"docs": [r["doc"]], "question": None, "answer": clara.stage1_target(r["qa"]), "gold": [0],
-                "slots": 1}
+        return {"docs": [r["doc"]], "question": None, "answer": r["target"], "gold": [0], "slots": 1,
+                "instruction": PARAPHRASE if r["data_type"] == "paraphrase" else None}
     r = clara.check_stage23(data, where)
     if len(r["docs"]) < c.top_k:
         raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(r['docs'])}")
     docs = r["docs"][: c.top_k] if c.stage == "instruction" else r["docs"]
     return {"docs": docs, "question": r["question"], "answer": r["answer"], "gold": r["pos_index"],
-            "slots": c.top_k}
+            "slots": c.top_k, "instruction": None}
 
 
 def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
@@ -118,7 +118,8 @@ def clara_row(r: dict, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, templ
     prompt and labels, and in stage 3 the question for the query reasoner and the gold documents."""
     n_mem = c.doc_max_length // c.compress_rate
     encoded = [document_ids(d, tokenizer, c.doc_max_length, n_mem) for d in r["docs"]]
-    dec_ids, dec_labels = decoder_ids(r["question"], r["answer"], r["slots"], n_mem, tokenizer, template, where)
+    dec_ids, dec_labels = decoder_ids(r["question"], r["answer"], r["slots"], n_mem, tokenizer, template, where,
+                                      r["instruction"])
     row = {"doc_ids": np.concatenate([e[0] for e in encoded]), "doc_mask": np.concatenate([e[1] for e in encoded]),
            "dec_ids": dec_ids, "dec_labels": dec_labels, "gold": np.asarray(r["gold"], np.int64)}
     if c.stage == "end_to_end":

@@ -1,6 +1,8 @@
 """CLaRa records (../shared/clara.md): stage 1 `{"data_type": "qa", "question": [...], "answers": [...],
-"docs": [...]}` (one document, its questions and answers); stages 2 and 3 `{"question", "docs", "answer",
-"pos_index"}` (pos_index: which docs are gold). `build_stage23` makes stage-2/3 records from stage-1 ones:
+"docs": [...]}` (one document, its questions and answers) or `{"data_type": "paraphrase", "docs": [...],
+"answers": [paraphrase]}` (the document to restate; without "answers", the document itself); stages 2
+and 3 `{"question", "docs", "answer", "pos_index"}` (pos_index: which docs are gold). `build_stage23` makes
+stage-2/3 records from stage-1 ones:
 
     python -m crb.data.clara build-stages IN.jsonl OUT.jsonl --docs 5 --seed 0
 """
@@ -38,16 +40,23 @@ def _texts(value: Any, where: str, name: str) -> list[str]:
 
 
 def check_stage1(data: dict, where: str) -> dict:
-    """{"doc": the first document, "qa": [(question, answer), ...]} of a stage-1 record, or a DataError."""
+    """{"data_type", "doc": the first document, "qa": [(question, answer), ...], "target": the decoder's target}
+    of a stage-1 record, or a DataError. "qa": the QA pairs, one after another (`stage1_target`); "paraphrase":
+    no QA pairs, the target is answers[0] (a paraphrase of the document, as the reference reads it) or, without
+    answers, the document itself."""
     kind = data.get("data_type", "qa")
-    if kind != "qa":
-        raise DataError(f"{where}: data_type: expected 'qa', got {kind!r}")
+    if kind not in ("qa", "paraphrase"):
+        raise DataError(f"{where}: data_type: expected 'qa' or 'paraphrase', got {kind!r}")
+    docs = _texts(_require(data, where, "docs"), where, "docs")
+    if kind == "paraphrase":
+        target = _texts(data["answers"], where, "answers")[0] if "answers" in data else docs[0]
+        return {"data_type": kind, "doc": docs[0], "qa": [], "target": target}
     questions = _texts(_require(data, where, "question"), where, "question")
     answers = _texts(_require(data, where, "answers"), where, "answers")
-    docs = _texts(_require(data, where, "docs"), where, "docs")
     if len(answers) != len(questions):
         raise DataError(f"{where}: answers: expected as many answers as questions ({len(answers)} vs {len(questions)})")
-    return {"doc": docs[0], "qa": list(zip(questions, answers, strict=True))}
+    qa = list(zip(questions, answers, strict=True))
+    return {"data_type": kind, "doc": docs[0], "qa": qa, "target": stage1_target(qa)}
 
 
 def stage1_target(qa: list[tuple[str, str]]) -> str:

@@ -1,8 +1,9 @@
 """CLaRa token layouts (../shared/clara.md): a document for compression is
 `<ENC> BOS text EOS`, cut or padded to doc_max_length + 3, then the n memory tokens (attended);
 the decoder prompt renders with the chat template: a system prompt, a user turn "Background:\\n"
-+ top_k slots of (<MEM0>..<MEM{n-1}> <SEP>) + the question (where the stage has one), and the
-assistant turn as the target; labels cover the assistant answer only."""
++ top_k slots of (<MEM0>..<MEM{n-1}> <SEP>) + the question (where the stage has one) or, for a
+stage-1 paraphrase record, the instruction to restate the background, and the assistant turn as
+the target; labels cover the assistant answer only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from crb.data.chatml import render, tokenize_chat
 
 SYSTEM = "You are a helpful assistant. Answer the question using the compressed background documents."
+PARAPHRASE = "Restate the background above in your own words."  # stage 1's paraphrase records
 
 
 def document_ids(text: str, tokenizer: PreTrainedTokenizerBase, doc_max_length: int, n_mem: int
@@ -27,9 +29,10 @@ def document_ids(text: str, tokenizer: PreTrainedTokenizerBase, doc_max_length: 
     return np.asarray(all_ids, np.int64), np.asarray(mask, np.int64)
 
 
-def _user_turn(question: str | None, slots: int, n_mem: int) -> str:
+def _user_turn(question: str | None, slots: int, n_mem: int, instruction: str | None = None) -> str:
     slot = "".join(f"<MEM{i}>" for i in range(n_mem)) + "<SEP>"
-    return "Background:\n" + slot * slots + (f"\nQuestion: {question}" if question else "")
+    return ("Background:\n" + slot * slots + (f"\nQuestion: {question}" if question else "")
+            + (f"\n{instruction}" if instruction else ""))
 
 
 def decoder_prompt_ids(question: str, slots: int, n_mem: int, tokenizer: PreTrainedTokenizerBase,
@@ -41,9 +44,11 @@ def decoder_prompt_ids(question: str, slots: int, n_mem: int, tokenizer: PreTrai
 
 
 def decoder_ids(question: str | None, answer: str, slots: int, n_mem: int, tokenizer: PreTrainedTokenizerBase,
-                template: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) of the decoder prompt with `slots` memory slots and the answer as target."""
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _user_turn(question, slots, n_mem)},
+                template: str, where: str, instruction: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) of the decoder prompt with `slots` memory slots (and `instruction` after them) and the
+    answer as target."""
+    user = _user_turn(question, slots, n_mem, instruction)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
                 {"role": "assistant", "content": answer}]
     ids, labels = tokenize_chat(messages, tokenizer, template, where)
     return np.asarray(ids, np.int64), np.asarray(labels, np.int64)

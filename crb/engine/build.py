@@ -111,13 +111,13 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
     gc_kwargs = {"use_reentrant": bool(recipe.train.offload_activations)}
     if method.name == "qlora":
         prepare_kbit(model, dtype)
+    if kind == "clara":
+        return build_clara(model, recipe, layers)
     if layers:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         keep_layers(model, layers)
         if method.name in ("lora", "qlora", "freeze"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that wants grad
-    if kind == "clara":
-        return build_clara(model, recipe)
     if method.name in ("lora", "qlora"):
         model = add_lora(model, recipe, "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM")
     elif method.name == "freeze":
@@ -162,8 +162,9 @@ def keep_layers(model: torch.nn.Module, checkpointed: int) -> None:
         layer.gradient_checkpointing = layer.gradient_checkpointing and i < checkpointed
 
 
-def build_clara(base: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    """The CLaRa wrapper: memory tokens added, the stage's LoRA adapters (fresh, or a previous stage's)."""
+def build_clara(base: torch.nn.Module, recipe: Recipe, checkpointed_layers: int = 0) -> torch.nn.Module:
+    """The CLaRa wrapper: memory tokens added, the stage's LoRA adapters (fresh, or a previous stage's) and
+    memory rows, the first `checkpointed_layers` layers checkpointed."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
 
@@ -180,9 +181,6 @@ def build_clara(base: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
                         bias=lora.bias, task_type="CAUSAL_LM")
     if c.init_from:
         src = _clara_source(c.init_from)
-        rows = load_file(src / "clara_embeddings.safetensors")
-        with torch.no_grad():  # the previous stage's added-token rows
-            base.get_input_embeddings().weight[rows["ids"]] = rows["rows"].to(base.get_input_embeddings().weight.dtype)
         model = PeftModel.from_pretrained(base, src / "encoder", adapter_name="encoder", is_trainable=True)
         for name in adapters[1:]:
             if (src / name).is_dir():
@@ -197,7 +195,15 @@ def build_clara(base: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
             model.add_adapter(name, config)
     for n, p in model.named_parameters():  # every adapter of the stage trains
         p.requires_grad = any(f".{a}." in n for a in adapters) and "lora_" in n
-    return Clara(model, mem_ids, added, adapters, c.top_k if c.stage != "compression" else 1, c.temperature)
+    clara = Clara(model, mem_ids, added, adapters, c.top_k if c.stage != "compression" else 1, c.temperature)
+    if c.init_from:  # the previous stage's added-token rows
+        rows = load_file(src / "clara_embeddings.safetensors")
+        clara.load_rows(rows["ids"], rows["rows"])
+    if checkpointed_layers:  # non-reentrant: its context_fn re-activates the forward's adapter for the recomputation
+        base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": clara.recompute_context})
+        keep_layers(base, checkpointed_layers)
+    return clara
 
 
 def _clara_source(path: str):
@@ -259,10 +265,16 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> None:
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) with train.weight_decay on the weights, none on biases and norms
+    (transformers' Trainer rule, as the peers crb is compared with) nor on CLaRa's memory-token embedding."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
     t = recipe.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    no_decay_types = [torch.nn.LayerNorm] + [torch.nn.Embedding] * (recipe.data.format == "clara")
+    decay = set(get_parameter_names(model, no_decay_types, NO_DECAY_NAMES))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if n in decay], "weight_decay": t.weight_decay},
+              {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     kwargs = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps}
     if t.optimizer == "adamw":
@@ -271,6 +283,10 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optim
 
     cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(groups, **kwargs)
+
+
+# Parameter names that take no weight decay (transformers' Trainer.get_decay_parameter_names).
+NO_DECAY_NAMES = ["bias", "layernorm", "rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
 def warmup_steps(recipe: Recipe, total_steps: int) -> int:

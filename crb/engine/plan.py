@@ -143,7 +143,7 @@ class Shape:
     heads: int = 0
     seq: int = 0  # the longest sequence (for eager attention's scores)
     attention: str = "sdpa"
-    embedding_trains: bool = False  # CLaRa: the input embedding trains (its memory-token rows)
+    embedding_trains: bool = False  # CLaRa: its memory-token rows train (fp32, beside the frozen embedding)
     model_type: str = ""
     fused_norm: bool = False  # nn.LayerNorm (one op) rather than an RMSNorm written as fp32 elementwise ops
     blocks: int = 0  # checkpointable layers (both stacks of an encoder-decoder); 0: `layers`
@@ -197,9 +197,9 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
         columns = 1 if cached else 2 + d.hard_negatives  # GradCache re-runs one column's mini-batch at a time
         tokens, logit_tokens = min([n, *cached]) * columns * L, 0
         pass_tokens = min([n, *cached]) * L  # sentence-transformers encodes each column separately
-    elif d.format == "clara":  # the encoder over the documents (+ the question in stage 3), the decoder prompt
-        c = recipe.clara
-        docs = 1 if c.stage == "compression" else c.top_k
+    elif d.format == "clara":  # the encoder passes that keep activations (stage 1: the document; 2: top_k documents;
+        c = recipe.clara  # 3: the question, its candidates compressed without grad), then the decoder prompt
+        docs = c.top_k if c.stage == "instruction" else 1
         enc = n * docs * (c.doc_max_length + 3 + c.doc_max_length // c.compress_rate)
         tokens, logit_tokens = enc + n * L, n * L
         pass_tokens = max(enc, n * L)
@@ -262,8 +262,9 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     else:
         grads = s.trainable * (4 / shard if ds else 4)
         c[PAGED if paged else "optimizer states"] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
-    if s.embedding_trains:  # bf16 like the base: its gradient and two AdamW states
-        c["trainable embedding (CLaRa memory rows): gradient + states"] = s.vocab * s.hidden * 3 * HALF
+    if s.embedding_trains:  # fp32 rows beside the frozen embedding: weights, gradient, two AdamW states
+        n_mem = recipe.clara.doc_max_length // recipe.clara.compress_rate
+        c["CLaRa memory-token rows (fp32): weights, gradient, states"] = n_mem * s.hidden * 4 * 4
     # The peak is the larger of two moments: the backward pass (activations, logits) and the optimizer step.
     backward: dict[str, float] = {"gradients": grads}
     if recipe.train.precision != "fp32" and not ds:  # autocast's bf16 copy of each fp32 matmul weight
@@ -423,7 +424,7 @@ def advice(recipe: Recipe, hw: Hardware, micro: int, data: DataFacts | None = No
             sets = ", ".join(f"train.{k} = {json.dumps(v)}" for k, v in change.items())
             out.insert(0, f"{sets} fits at micro-batch {micro} ({q.total / GIB:.1f} GiB, {q.profile})")
             break
-    if recipe.train.gradient_checkpointing is not True and recipe.data.format != "clara":
+    if recipe.train.gradient_checkpointing is not True:
         out.append("train.gradient_checkpointing = true keeps one layer's activations instead of all")
     if recipe.method.name != "qlora" and recipe.data.format in ("chatml", "text"):
         out.append('method.name = "qlora" stores the base in 4 bits')
@@ -467,8 +468,6 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
         micros = [per_process]
     movable = r.data.format in ("chatml", "text", "translation")  # checkpoints that can go to the CPU
     layers = list(range(blocks + 1)) if auto_gc else [checkpointed(r, blocks)]
-    if r.data.format == "clara":  # recomputation would run under the wrong adapter
-        layers = [0]
     offloads = ([False, True] if movable else [False]) if auto_off else [t.offload_activations]
     if not hw.gpus:  # nothing to fit: the plain, fastest settings
         r.train.micro_batch = micros[0]

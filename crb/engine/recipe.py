@@ -624,9 +624,6 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
                       c.compress_rate)
         if c.top_k <= 0 or not c.temperature > 0:
             raise bad("clara.top_k", "expected top_k > 0 and temperature > 0", (c.top_k, c.temperature))
-        if r.train.gradient_checkpointing not in (False, "auto"):
-            raise bad("train.gradient_checkpointing", "expected false for clara (recomputation in backward "
-                      "would run under the wrong adapter)", True)
     gc = r.train.gradient_checkpointing
     if r.train.offload_activations is True and not (gc is True or gc == "auto") or \
             r.train.offload_activations is True and d.format not in ("chatml", "text", "translation"):

@@ -4,16 +4,25 @@ question to score candidate documents). See ../shared/clara.md for the method.
 
 The active adapter is switched per sub-forward by setting each LoRA layer's active adapter
 directly (PEFT's set_adapter would also flip requires_grad); every adapter of the stage trains.
-Added tokens: <MEM0>..<MEM{n-1}>, <AE>, <ENC>, <SEP>; only the memory rows of the input
-embedding matrix receive gradient (a gradient mask on the embedding weight)."""
+Under gradient checkpointing, a layer's recomputation in backward runs under the adapter that was
+active in its forward (`recompute_context`, torch.utils.checkpoint's context_fn).
+Added tokens: <MEM0>..<MEM{n-1}>, <AE>, <ENC>, <SEP>. Only the memory rows train: they live in a
+small fp32 embedding (`memory`) that a forward hook writes over the frozen embedding's output at
+the memory tokens, so the optimizer updates fp32 weights (a bf16 row would round away updates
+of 5e-6) and the vocabulary's other rows take no gradient."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
 
 from crb.losses.clara import clara_mse, differentiable_topk, recall_at_k, select
 
@@ -42,20 +51,43 @@ class Clara(torch.nn.Module):
         self.added_ids = torch.tensor(added_ids)  # every token crb added (memory, <AE>, <ENC>, <SEP>): saved rows
         self.config = peft_model.config
         self.lora_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]  # what use() sets
+        self.active = adapters[0]
         embed = self.embeddings()
-        embed.weight.requires_grad_(True)
-        rows = torch.zeros(embed.weight.shape[0], 1, dtype=embed.weight.dtype)
-        rows[mem_ids] = 1
-        self.register_buffer("trainable_rows", rows, persistent=False)
-        embed.weight.register_hook(lambda g: g * self.trainable_rows.to(g.device, g.dtype))
+        embed.weight.requires_grad_(False)
+        self.memory = torch.nn.Embedding.from_pretrained(embed.weight[mem_ids].detach().float(), freeze=False)
+        embed.register_forward_hook(self._memory_rows)
+
+    def _memory_rows(self, _module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """The input embedding's output with the memory tokens' vectors taken from the fp32 `memory` rows."""
+        ids = args[0]
+        is_mem = ids.unsqueeze(-1) == self.mem_ids  # (..., n_mem): which memory token, if any
+        at = is_mem.any(-1)
+        rows = self.memory(is_mem[at].int().argmax(-1))
+        return out.masked_scatter(at.unsqueeze(-1), rows.to(out.dtype))
 
     def embeddings(self) -> torch.nn.Embedding:
         return self.peft.get_input_embeddings()
 
     def use(self, name: str) -> None:
         """Route every LoRA layer through adapter `name` (requires_grad untouched)."""
+        self.active = name
         for module in self.lora_layers:
             module._active_adapter = name
+
+    @contextlib.contextmanager
+    def using(self, name: str) -> Iterator[None]:
+        """Adapter `name` inside the block, the active one again after it."""
+        before = self.active
+        self.use(name)
+        try:
+            yield
+        finally:
+            self.use(before)
+
+    def recompute_context(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """torch.utils.checkpoint's context_fn (non-reentrant), called in a checkpointed layer's forward: nothing
+        around the forward; the recomputation in backward runs under the adapter active now."""
+        return contextlib.nullcontext(), self.using(self.active)
 
     def backbone_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states (after the final norm), without the LM head."""
@@ -112,20 +144,23 @@ class Clara(torch.nn.Module):
         emb = self.decoder_embeds(prompt_ids, docs.reshape(1, -1, docs.shape[-1]))
         return self.peft.generate(inputs_embeds=emb, attention_mask=torch.ones_like(prompt_ids), **generate)
 
-    def save(self, folder) -> None:
+    def save(self, folder: str | Path) -> None:
         """PEFT folders per adapter (folder/encoder, folder/decoder, ...), the added tokens' embedding rows
-        and clara.json (what a later stage or `crb verify` needs)."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
+        (the memory rows in fp32) and clara.json (what a later stage or `crb verify` needs)."""
         folder = Path(folder)
         self.peft.save_pretrained(folder, selected_adapters=list(self.adapters),
                                   save_embedding_layers=False)  # the added rows go to clara_embeddings
-        weight = self.embeddings().weight.detach()
-        ids = self.added_ids
-        save_file({"ids": ids.contiguous(), "rows": weight[ids].float().cpu().contiguous()},
+        rows = self.embeddings().weight.detach()[self.added_ids].float().cpu()
+        rows[torch.isin(self.added_ids, self.mem_ids.cpu())] = self.memory.weight.detach().float().cpu()  # in order
+        save_file({"ids": self.added_ids.contiguous(), "rows": rows.contiguous()},
                   folder / "clara_embeddings.safetensors")
         (folder / "clara.json").write_text(json.dumps({"adapters": list(self.adapters), "top_k": self.top_k,
                                                        "n_mem": len(self.mem_ids), "temperature": self.temperature}))
+
+    @torch.no_grad()
+    def load_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """A saved stage's added-token rows (`save`): into the embedding, and the memory rows at full precision."""
+        weight = self.embeddings().weight
+        weight[ids.to(weight.device)] = rows.to(weight.device, weight.dtype)
+        for i, token in enumerate(self.mem_ids.tolist()):
+            self.memory.weight[i] = rows[ids.tolist().index(token)].to(self.memory.weight.device)

@@ -32,16 +32,28 @@ def corpus(n: int, per: int = 2) -> list[dict]:
 
 
 def test_stage1_happy_path():
-    assert check_stage1(stage1(), "f:1") == {"doc": "Ada wrote the notes in 1843.",
-                                             "qa": [("Who?", "Ada"), ("When?", "1843")]}
+    assert check_stage1(stage1(), "f:1") == {"data_type": "qa", "doc": "Ada wrote the notes in 1843.",
+                                             "qa": [("Who?", "Ada"), ("When?", "1843")],
+                                             "target": "Question: Who?\nAnswer: Ada\nQuestion: When?\nAnswer: 1843"}
     assert check_stage1(stage1(docs=["first", "second"]), "f:1")["doc"] == "first"
+
+
+def test_stage1_paraphrase_records_target_their_paraphrase_or_the_document():
+    doc = "Ada wrote the notes in 1843."
+    given = {"data_type": "paraphrase", "docs": [doc], "answers": ["In 1843 Ada wrote the notes."]}
+    assert check_stage1(given, "f:1") == {"data_type": "paraphrase", "doc": doc, "qa": [],
+                                          "target": "In 1843 Ada wrote the notes."}
+    assert check_stage1({"data_type": "paraphrase", "docs": [doc]}, "f:1")["target"] == doc
+    with pytest.raises(DataError, match=r"^f:2: answers\[0\]: expected non-empty text$"):
+        check_stage1({**given, "answers": [""]}, "f:2")
 
 
 @pytest.mark.parametrize("rec, message", [
     (without(stage1(), "question"), "f:3: missing field 'question'"),
     (without(stage1(), "answers"), "f:3: missing field 'answers'"),
     (without(stage1(), "docs"), "f:3: missing field 'docs'"),
-    (stage1(data_type="paraphrase"), "f:3: data_type: expected 'qa', got 'paraphrase'"),
+    (stage1(data_type="summary"), "f:3: data_type: expected 'qa' or 'paraphrase', got 'summary'"),
+    (without(stage1(data_type="paraphrase"), "docs"), "f:3: missing field 'docs'"),
     (stage1(question="Who?"), "f:3: question: expected a non-empty list of texts"),
     (stage1(question=[]), "f:3: question: expected a non-empty list of texts"),
     (stage1(question=["Who?", " "]), "f:3: question[1]: expected non-empty text"),

@@ -500,3 +500,27 @@ def test_plan_meets_the_measured_peak(shapes, row):
     predicted, measured = p.allocated / GIB, row["measured_gib"]
     assert abs(predicted - measured) <= TOLERANCE * measured, \
         f"plan {predicted:.3f} GiB, measured {measured:.3f} GiB ({100 * (predicted - measured) / measured:+.1f} %)"
+
+
+def test_clara_checkpointing_counts_the_passes_that_keep_activations(shapes):
+    """Checkpointed CLaRa layers keep their inputs for every pass with gradient (the encoder's documents, stage 3's
+    question instead of its candidates, the decoder prompt); one layer of the longest pass is recomputed."""
+    path = ROOT / "recipes" / "clara.toml"
+    enc = 256 + 3 + 8
+    for stage, docs, length in [("compression", 1, 2048), ("instruction", 5, 2048), ("end_to_end", 1, 1024)]:
+        r = recipes.load(path, [f"model.name={shapes['mistral-7b']}", 'train.kernels="none"',
+                                "train.gradient_checkpointing=true", "train.micro_batch=2"], stage=stage)
+        s = plans.shape_of(r, plans.meta_model(r), 2)
+        assert s.tokens == 2 * docs * enc + 2 * length and s.pass_tokens == max(2 * docs * enc, 2 * length), stage
+        c = plans.plan(r, card(139)).components
+        assert c["activation checkpoints (32 layer inputs)"] == s.tokens * 32 * 4096 * 2
+        assert c["activations (one layer recomputed)"] == s.pass_tokens * plans.layer_bytes(r, s)
+
+
+def test_clara_auto_config_checkpoints_layers_when_the_card_needs_it(shapes):
+    r = load("clara", shapes, "train.micro_batch=1")
+    roomy, _ = plans.auto_config(r, card(139))
+    tight, why = plans.auto_config(r, card(24))
+    assert roomy.train.gradient_checkpointing == 0
+    assert 0 < tight.train.gradient_checkpointing <= 32 and plans.plan(tight, card(24)).fits
+    assert f"checkpointing {tight.train.gradient_checkpointing} of 32 layers (auto)" in why[-1]

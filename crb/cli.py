@@ -15,7 +15,8 @@ DEMO_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 DEMO_PROMPTS = {"retrieval": "waterproof boots for hiking in the rain",
                 "language": "Do you have the navy suit in size 40?",
                 "translation": "Do you have this shirt in size medium?",
-                "code": "def total_price("}
+                "code": "def total_price(",
+                "clara": "a stage-2/3 record's question"}
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -263,6 +264,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from crb.run import run
 
     path = DEMO_RECIPES / f"{args.agent}.toml"
+    if args.agent == "clara":
+        return demo_clara(path, args.overrides)
     final = run(str(path), args.overrides)
     out = Path(recipe.load(path, args.overrides).output.dir)
     before, after = final.get("baseline", {}), final
@@ -273,6 +276,36 @@ def cmd_demo(args: argparse.Namespace) -> None:
     target = "fra_Latn" if args.agent == "translation" else None
     print(f"\n{prompt}{f' -> {target}' if target else ''}:\n{verify(out, prompt, 40, target)}")
 
+
+def demo_clara(path: Path, overrides: list[str]) -> None:
+    """CLaRa's three stages on a tiny random Mistral (written once, seeded, beside the runs: every stage loads
+    the same base), then stage 3's held-out recall@k before and after, and an answer from candidate documents."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from crb.artifacts import verify
+    from crb.engine import recipe
+    from crb.run import run
+
+    base = DEMO_RECIPES.parent.parent / "runs" / "demo-clara" / "tiny-mistral"  # the demo recipe's model.name
+    if not (base / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        tiny = Path(__file__).resolve().parent / "demo_data" / "tiny-mistral"
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny)).save_pretrained(base)
+        AutoTokenizer.from_pretrained(tiny).save_pretrained(base)
+    stage3 = run(str(path), overrides)["end_to_end"]
+    r = recipe.load(path, overrides, "end_to_end")
+    out = Path(r.output.dir)
+    print(f"\ncrb demo (clara): held-out questions of stage 3, before training -> after (result in {out})")
+    for key, value in stage3.get("baseline", {}).items():
+        print(f"  {key:<10} {value:8.4f} -> {stage3.get(key, float('nan')):8.4f}")
+    record = json.loads(Path(r.data.train[0]).read_text().splitlines()[0])
+    n = len(record["docs"])
+    print(f"  (chance: {r.clara.top_k} of {n} candidates = {r.clara.top_k / n:.4f})")
+    docs = [record["docs"][i] for i in record["pos_index"]]
+    print(f"\n{record['question']} (from its document):\n{verify(out, record['question'], 40, docs=docs)}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,7 @@ from crb.engine.recipe import ClaraConfig, DataConfig
 from crb.errors import DataError
 
 Row = dict[str, np.ndarray]
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"  # 4: stage 2 reads the gold candidates and the first others
 
 
 @dataclass
@@ -83,9 +83,12 @@ def _check_clara(data: dict, where: str, c: ClaraConfig) -> dict:
     r = clara.check_stage23(data, where)
     if len(r["docs"]) < c.top_k:
         raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(r['docs'])}")
-    docs = r["docs"][: c.top_k] if c.stage == "instruction" else r["docs"]
-    return {"docs": docs, "question": r["question"], "answer": r["answer"], "gold": r["pos_index"],
-            "slots": c.top_k, "instruction": None}
+    docs, gold = r["docs"], r["pos_index"]
+    if c.stage == "instruction":  # top_k of the candidates: the gold ones and the first others, in record order
+        keep = clara.instruction_docs(len(docs), gold, c.top_k)
+        docs, gold = [docs[i] for i in keep], [keep.index(g) for g in gold if g in keep]
+    return {"docs": docs, "question": r["question"], "answer": r["answer"], "gold": gold, "slots": c.top_k,
+            "instruction": None}
 
 
 def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,

@@ -1,10 +1,11 @@
 """CLaRa records (../shared/clara.md): stage 1 `{"data_type": "qa", "question": [...], "answers": [...],
 "docs": [...]}` (one document, its questions and answers) or `{"data_type": "paraphrase", "docs": [...],
-"answers": [paraphrase]}` (the document to restate; without "answers", the document itself); stages 2
-and 3 `{"question", "docs", "answer", "pos_index"}` (pos_index: which docs are gold). `build_stage23` makes
-stage-2/3 records from stage-1 ones:
+"answers": [paraphrase]}` (the document to restate; without "answers", the document itself); stages 2 and 3
+`{"question", "docs", "answer", "pos_index"}` (pos_index: which docs are gold; the docs are the N candidates of
+stage 3, stage 2 reads the gold ones and the first others up to top_k). `build_stage23` makes stage-2/3 records
+from stage-1 ones, the negatives the BM25-nearest documents of other records:
 
-    python -m crb.data.clara build-stages IN.jsonl OUT.jsonl --docs 5 --seed 0
+    python -m crb.data.clara build-stages IN.jsonl OUT.jsonl --docs 20 --seed 0
 """
 
 from __future__ import annotations
@@ -83,24 +84,44 @@ def check_stage23(data: dict, where: str) -> dict:
     return {"question": question, "docs": docs, "answer": answer, "pos_index": list(pos)}
 
 
+def instruction_docs(n_docs: int, gold: list[int], top_k: int) -> list[int]:
+    """The candidates stage 2 reads, in record order: the gold ones (the first top_k of them) and the first
+    others, top_k in all."""
+    gold = set(gold[:top_k])
+    others = [i for i in range(n_docs) if i not in gold][: top_k - len(gold)]
+    return sorted([*gold, *others])
+
+
 def build_stage23(stage1_records: list[dict], n_docs: int, seed: int) -> list[dict]:
-    """One stage-2/3 record per (question, answer) of each stage-1 record (as `check_stage1` returns them):
-    its own document and n_docs - 1 distinct other documents drawn from the other records, shuffled;
-    pos_index is where its own document landed. The same inputs and seed give the same records."""
+    """One stage-2/3 record per (question, answer) of each stage-1 record (as `read_stage1` returns them): n_docs
+    candidate documents, its own (gold) and the n_docs - 1 distinct documents of the other records that BM25
+    (bm25s) ranks nearest to the question: hard negatives, ties (such as documents sharing no word with it) in a
+    seeded random order. The candidates are shuffled; pos_index is where the gold one landed. The same inputs
+    and seed give the same records."""
+    import bm25s
+
     if n_docs < 1:
         raise DataError(f"--docs: expected at least 1 document per record, got {n_docs}")
     unique = list(dict.fromkeys(r["doc"] for r in stage1_records))
     if stage1_records and len(unique) < n_docs:
-        raise DataError(f"--docs: {n_docs} documents per record need at least {n_docs} distinct documents, "
+        where = f"{stage1_records[0]['where']}: " if "where" in stage1_records[0] else ""
+        raise DataError(f"{where}--docs: {n_docs} documents per record need at least {n_docs} distinct documents, "
                         f"the data has {len(unique)}")
+    if not stage1_records:
+        return []
     index = {doc: i for i, doc in enumerate(unique)}
+    bm25 = bm25s.BM25()
+    bm25.index(bm25s.tokenize(unique, stopwords="en", show_progress=False), show_progress=False)
     rng = np.random.default_rng(seed)
     out = []
     for r in stage1_records:
         own = index[r["doc"]]
-        for question, answer in r["qa"]:
-            others = rng.choice(len(unique) - 1, size=n_docs - 1, replace=False)
-            others = others + (others >= own)  # skip the record's own document
+        questions = [q for q, _ in r["qa"]]
+        for (question, answer), words in zip(r["qa"], bm25s.tokenize(questions, stopwords="en", return_ids=False,
+                                                                     show_progress=False), strict=True):
+            scores = bm25.get_scores(words) if words else np.zeros(len(unique))
+            ranked = np.lexsort((rng.random(len(unique)), -scores))  # best first; ties at random
+            others = [int(i) for i in ranked if i != own][: n_docs - 1]
             docs = [unique[own], *(unique[i] for i in others)]
             order = rng.permutation(n_docs)
             out.append({"question": question, "docs": [docs[i] for i in order], "answer": answer,
@@ -109,12 +130,13 @@ def build_stage23(stage1_records: list[dict], n_docs: int, seed: int) -> list[di
 
 
 def read_stage1(path: str | Path) -> list[dict]:
-    """Every record of a stage-1 file, checked; the first malformed one raises its DataError."""
+    """Every record of a stage-1 file, checked, with its file:line ("where"); the first malformed one raises its
+    DataError."""
     records = []
     for rec in read_jsonl(path):
         if isinstance(rec, DataError):
             raise rec
-        records.append(check_stage1(rec.data, rec.where()))
+        records.append({**check_stage1(rec.data, rec.where()), "where": rec.where()})
     return records
 
 
@@ -125,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "from a stage-1 file")
     b.add_argument("input", help="stage-1 JSON Lines file")
     b.add_argument("output", help="stage-2/3 JSON Lines file to write")
-    b.add_argument("--docs", type=int, default=5, help="documents per record, the question's own included "
-                                                       "(default: 5)")
+    b.add_argument("--docs", type=int, default=20, help="candidate documents per record (N), the question's own "
+                                                        "included, the rest BM25-nearest (default: 20)")
     b.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,7 @@
 """Task metrics beside the eval loss, computed by the libraries that own them: BLEU and chrF
 (sacrebleu) on generated translations; nDCG@10, MRR@10 and Recall@1/10 (sentence-transformers'
-InformationRetrievalEvaluator) of held-out queries over a corpus. Each metric function takes the
+InformationRetrievalEvaluator) of held-out queries over a corpus; CLaRa stage 3's recall@k of the gold documents
+among the candidates its query reasoner selects. Each metric function takes the
 model being trained and returns {name: value}; the loop runs them on the main process."""
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from transformers import PreTrainedTokenizerBase
 
 from crb.data import retrieval
+from crb.data.collate import clara_batcher
 from crb.engine.recipe import Recipe
+from crb.losses.clara import recall_at_k
 
 Metric = Callable[[torch.nn.Module], dict[str, float]]
 
@@ -27,7 +31,29 @@ def task_metrics(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train_rows:
         corpus = retrieval.corpus(recipe.data.corpus, [*train_rows, *eval_rows])
         return [lambda model: retrieval_scores(model, rows, corpus, recipe.eval.batch_size,
                                                recipe.data.document_instruction)]
+    if recipe.data.format == "clara" and recipe.clara.stage == "end_to_end":
+        c = recipe.clara
+        collate = clara_batcher(tokenizer.pad_token_id, c.doc_max_length + 3 + c.doc_max_length // c.compress_rate)
+        return [lambda model: clara_recall(model, [collate.collate(rows[i: i + recipe.eval.batch_size])
+                                                   for i in range(0, len(rows), recipe.eval.batch_size)])]
     return []
+
+
+def clara_recall(model: torch.nn.Module, batches: list[dict]) -> dict:
+    """CLaRa stage 3: recall@k (k = the model's top_k) of the gold documents among the k candidates the query
+    reasoner scores highest, over the held-out questions."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits = total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            scores, _ = model.retrieve(send_to_device(batch, device))
+            top = scores.topk(model.top_k, dim=-1).indices
+            n = sum(1 for g in batch["gold"] if g)
+            hits, total = hits + recall_at_k(top, batch["gold"]) * n, total + n
+    model.train(was_training)
+    return {f"recall@{model.top_k}": hits / max(total, 1)}
 
 
 def translate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sources: list[np.ndarray],

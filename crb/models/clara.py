@@ -119,20 +119,28 @@ class Clara(torch.nn.Module):
                                reduction="sum")
         return loss / num_items
 
+    def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 3: (cosine scores of the question against each candidate (b, candidates), the candidates'
+        memory embeddings (b, candidates, n_mem, hidden)). Candidates compress without grad, the question
+        through the query reasoner with grad."""
+        b = batch["dec_ids"].shape[0]
+        with torch.no_grad():
+            cands, _ = self.compress(batch["doc_ids"], batch["doc_mask"])
+        query, _ = self.compress(batch["query_ids"], batch["query_mask"], "query_reasoner")
+        cands = cands.reshape(b, -1, *cands.shape[1:])
+        scores = torch.einsum("bd,bkd->bk", F.normalize(query.reshape(b, -1).float(), dim=-1),
+                              F.normalize(cands.flatten(2).float(), dim=-1))
+        return scores, cands
+
     def forward(self, batch: dict, num_items: torch.Tensor) -> ClaraOutput:
-        b, k = batch["dec_ids"].shape[0], batch["doc_ids"].shape[0] // batch["dec_ids"].shape[0]
+        b = batch["dec_ids"].shape[0]
         if "query_reasoner" not in self.adapters:  # stages 1-2: the given documents, compressed with grad
             docs, mse = self.compress(batch["doc_ids"], batch["doc_mask"])
             return ClaraOutput(self.generate_loss(batch, docs.reshape(b, -1, docs.shape[-1]), num_items), mse)
-        with torch.no_grad():  # stage 3: candidates compressed without grad, the query with grad
-            cands, _ = self.compress(batch["doc_ids"], batch["doc_mask"])
-        query, _ = self.compress(batch["query_ids"], batch["query_mask"], "query_reasoner")
-        flat = cands.reshape(b, k, -1)  # (b, candidates, n_mem * hidden)
-        scores = torch.einsum("bd,bkd->bk", F.normalize(query.reshape(b, -1).float(), dim=-1),
-                              F.normalize(flat.float(), dim=-1))
+        scores, cands = self.retrieve(batch)
         weights = differentiable_topk(scores, self.top_k, self.temperature)  # (b, top_k, candidates)
         recall = recall_at_k(weights.detach().argmax(-1), batch["gold"])
-        docs = select(weights, flat.float()).reshape(b, -1, cands.shape[-1])  # forward: exactly the top-k
+        docs = select(weights, cands.flatten(2).float()).reshape(b, -1, cands.shape[-1])  # forward: the top-k exactly
         return ClaraOutput(self.generate_loss(batch, docs, num_items), torch.zeros((), device=scores.device), recall)
 
     @torch.no_grad()

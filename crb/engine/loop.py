@@ -3,7 +3,7 @@
 Each optimizer step takes `accum` micro-batches per process; the loss is normalised by the
 labelled tokens of the whole step (all micro-batches, all processes), so 1 process at
 micro-batch 2m equals 2 processes at m. The data position is the step number itself (the
-order of each epoch is a seeded permutation), so resuming is exact."""
+order of each epoch is a seeded permutation, sentence-transformers' trainer's), so resuming is exact."""
 
 from __future__ import annotations
 
@@ -92,7 +92,9 @@ class StopRequest:
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+    """The rows' order in `epoch`: torch.randperm from a generator seeded with seed + epoch, the order Accelerate's
+    seedable RandomSampler gives sentence-transformers' trainer (so the same seed makes the same batches)."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
 
 
 def step_batches(order: np.ndarray, step_in_epoch: int, recipe: Recipe, sched: Schedule,

@@ -148,3 +148,15 @@ def test_answer_loss_is_token_mean():
     assert torch.allclose(answer_loss(logits.bfloat16(), labels, n), answer_loss(logits.bfloat16().float(), labels, n))
     # num_items is a divisor, as in crb's causal_lm (the whole step's target count)
     assert torch.allclose(answer_loss(logits, labels, 2 * n), expected / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("gold", [0, 6])  # selected (highest score) or not (lowest)
+def test_topk_gradient_raises_the_document_that_lowers_the_loss(gold: int):
+    """A loss that is lower when the gold candidate fills a slot: descent raises the gold's score and lowers the
+    others', whether the gold is among the top-k or not (the sign stage 3's query reasoner learns from)."""
+    scores = torch.linspace(1.0, 0.0, 7).unsqueeze(0).requires_grad_()
+    cand = torch.eye(7).unsqueeze(0)  # candidate n: the n-th unit vector
+    loss = -select(differentiable_topk(scores, 3, 0.5), cand)[..., gold].sum()
+    loss.backward()
+    assert scores.grad[0, gold] < 0
+    assert (scores.grad[0, torch.arange(7) != gold] > 0).all()

@@ -165,6 +165,10 @@ def clara_sets(args: argparse.Namespace, model: Path, micro: int) -> list[str]:
 
 # ---------------------------------------------------------------- measuring a row
 
+MACHINE_KEYS = {"model.name", "data.train", "data.cache_dir", "output.dir"}  # paths on the measuring machine
+CHOSEN = ("profile", "micro_batch", "checkpointed_layers", "layers", "offload_activations", "kernels", "compile",
+          "attention")
+
 
 def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     recipe = str(ROOT / "recipes" / f"{r['recipe']}.toml")
@@ -198,6 +202,10 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     mem = [x["gpu_mem_gib"] for x in lines if "gpu_mem_gib" in x]
     reserved = [x["gpu_reserved_gib"] for x in lines if "gpu_reserved_gib" in x]
     chosen = json.loads((folder / "profile.json").read_text()) if (folder / "profile.json").is_file() else {}
+    # What the test replans the row with: the overrides that are not this machine's paths, and every "auto"
+    # as the run resolved it (so a CPU without liger or a GPU plans the same configuration).
+    result["sets"] = [x for x in r["sets"] + args.sets if x.split("=", 1)[0] not in MACHINE_KEYS]
+    result["chosen"] = {k: chosen.get(k) for k in CHOSEN}
     speed = [x["tokens_per_s"] for x in lines if "tokens_per_s" in x][1:]  # the first step warms up
     result |= {"run_profile": chosen.get("profile"), "steps": len([x for x in lines if "loss" in x]),
                "tokens_per_s": round(sum(speed) / len(speed)) if speed else None,
@@ -255,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.get('measured_gib')} GiB ({row.get('elapsed_s')} s)", flush=True)
         done[(row["recipe"], row["setting"])] = row
         summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                   "device_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+                   if torch.cuda.is_available() else None,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": list(done.values()),
                    "crb_commit": language._git_commit()}
         errors = [abs(x["error_pct"]) for x in summary["rows"] if x.get("error_pct") is not None]

@@ -52,12 +52,14 @@ def resolve_kernels(fmt: str, gpu: bool) -> tuple[str, str]:
 COMPILE_FORMATS = ("text", "retrieval")
 
 
-def resolve_compile(fmt: str, gpu: bool) -> tuple[bool, str]:
+def resolve_compile(fmt: str, gpu: bool, liger_patched: bool = False) -> tuple[bool, str]:
     """train.compile = "auto" -> True or False, and why."""
     if not gpu:
         return False, "no CUDA GPU"
     if fmt not in COMPILE_FORMATS:
         return False, f"not measured faster for {fmt} models"
+    if liger_patched:  # measured on Mistral chat: 12,852 tokens/s compiled, 12,771 eager
+        return False, "liger's kernels already fuse this model's elementwise work, and dynamo cannot trace them"
     return True, "a CUDA GPU: fuses the elementwise work between matrix products"
 
 

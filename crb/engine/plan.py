@@ -30,8 +30,7 @@ GATES = {"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"}  # a gated MLP's gate 
 CONTEXT = "CUDA context (outside torch's allocator)"
 COPIES = "bf16 copies of fp32 weights (autocast, kept for backward)"
 OVERLAP = "gradients not allocated yet at the loss's backward (the peak)"
-STEP = "optimizer step temporaries (AdamW's sqrt(v), fp32): the peak is the step"
-FUSED = "fused linear + cross-entropy (liger: logits in chunks, input gradient)"
+FUSED = "fused linear + cross-entropy (logits in chunks, input gradient)"
 FUSED_BYTES = 12  # per hidden unit and token: a bf16 + fp32 logits chunk of ~tokens x hidden / vocab rows, grad_input
 LIGER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
                "granite"}  # model types liger-kernel 0.8 patches (fused norms and SwiGLU; others get its loss alone)
@@ -265,7 +264,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     if s.embedding_trains:  # fp32 rows beside the frozen embedding: weights, gradient, two AdamW states
         n_mem = recipe.clara.doc_max_length // recipe.clara.compress_rate
         c["CLaRa memory-token rows (fp32): weights, gradient, states"] = n_mem * s.hidden * 4 * 4
-    # The peak is the larger of two moments: the backward pass (activations, logits) and the optimizer step.
+    # The peak is the backward pass (activations, logits); the optimizer step adds nothing to the states.
     backward: dict[str, float] = {"gradients": grads}
     if recipe.train.precision != "fp32" and not ds:  # autocast's bf16 copy of each fp32 matmul weight
         head = s.vocab * s.hidden if s.logit_tokens else 0  # lm_head (a full model's; fp32 after fp16 k-bit prep)
@@ -281,10 +280,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         backward["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
         if not ds:  # the peak is the loss's backward: no weight gradient is allocated yet
             backward[OVERLAP] = -min(grads, backward["logits + loss (vocab x tokens)"])
-    step = {"gradients": grads}
-    if t.optimizer == "adamw" and not profile.offload_optimizer:  # torch's foreach AdamW: sqrt(v) as a temporary
-        step[STEP] = s.trainable * 4 / shard
-    c.update(backward if sum(backward.values()) >= sum(step.values()) else step)
+    c.update(backward)  # the step (torch's fused AdamW, no temporaries) holds no more than the backward
     c[CONTEXT] = CUDA_CONTEXT
     return c
 
@@ -454,7 +450,8 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
         r.train.kernels, reason = resolve_kernels(r.data.format, bool(hw.gpus))
         why.append(f"kernels auto -> {r.train.kernels} ({reason})")
     if t.compile == "auto":
-        r.train.compile, reason = resolve_compile(r.data.format, bool(hw.gpus))
+        patched = r.train.kernels == "liger" and meta_model(r).config.model_type in LIGER_TYPES
+        r.train.compile, reason = resolve_compile(r.data.format, bool(hw.gpus), patched)
         why.append(f"compile auto -> {'on' if r.train.compile else 'off'} ({reason})")
     auto_gc, auto_micro, auto_off = (t.gradient_checkpointing == "auto", t.micro_batch == "auto",
                                      t.offload_activations == "auto")

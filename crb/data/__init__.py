@@ -116,6 +116,11 @@ def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
     return doc, len(doc[0])
 
 
+def clara_doc_width(c: ClaraConfig) -> int:
+    """Tokens of one encoded document: <ENC> BOS text EOS cut or padded to doc_max_length + 3, the memory tokens."""
+    return c.doc_max_length + 3 + c.doc_max_length // c.compress_rate
+
+
 def clara_row(r: dict, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, template: str, where: str) -> Row:
     """A checked CLaRa record (`_check_clara`) as token ids: documents for the encoder (flattened), the decoder
     prompt and labels, and in stage 3 the question for the query reasoner and the gold documents."""
@@ -146,6 +151,7 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
           report: DataReport, clara_cfg: ClaraConfig | None = None) -> tuple[list, list[str]]:
     """The usable records as items, and each one's file:line."""
     items, wheres = [], []
+    first: tuple[int, str] | None = None  # stage 3: the first record's number of candidates, and where it is
     for file in files:
         for rec in read_jsonl(file):
             try:
@@ -153,6 +159,13 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                     raise rec
                 report.records += 1
                 made = _make_row(rec, cfg, tokenizer, template, report, clara_cfg)
+                if made and cfg.format == "clara" and clara_cfg.stage == "end_to_end":  # rows stack their docs
+                    n = len(made[0]["doc_ids"]) // clara_doc_width(clara_cfg)
+                    first = first or (n, rec.where())
+                    if n != first[0]:
+                        raise DataError(f"{rec.where()}: docs: {n} candidate documents, {first[0]} at {first[1]}: "
+                                        "stage 3 needs the same number in every record (python -m crb.data.clara "
+                                        "build-stages --docs N makes them so)")
             except DataError as e:
                 if cfg.bad_records == "error":
                     raise

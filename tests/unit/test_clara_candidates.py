@@ -119,3 +119,26 @@ def test_stage2_reads_top_k_with_the_gold_and_stage3_all_candidates():
     with pytest.raises(DataError, match=r"^f.jsonl:7: docs: expected at least clara.top_k \(5\) documents, got 4"):
         check_record(Record({**rec.data, "docs": docs[:4], "pos_index": [1]}, "f.jsonl", 7), data,
                      ClaraConfig(stage="end_to_end", top_k=5))
+
+
+def test_stage3_records_must_all_carry_the_same_number_of_candidates(tmp_path):
+    """Stage 3 stacks every record's candidates into one tensor: a record with another count is an error that
+    names it and the first record, not a shape error (or a silent mix-up) inside the model."""
+    from transformers import AutoTokenizer
+
+    from crb.data import prepare
+    from tests.conftest import ROOT
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "crb" / "demo_data" / "tiny-mistral")
+    rec = {"question": "Which shoe fits flat feet?", "answer": "The Striden trail shoe.", "pos_index": [1]}
+    rows = [{**rec, "docs": [f"doc {i}" for i in range(n)]} for n in (6, 6, 5)]
+    path = tmp_path / "s3.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = DataConfig(format="clara", train=[str(path)], eval_split=0.0, cache_dir=str(tmp_path / "cache"))
+    clara = ClaraConfig(stage="end_to_end", top_k=2)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: docs: 5 candidate documents, 6 at "
+                                        rf"{re.escape(str(path))}:1: stage 3 needs the same number"):
+        prepare(data, tokenizer, 0, clara)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    train, _, _ = prepare(data, tokenizer, 0, clara)
+    assert len(train) == 2

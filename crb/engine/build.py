@@ -114,7 +114,7 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
     if kind == "clara":
         return build_clara(model, recipe, layers)
     if layers:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        checkpointing_on(model, gc_kwargs)
         keep_layers(model, layers)
         if method.name in ("lora", "qlora", "freeze"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that wants grad
@@ -151,8 +151,17 @@ def prepare_kbit(model: torch.nn.Module, dtype: torch.dtype) -> None:
         p.requires_grad_(False)
 
 
+def checkpointing_on(model: torch.nn.Module, kwargs: dict) -> None:
+    """Activation checkpointing on every layer (keep_layers then narrows it): transformers 5.2x names it
+    activation_checkpointing_enable and warns on the old name, which earlier 5.x releases have alone."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def keep_layers(model: torch.nn.Module, checkpointed: int) -> None:
-    """Checkpoint only the first `checkpointed` layers (after gradient_checkpointing_enable): the others keep
+    """Checkpoint only the first `checkpointed` layers (after checkpointing_on): the others keep
     their activations. The first ones, because a recomputed layer then runs after the kept layers' activations
     are freed in backward."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -200,8 +209,7 @@ def build_clara(base: torch.nn.Module, recipe: Recipe, checkpointed_layers: int 
         rows = load_file(src / "clara_embeddings.safetensors")
         clara.load_rows(rows["ids"], rows["rows"])
     if checkpointed_layers:  # non-reentrant: its context_fn re-activates the forward's adapter for the recomputation
-        base.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": clara.recompute_context})
+        checkpointing_on(base, {"use_reentrant": False, "context_fn": clara.recompute_context})
         keep_layers(base, checkpointed_layers)
     return clara
 
@@ -228,7 +236,7 @@ def build_encoder(recipe: Recipe) -> torch.nn.Module:
     model.max_seq_length = recipe.data.max_length
     layers = checkpointed(recipe, n_blocks(model[0].auto_model))
     if layers:
-        model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(model[0].auto_model, {"use_reentrant": False})
         keep_layers(model[0].auto_model, layers)
     if recipe.method.name == "freeze":
         freeze(model, recipe.method.trainable)

@@ -1,4 +1,4 @@
-"""CLaRa records (../shared/clara.md): stage 1 `{"data_type": "qa", "question": [...], "answers": [...],
+"""CLaRa records (docs/clara.md): stage 1 `{"data_type": "qa", "question": [...], "answers": [...],
 "docs": [...]}` (one document, its questions and answers) or `{"data_type": "paraphrase", "docs": [...],
 "answers": [paraphrase]}` (the document to restate; without "answers", the document itself); stages 2 and 3
 `{"question", "docs", "answer", "pos_index"}` (pos_index: which docs are gold; the docs are the N candidates of

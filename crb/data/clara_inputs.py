@@ -1,4 +1,4 @@
-"""CLaRa token layouts (../shared/clara.md): a document for compression is
+"""CLaRa token layouts (docs/clara.md): a document for compression is
 `<ENC> BOS text EOS`, cut or padded to doc_max_length + 3, then the n memory tokens (attended);
 the decoder prompt renders with the chat template: a system prompt, a user turn "Background:\\n"
 + top_k slots of (<MEM0>..<MEM{n-1}> <SEP>) + the question (where the stage has one) or, for a

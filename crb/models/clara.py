@@ -1,6 +1,6 @@
 """CLaRa: one causal LM base with three LoRA adapters, `encoder` (compresses each document into
 n memory embeddings), `decoder` (answers from them) and `query_reasoner` (stage 3: encodes the
-question to score candidate documents). See ../shared/clara.md for the method.
+question to score candidate documents). docs/clara.md describes the method.
 
 The active adapter is switched per sub-forward by setting each LoRA layer's active adapter
 directly (PEFT's set_adapter would also flip requires_grad); every adapter of the stage trains.

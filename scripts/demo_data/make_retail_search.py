@@ -2,7 +2,7 @@
 
 Everything is built from attribute grids and templates with a fixed seed, so a re-run writes the same files:
 
-    python crb/demo_data/make_retail_search.py
+    python scripts/demo_data/make_retail_search.py
 
 Writes, next to this script:
 
@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "crb" / "demo_data"  # where the shipped data files live
 SEED = 20240612
 INSTRUCTION = "Represent the shopper's search query for retrieving products:"
 TRAIN_QUERIES, EVAL_QUERIES = 4, 3  # per product

@@ -4,7 +4,7 @@ questions and answers read off it: name, colour, price), one per catalogue produ
 questions of every other product whose name no other product has, each with 20 candidate documents: its own and
 the 19 BM25-nearest others of the catalogue; pos_index marks its own). Re-run:
 
-    python crb/demo_data/make_clara_data.py
+    python scripts/demo_data/make_clara_data.py
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "crb" / "demo_data"  # where the shipped data files live
 N_CANDIDATES = 20  # stage 3 selects clara.top_k = 5 of them
 
 

@@ -2,7 +2,7 @@
 
 Everything is built from templates with a fixed seed, so a re-run writes the same files:
 
-    python crb/demo_data/make_demo_data.py
+    python scripts/demo_data/make_demo_data.py
 
 Writes, next to this script: retail_chat.jsonl (ChatML conversations of a store assistant),
 retail_code.jsonl (small Python functions and classes of retail logic) and tiny-mistral/
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "crb" / "demo_data"  # where the shipped data files live
 SEED = 20240611
 N_CHAT = 240
 N_CODE = 150

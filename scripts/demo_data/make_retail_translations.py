@@ -1,7 +1,7 @@
 """Regenerate crb's translation demo data: short retail customer-service sentences in English with hand-written
 translations into Hindi, French, Spanish and German.
 
-    python crb/demo_data/make_retail_translations.py
+    python scripts/demo_data/make_retail_translations.py
 
 Writes retail_translations.jsonl next to this script: one {"source_lang", "target_lang", "source_text",
 "target_text"} record per sentence and target language, with FLORES-200 language codes. The sentences follow the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "crb" / "demo_data"  # where the shipped data files live
 SOURCE = "eng_Latn"
 TARGETS = ("hin_Deva", "fra_Latn", "spa_Latn", "deu_Latn")
 

@@ -2,7 +2,7 @@
 model (M2M100) for the CPU translation demo. The tokenizer is NLLB's, with the guide's 25 language
 tokens and a small vocabulary trained on the shipped translations. Re-run after changing them:
 
-    python crb/demo_data/make_tiny_nllb.py
+    python scripts/demo_data/make_tiny_nllb.py
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from transformers import M2M100Config, NllbTokenizer
 
 from crb.engine.recipe import LANGUAGES
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "crb" / "demo_data"  # where the shipped data files live
 
 
 def main() -> None:

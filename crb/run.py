@@ -38,6 +38,7 @@ from crb.engine.plan import DataFacts, auto_config, data_facts, plan
 from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
+from crb.units import GIB
 
 
 def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None = None,
@@ -167,8 +168,8 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, dat
              "offload_activations": recipe.train.offload_activations, "kernels": recipe.train.kernels,
              "compile": recipe.train.compile,
              "attention": recipe.model.attn_implementation,
-             "plan_gib": round(p.total / 2**30, 3), "capacity_gib": p.capacity and round(p.capacity / 2**30, 3),
-             "profiles_gib": {k: round(v / 2**30, 3) for k, v in p.profiles.items()}}, indent=1))
+             "plan_gib": round(p.total / GIB, 3), "capacity_gib": p.capacity and round(p.capacity / GIB, 3),
+             "profiles_gib": {k: round(v / GIB, 3) for k, v in p.profiles.items()}}, indent=1))
     prof = PROFILES.get(name)
     if launched or prof is None or prof.deepspeed_json is None:
         return name, None, p.notes["trainable"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from crb.engine import recipe as recipes
 from crb.errors import CrbError
+from crb.units import GIB
 
 GUIDE = [("train.lr", [1e-5, 5e-5, 1e-4, 2e-4]), ("train.batch_size", [4, 8, 16]), ("method.lora.r", [16, 32, 64])]
 
@@ -126,7 +127,7 @@ def sweep(recipe_path: str, overrides: list[str], grid: list[tuple[str, list]] |
                 continue
             if p.fits is False:
                 record(name, {"choice": choice, "status": "skipped",
-                              "reason": f"does not fit: {p.total / 2**30:.1f} GiB needed"})
+                              "reason": f"does not fit: {p.total / GIB:.1f} GiB needed"})
                 continue
             todo.append((name, choice, sets))
         if workers == 1:

@@ -22,6 +22,7 @@ from crb.data.reader import Record, file_sha256, read_jsonl
 from crb.data.text import check_text, tokenize_text
 from crb.engine.recipe import ClaraConfig, DataConfig
 from crb.errors import DataError
+from crb.units import IGNORE
 
 Row = dict[str, np.ndarray]
 CACHE_VERSION = "4"  # 4: stage 2 reads the gold candidates and the first others
@@ -186,7 +187,7 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                 report.truncated += 1
             labels = item["dec_labels"] if cfg.format == "clara" else item[1] if cfg.format in ("chatml", "text") \
                 else None
-            if labels is not None and all(t == -100 for t in labels[1:]):  # nothing left to learn (cut)
+            if labels is not None and all(t == IGNORE for t in labels[1:]):  # nothing left to learn (cut)
                 report.dropped_no_target += 1
                 continue
             items.append(item)
@@ -231,7 +232,7 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
     if "input_ids" in train[0]:
         report.train_tokens = int(sum(len(r["input_ids"]) for r in train))
         shift = 1 if cfg.format in ("chatml", "text") else 0  # causal labels shift by one
-        report.target_tokens = int(sum((r["labels"][shift:] != -100).sum() for r in train))
+        report.target_tokens = int(sum((r["labels"][shift:] != IGNORE).sum() for r in train))
     _save_cache(cache, train, evals, report)
     return train, evals, report
 

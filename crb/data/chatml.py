@@ -9,8 +9,8 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from crb.errors import DataError
+from crb.units import IGNORE
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
 # ChatML, with {% generation %} markers so transformers can also return assistant masks.

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE = -100
+from crb.units import IGNORE
+
 Row = dict[str, np.ndarray]
 
 

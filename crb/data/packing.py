@@ -12,7 +12,8 @@ from itertools import chain
 
 import numpy as np
 
-IGNORE = -100
+from crb.units import IGNORE
+
 Doc = tuple[list[int], list[int]]  # (input_ids, labels)
 
 

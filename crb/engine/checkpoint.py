@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from crb.errors import CrbError
+from crb.units import GIB
 
 if TYPE_CHECKING:
     from crb.engine.loop import Schedule
@@ -35,8 +36,8 @@ def check_space(out: Path, need: float) -> None:
         raise CrbError(f"output.dir: cannot write to {out}: {e.strerror or e}") from e
     free = shutil.disk_usage(out).free
     if free < need:
-        raise CrbError(f"output.dir: {out} has {free / 2**30:.2f} GiB free; the checkpoints and final weights need "
-                       f"about {need / 2**30:.2f} GiB (free space, or lower train.keep_checkpoints)")
+        raise CrbError(f"output.dir: {out} has {free / GIB:.2f} GiB free; the checkpoints and final weights need "
+                       f"about {need / GIB:.2f} GiB (free space, or lower train.keep_checkpoints)")
 
 
 def bytes_needed(t: TrainConfig, trainable: int, sched: Schedule) -> float:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from crb.units import GIB
+
 
 @dataclass
 class Gpu:
@@ -44,7 +46,7 @@ def cap_memory(device: torch.device, gpu_memory_gb: float | None = None) -> floa
     if not override or device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory / 2**30
+    total = torch.cuda.get_device_properties(index).total_memory / GIB
     torch.cuda.set_per_process_memory_fraction(min(1.0, override / total), index)
     return min(override, total)
 
@@ -56,10 +58,10 @@ def detect(gpu_memory_gb: float | None = None) -> Hardware:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i)
-            gpus.append(Gpu(props.name, total / 2**30, free / 2**30, (props.major, props.minor)))
+            gpus.append(Gpu(props.name, total / GIB, free / GIB, (props.major, props.minor)))
     if override:
         gpus = [Gpu(g.name, override, min(g.free_gib, override), g.capability) for g in gpus] or \
                [Gpu("virtual", override, override, (8, 0))]
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     bf16 = bool(gpus) and (torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True)
     return Hardware(gpus, bf16, ram, int(os.environ.get("WORLD_SIZE", "1")))

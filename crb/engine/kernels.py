@@ -19,6 +19,8 @@ import types
 
 import torch
 
+from crb.units import IGNORE
+
 CAUSAL_FORMATS = ("chatml", "text")
 FUSED_FORMATS = (*CAUSAL_FORMATS, "translation")  # models whose vocabulary logits liger's loss can replace
 
@@ -107,7 +109,7 @@ def fused_forward(self: torch.nn.Module, input_ids: torch.Tensor | None = None,
     kwargs.pop("logits_to_keep", None)
     hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state  # seq2seq: the decoder's
     seq2seq = self.config.is_encoder_decoder  # labels align with the decoder inputs; causal: token t predicts t + 1
-    target = labels if seq2seq else torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    target = labels if seq2seq else torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
     head, device = self.lm_head, hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
@@ -117,11 +119,11 @@ def fused_forward(self: torch.nn.Module, input_ids: torch.Tensor | None = None,
 
         if bias is not None:
             raise ValueError("train.kernels = 'cce': the output layer has a bias, which cut-cross-entropy lacks")
-        loss = linear_cross_entropy(x, w, y.to(hidden.device), ignore_index=-100, reduction="sum")
+        loss = linear_cross_entropy(x, w, y.to(hidden.device), ignore_index=IGNORE, reduction="sum")
     else:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        loss = liger_fused_linear_cross_entropy(x, w, y.to(hidden.device), bias=bias, ignore_index=-100,
+        loss = liger_fused_linear_cross_entropy(x, w, y.to(hidden.device), bias=bias, ignore_index=IGNORE,
                                                 reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE).sum()
     return (Seq2SeqLMOutput if seq2seq else CausalLMOutputWithPast)(loss=loss / count)

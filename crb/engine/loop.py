@@ -33,6 +33,7 @@ from crb.engine.metrics import Metric
 from crb.engine.recipe import Recipe
 from crb.engine.trace import StepTrace
 from crb.errors import CrbError, Stopped
+from crb.units import GIB
 
 Row = dict[str, np.ndarray]
 LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
@@ -254,8 +255,8 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
                 if torch.cuda.is_available():
-                    last["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                    last["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                    last["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / GIB
+                    last["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
                 metrics.write(last)
                 info = f"loss {loss_value:.4f}  lr {last['lr']:.2e}  {last['tokens_per_s']:,.0f} tok/s"
                 if "gpu_mem_gib" in last:

@@ -16,8 +16,8 @@ import torch
 from crb.engine.hardware import Hardware
 from crb.engine.profiles import PROFILES, Profile, choose
 from crb.engine.recipe import Recipe
+from crb.units import GIB
 
-GIB = 2**30
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude
 HALF = 2  # bf16/fp16 bytes
 LOGIT_BYTES = HALF + 4 + 4 + 4  # per vocabulary entry and token: bf16 logits, fp32 copy, log-softmax, gradient

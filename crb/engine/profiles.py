@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crb.errors import CrbError
+from crb.units import GIB
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
-GIB = 2**30
 
 
 @dataclass(frozen=True)

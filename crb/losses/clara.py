@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from crb.units import IGNORE
+
 _LOGIT_BOUND = 1e30  # scores / T are clamped into +-this, so -inf scores stay finite
 _TAKEN = -1e35  # log(1 - taken) where taken = 1: far below any clamped logit, still finite in float32
 
@@ -97,5 +98,5 @@ def clara_mse_loss(model: torch.nn.Module, batch: dict, num_items: torch.Tensor)
 def _rows_share(batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     # the MSE is a per-document mean: weight it by this micro-batch's share of the step's target tokens, so the
     # accumulated sum over micro-batches is the step's mean, like the generation loss
-    targets = (batch["dec_labels"][:, 1:] != -100).sum()
+    targets = (batch["dec_labels"][:, 1:] != IGNORE).sum()
     return targets / num_items

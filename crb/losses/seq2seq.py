@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 
+from crb.units import IGNORE
+
 
 def seq2seq(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
@@ -17,5 +19,6 @@ def seq2seq(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_items: t
     if getattr(extract_model_from_parallel(model), "crb_fused_loss", False):
         return model(**inputs, labels=batch["labels"], num_items_in_batch=num_items).loss
     logits = model(**inputs).logits
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
     return loss / num_items

@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from crb.losses.clara import clara_mse, differentiable_topk, recall_at_k, select
+from crb.units import IGNORE
 
 ADAPTERS = ("encoder", "decoder", "query_reasoner")
 
@@ -115,7 +116,7 @@ class Clara(torch.nn.Module):
         emb = self.decoder_embeds(batch["dec_ids"], docs)
         logits = self.peft(inputs_embeds=emb, attention_mask=batch["dec_mask"], use_cache=False).logits
         labels = batch["dec_labels"]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
                                reduction="sum")
         return loss / num_items
 

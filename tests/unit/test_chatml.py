@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from crb.data.chatml import CHATML_TEMPLATE, IGNORE, check_messages, tokenize_chat
+from crb.data.chatml import CHATML_TEMPLATE, check_messages, tokenize_chat
 from crb.errors import DataError
+from crb.units import IGNORE
 
 MISTRAL_LIKE = (  # no {% generation %} markers; system folded into the first user turn; EOS ends a turn
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from crb.data.collate import collate, count_targets
-from crb.data.packing import IGNORE, one_per_row, pack
+from crb.data.packing import one_per_row, pack
 from crb.losses.causal_lm import causal_lm
+from crb.units import IGNORE
 
 
 def docs(lengths: list[int], vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:

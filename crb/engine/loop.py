@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,172 +114,290 @@ def step_batches(order: np.ndarray, step_in_epoch: int, recipe: Recipe, sched: S
             for a in range(sched.accum)]
 
 
-def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
-          losses: list[tuple[str, LossFn, float, dict]], train_rows: list[Row], eval_rows: list[Row],
-          batcher: Batcher, sched: Schedule, out_dir: Path, resume: Path | None = None,
-          task_metrics: list[Metric] = (), row_sources: list[str] = ()) -> dict:
-    """Run the optimizer steps of `sched`; returns the final metrics (and `baseline`: step 0's eval)."""
-    acc, t = accelerator, recipe.train
-    world, rank, device = acc.num_processes, acc.process_index, acc.device
-    ckpt_root = out_dir / "checkpoints"
-    start, bad_steps = 0, 0  # bad: steps skipped for a non-finite loss or gradient
-    if resume is not None:
-        state = checkpoint.load(acc, resume)
-        start, bad_steps = state["step"], state.get("bad_steps", 0)
-        acc.print(f"resumed from {resume} at step {start}")
-    deepspeed = acc.state.deepspeed_plugin is not None  # its engine steps inside backward: nothing to skip
-    metrics = MetricsLog(out_dir / "metrics.jsonl", acc, keep_until=start)
+@dataclass
+class Training:
+    """What every step of one run shares: the model and its optimizer, the data, the schedule, the outputs."""
+    recipe: Recipe
+    acc: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    losses: list[tuple[str, LossFn, float, dict]]
+    batcher: Batcher
+    sched: Schedule
+    train_rows: list[Row]
+    eval_rows: list[Row]
+    out_dir: Path
+    metrics: MetricsLog
+    task_metrics: Sequence[Metric] = ()
+    row_sources: Sequence[str] = ()
+    tokens_seen: int = 0
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
 
-    def total_loss(batch: dict, num_items: torch.Tensor, parts: dict | None = None) -> torch.Tensor:
+    @property
+    def deepspeed(self) -> bool:  # its engine steps inside backward: nothing to skip
+        return self.acc.state.deepspeed_plugin is not None
+
+    def total_loss(self, batch: dict, num_items: torch.Tensor, parts: dict | None = None) -> torch.Tensor:
         """The weighted sum of the recipe's losses; with `parts`, also adds each (unweighted) to it."""
         total = 0
-        for name, fn, w, opts in losses:
-            value = fn(model, batch, num_items, **opts)
-            if parts is not None and len(losses) > 1:
+        for name, fn, w, opts in self.losses:
+            value = fn(self.model, batch, num_items, **opts)
+            if parts is not None and len(self.losses) > 1:
                 parts[f"loss_{name}"] = parts.get(f"loss_{name}", 0) + value.detach().float()
             total = total + w * value
         return total
 
-    def offload():
-        if t.offload_activations:
-            return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
-        return contextlib.nullcontext()
-
-    console = Console(stderr=True)
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(), console=console,
-                        disable=not (acc.is_main_process and console.is_terminal))
-    task = progress.add_task("train", total=sched.total_steps, completed=start, info="")
-    last: dict = {}
-    tokens_seen, t0 = 0, time.perf_counter()
-    def run_eval(step: int) -> dict:
-        ev = {"eval_loss": evaluate(acc, model, total_loss, eval_rows, sched.micro, batcher)}
-        if task_metrics:
-            if acc.is_main_process:
-                for fn in task_metrics:
-                    ev.update(fn(acc.unwrap_model(model)))
-            acc.wait_for_everyone()
-        metrics.write({"step": step, **ev})
-        acc.print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
-                  + (" (before training)" if step == 0 else ""))
-        return ev
-
-    def step_data(step: int) -> tuple[list[int], list[dict]]:
+    def step_data(self, step: int) -> tuple[list[int], list[dict]]:
         """This process's training-row indices and micro-batches for optimizer step `step`."""
-        epoch, in_epoch = divmod(step, sched.steps_per_epoch)
-        mine = step_batches(epoch_order(len(train_rows), t.seed, epoch), in_epoch, recipe, sched, world, rank)
-        return [int(i) for idx in mine for i in idx], [batcher.collate([train_rows[i] for i in idx]) for idx in mine]
+        epoch, in_epoch = divmod(step, self.sched.steps_per_epoch)
+        order = epoch_order(len(self.train_rows), self.recipe.train.seed, epoch)
+        mine = step_batches(order, in_epoch, self.recipe, self.sched, self.acc.num_processes, self.acc.process_index)
+        return [int(i) for idx in mine for i in idx], [self.batcher.collate([self.train_rows[i] for i in idx])
+                                                       for idx in mine]
 
-    def micro_batches(batches: list[dict], num_items: torch.Tensor) -> tuple[torch.Tensor, dict, object, bool]:
-        """Forward and backward of one step's micro-batches, then the update (skipped when non-finite)."""
-        step_loss = torch.zeros((), device=device)
-        parts: dict = {}  # per-loss sums and the losses' own metrics, logged beside the total
-        grad_norm, bad = None, False
-        for batch in batches:
-            batch = send_to_device(batch, device)
-            with acc.accumulate(model):
-                with offload():  # with train.offload_activations: saved tensors (layer inputs) to the CPU
-                    loss = total_loss(batch, num_items, parts)
-                for k, v in batch.get("_metrics", {}).items():
-                    parts[k] = parts.get(k, 0) + float(v)
-                acc.backward(loss)
-                step_loss += loss.detach().float()
-                if acc.sync_gradients:
-                    if t.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    bad = not deepspeed and non_finite(acc, step_loss, grad_norm)
-                if not bad:  # a non-finite loss or gradient: no update (the gradients are dropped)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        return step_loss, parts, grad_norm, bad
+    def state(self, epoch: int) -> dict:
+        """What a checkpoint records beside the weights and optimizer."""
+        return {"epoch": epoch, "tokens": self.tokens_seen, "bad_steps": self.bad_steps}
 
-    baseline = run_eval(0) if eval_rows and start == 0 else {}  # so every run shows what training changed
-    ahead = ThreadPoolExecutor(max_workers=1)  # builds (tokenizes, pads) the next step's batches during this one
-    upcoming = ahead.submit(step_data, start)
-    trace = StepTrace(t.trace_steps, start, out_dir, acc.is_main_process)
-    with progress, StopRequest() as stop:
-        for step in range(start, sched.total_steps):
-            epoch = step // sched.steps_per_epoch
+
+def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
+          losses: list[tuple[str, LossFn, float, dict]], train_rows: list[Row], eval_rows: list[Row],
+          batcher: Batcher, sched: Schedule, out_dir: Path, resume: Path | None = None,
+          task_metrics: Sequence[Metric] = (), row_sources: Sequence[str] = ()) -> dict:
+    """Run the optimizer steps of `sched`; returns the final metrics (and `baseline`: step 0's eval)."""
+    acc, start, resumed = accelerator, 0, {}
+    if resume is not None:
+        resumed = checkpoint.load(acc, resume)
+        start = resumed["step"]
+        acc.print(f"resumed from {resume} at step {start}")
+    tr = Training(recipe, acc, model, optimizer, scheduler, losses, batcher, sched, train_rows, eval_rows, out_dir,
+                  MetricsLog(out_dir / "metrics.jsonl", acc, keep_until=start), task_metrics, row_sources,
+                  bad_steps=resumed.get("bad_steps", 0))
+    bar = ProgressBar(acc, sched.total_steps, start)
+    last, t0 = {}, time.perf_counter()
+    baseline = run_eval(tr, 0) if eval_rows and start == 0 else {}  # so every run shows what training changed
+    data = Prefetch(tr.step_data, sched.total_steps, start)
+    trace = StepTrace(recipe.train.trace_steps, start, out_dir, acc.is_main_process)
+    with bar, StopRequest() as stop:
+        for step in range(start, tr.sched.total_steps):
             model.train()
             trace.before(step)
             tick = time.perf_counter()
-            if step % sched.steps_per_epoch == 0:
+            if step % tr.sched.steps_per_epoch == 0:
                 dataloader_draw()
-            rows, batches = upcoming.result()
-            if step + 1 < sched.total_steps:
-                upcoming = ahead.submit(step_data, step + 1)
-            counts = torch.tensor([sum(batcher.count(b) for b in batches), sum(batcher.tokens(b) for b in batches),
-                                   stop.signum], device=device, dtype=torch.float64)
-            targets, real_tokens, signals = acc.reduce(counts, "sum").tolist()
-            if signals:  # some process got SIGTERM/SIGINT: every one stops here, after a checkpoint
-                ahead.shutdown(cancel_futures=True)
-                raise stopped(acc, ckpt_root, step, start, {"epoch": epoch, "tokens": tokens_seen,
-                                                            "bad_steps": bad_steps}, stop.signum, t.keep_checkpoints)
-            while True:  # once, unless CUDA runs out of memory: then again with half the micro-batch
-                num_items = torch.tensor(targets / (world * sched.accum), device=device)
-                try:
-                    step_loss, parts, grad_norm, bad = micro_batches(batches, num_items)
-                    break
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    if world > 1 or deepspeed or sched.micro == 1:  # the others wait in a collective: stop
-                        raise CrbError(oom_advice(step + 1, sched, world, deepspeed)) from None
-                old = sched.micro
-                sched = smaller(sched)
-                acc.gradient_accumulation_steps, acc.step = sched.accum, 0
-                free_memory()
-                acc.print(f"crb: step {step + 1}: out of memory at micro-batch {old}; going on with micro-batch "
-                          f"{sched.micro} x accumulation {sched.accum} (the same effective batch)")
-                rows, batches = step_data(step)
-                if step + 1 < sched.total_steps:  # the next step's micro-batches, split the new way
-                    upcoming.result()
-                    upcoming = ahead.submit(step_data, step + 1)
-            if not acc.optimizer_step_was_skipped and not bad:
-                scheduler.step()
-            loss_value = acc.reduce(step_loss, "sum").item() / (world * sched.accum)
-            if parts:  # every value is a sum over this process's micro-batches: the step's mean over all
-                sums = acc.reduce(torch.tensor([float(v) for v in parts.values()], device=device), "sum")
-                parts = dict(zip(parts, (sums / (world * sched.accum)).tolist(), strict=True))
-            tokens_seen += real_tokens
+            rows, batches = data.take(step)
+            targets, real_tokens = step_counts(tr, batches, stop, step, start, data)
+            result, rows = update_or_halve(tr, step, rows, batches, targets, data)
             done = step + 1
-            if bad:
-                bad_steps += 1
-                skip_bad_step(acc, metrics, done, rows, bad_steps, t.max_bad_steps, ckpt_root, row_sources)
-            elif not math.isfinite(loss_value):  # DeepSpeed: the update happened already
-                raise CrbError(f"step {done}: loss is {loss_value} (lower train.lr, check the data)")
-            elif done % t.log_every == 0 or done == sched.total_steps:
-                elapsed = time.perf_counter() - tick
-                last = {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "loss": loss_value,
-                        "lr": scheduler.get_last_lr()[0], "tokens_per_s": real_tokens / max(elapsed, 1e-9),
-                        "tokens": tokens_seen, "step_s": elapsed, **parts}
-                if grad_norm is not None:
-                    last["grad_norm"] = float(grad_norm)
-                if torch.cuda.is_available():
-                    last["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / GIB
-                    last["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-                metrics.write(last)
-                info = f"loss {loss_value:.4f}  lr {last['lr']:.2e}  {last['tokens_per_s']:,.0f} tok/s"
-                if "gpu_mem_gib" in last:
-                    info += f"  {last['gpu_mem_gib']:.1f} GiB"
-                progress.update(task, info=info)
-                if not progress.live.is_started:
-                    acc.print(f"step {done}/{sched.total_steps}  {info}")
-            progress.update(task, completed=done)
-            trace.after(done, last=done == sched.total_steps)
-            epoch_end = done % sched.steps_per_epoch == 0
-            due = (t.eval_every and done % t.eval_every == 0) or (not t.eval_every and epoch_end)
-            if eval_rows and (due or done == sched.total_steps):  # and always at the end
-                upcoming.result()  # the tokenizer is not shared across threads
-                last.update(run_eval(done))
-            if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
-                checkpoint.save(acc, ckpt_root, done, {"epoch": epoch, "tokens": tokens_seen, "bad_steps": bad_steps,
-                                                        "finite": checkpoint.weights_finite(acc, model)},
-                                t.keep_checkpoints)
-    ahead.shutdown()
+            last.update(finish_step(tr, done, rows, result, real_tokens, tick, bar))
+            trace.after(done, last=done == tr.sched.total_steps)
+            last.update(eval_and_save(tr, done, data))
+    data.close()
     last["train_s"] = time.perf_counter() - t0
     if baseline:
         last["baseline"] = baseline
     return last
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this process's sum over its micro-batches
+    parts: dict  # per-loss sums and the losses' own metrics (e.g. CLaRa's recall@k)
+    grad_norm: torch.Tensor | None
+    bad: bool  # a non-finite loss or gradient: the update was skipped
+
+
+def update(tr: Training, batches: list[dict], num_items: torch.Tensor) -> StepResult:
+    """Forward and backward of one step's micro-batches, then the update (skipped when non-finite)."""
+    acc, t = tr.acc, tr.recipe.train
+    result = StepResult(torch.zeros((), device=acc.device), {}, None, False)
+    for batch in batches:
+        batch = send_to_device(batch, acc.device)
+        with acc.accumulate(tr.model):
+            with offloaded(t.offload_activations, acc.device):  # saved tensors (layer inputs) to the CPU
+                loss = tr.total_loss(batch, num_items, result.parts)
+            for k, v in batch.get("_metrics", {}).items():
+                result.parts[k] = result.parts.get(k, 0) + float(v)
+            acc.backward(loss)
+            result.loss += loss.detach().float()
+            if acc.sync_gradients:
+                if t.max_grad_norm > 0:
+                    result.grad_norm = acc.clip_grad_norm_(tr.model.parameters(), t.max_grad_norm)
+                result.bad = not tr.deepspeed and non_finite(acc, result.loss, result.grad_norm)
+            if not result.bad:  # a non-finite loss or gradient: no update (the gradients are dropped)
+                tr.optimizer.step()
+            tr.optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def update_or_halve(tr: Training, step: int, rows: list[int], batches: list[dict], targets: float,
+                    data: Prefetch) -> tuple[StepResult, list[int]]:
+    """`update`; when CUDA runs out of memory, again with half the micro-batch (the same rows, the same
+    effective batch), as often as it takes. Several processes or DeepSpeed cannot halve alone: one line to stop."""
+    acc = tr.acc
+    while True:
+        num_items = torch.tensor(targets / (acc.num_processes * tr.sched.accum), device=acc.device)
+        try:
+            return update(tr, batches, num_items), rows
+        except torch.OutOfMemoryError:
+            tr.optimizer.zero_grad(set_to_none=True)
+            if acc.num_processes > 1 or tr.deepspeed or tr.sched.micro == 1:  # the others wait in a collective
+                raise CrbError(oom_advice(step + 1, tr.sched, acc.num_processes, tr.deepspeed)) from None
+        old, tr.sched = tr.sched.micro, smaller(tr.sched)
+        acc.gradient_accumulation_steps, acc.step = tr.sched.accum, 0
+        free_memory()
+        acc.print(f"crb: step {step + 1}: out of memory at micro-batch {old}; going on with micro-batch "
+                  f"{tr.sched.micro} x accumulation {tr.sched.accum} (the same effective batch)")
+        rows, batches = data.rebuild(step)
+
+
+def step_counts(tr: Training, batches: list[dict], stop: StopRequest, step: int, start: int,
+                data: Prefetch) -> tuple[float, float]:
+    """The step's target count and real tokens over all processes; a stop signal on any process ends the run
+    here, after a checkpoint of the steps done."""
+    counts = torch.tensor([sum(tr.batcher.count(b) for b in batches), sum(tr.batcher.tokens(b) for b in batches),
+                           stop.signum], device=tr.acc.device, dtype=torch.float64)
+    targets, real_tokens, signals = tr.acc.reduce(counts, "sum").tolist()
+    if signals:  # some process got SIGTERM/SIGINT: every one stops here, after a checkpoint
+        data.close(cancel=True)
+        raise stopped(tr.acc, tr.out_dir / "checkpoints", step, start, tr.state(step // tr.sched.steps_per_epoch),
+                      stop.signum, tr.recipe.train.keep_checkpoints)
+    return targets, real_tokens
+
+
+def finish_step(tr: Training, done: int, rows: list[int], result: StepResult, real_tokens: float, tick: float,
+                bar: ProgressBar) -> dict:
+    """The scheduler's step, the step's mean loss over all processes, and its log line (or the skip of a bad
+    step). Returns what was logged. The step's time runs from `tick` to its loss on the host (a GPU sync)."""
+    acc, t, world = tr.acc, tr.recipe.train, tr.acc.num_processes
+    if not acc.optimizer_step_was_skipped and not result.bad:
+        tr.scheduler.step()
+    loss_value = acc.reduce(result.loss, "sum").item() / (world * tr.sched.accum)
+    parts = result.parts
+    if parts:  # every value is a sum over this process's micro-batches: the step's mean over all
+        sums = acc.reduce(torch.tensor([float(v) for v in parts.values()], device=acc.device), "sum")
+        parts = dict(zip(parts, (sums / (world * tr.sched.accum)).tolist(), strict=True))
+    tr.tokens_seen += real_tokens
+    logged: dict = {}
+    if result.bad:
+        tr.bad_steps += 1
+        skip_bad_step(acc, tr.metrics, done, rows, tr.bad_steps, t.max_bad_steps, tr.out_dir / "checkpoints",
+                      tr.row_sources)
+    elif not math.isfinite(loss_value):  # DeepSpeed: the update happened already
+        raise CrbError(f"step {done}: loss is {loss_value} (lower train.lr, check the data)")
+    elif done % t.log_every == 0 or done == tr.sched.total_steps:
+        elapsed = time.perf_counter() - tick
+        logged = {"step": done, "epoch": round(done / tr.sched.steps_per_epoch, 4), "loss": loss_value,
+                  "lr": tr.scheduler.get_last_lr()[0], "tokens_per_s": real_tokens / max(elapsed, 1e-9),
+                  "tokens": tr.tokens_seen, "step_s": elapsed, **parts}
+        if result.grad_norm is not None:
+            logged["grad_norm"] = float(result.grad_norm)
+        if torch.cuda.is_available():
+            logged["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / GIB
+            logged["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        tr.metrics.write(logged)
+        info = f"loss {loss_value:.4f}  lr {logged['lr']:.2e}  {logged['tokens_per_s']:,.0f} tok/s"
+        if "gpu_mem_gib" in logged:
+            info += f"  {logged['gpu_mem_gib']:.1f} GiB"
+        bar.say(done, info)
+    bar.advance(done)
+    return logged
+
+
+def eval_and_save(tr: Training, done: int, data: Prefetch) -> dict:
+    """The eval when due (train.eval_every, else each epoch's end; always after the last step) and the checkpoint
+    when due (train.save_every, else each epoch's end). Returns the eval's figures."""
+    t, sched = tr.recipe.train, tr.sched
+    epoch_end = done % sched.steps_per_epoch == 0
+    due = (t.eval_every and done % t.eval_every == 0) or (not t.eval_every and epoch_end)
+    ev = {}
+    if tr.eval_rows and (due or done == sched.total_steps):
+        data.wait()  # the tokenizer is not shared across threads
+        ev = run_eval(tr, done)
+    if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
+        checkpoint.save(tr.acc, tr.out_dir / "checkpoints", done,
+                        {**tr.state((done - 1) // sched.steps_per_epoch),
+                         "finite": checkpoint.weights_finite(tr.acc, tr.model)}, t.keep_checkpoints)
+    return ev
+
+
+def run_eval(tr: Training, step: int) -> dict:
+    """Eval loss and the task's metrics (main process), logged and printed."""
+    acc = tr.acc
+    ev = {"eval_loss": evaluate(acc, tr.model, tr.total_loss, tr.eval_rows, tr.sched.micro, tr.batcher)}
+    if tr.task_metrics:
+        if acc.is_main_process:
+            for fn in tr.task_metrics:
+                ev.update(fn(acc.unwrap_model(tr.model)))
+        acc.wait_for_everyone()
+    tr.metrics.write({"step": step, **ev})
+    acc.print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
+              + (" (before training)" if step == 0 else ""))
+    return ev
+
+
+def offloaded(on: bool, device: torch.device):
+    """train.offload_activations: the tensors autograd saves go to (pinned) CPU memory."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if on else contextlib.nullcontext()
+
+
+class Prefetch:
+    """Builds (tokenizes, pads) the next step's batches in a thread while this step trains."""
+
+    def __init__(self, make: Callable[[int], tuple], total: int, first: int) -> None:
+        self.make, self.total = make, total
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.next = self.pool.submit(make, first)
+
+    def take(self, step: int) -> tuple:
+        """Step `step`'s data (built during the previous step); starts building the next step's."""
+        data = self.next.result()
+        if step + 1 < self.total:
+            self.next = self.pool.submit(self.make, step + 1)
+        return data
+
+    def rebuild(self, step: int) -> tuple:
+        """After the micro-batch changed: this step's data built again now, the next step's in the background."""
+        self.wait()
+        data = self.make(step)
+        if step + 1 < self.total:
+            self.next = self.pool.submit(self.make, step + 1)
+        return data
+
+    def wait(self) -> None:
+        self.next.result()
+
+    def close(self, cancel: bool = False) -> None:
+        self.pool.shutdown(cancel_futures=cancel)
+
+
+class ProgressBar:
+    """The rich progress bar on a terminal (main process); a plain line per logged step elsewhere."""
+
+    def __init__(self, acc: Accelerator, total: int, start: int) -> None:
+        console = Console(stderr=True)
+        self.acc = acc
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                                 disable=not (acc.is_main_process and console.is_terminal))
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.total = total
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def say(self, done: int, info: str) -> None:
+        self.progress.update(self.task, info=info)
+        if not self.progress.live.is_started:
+            self.acc.print(f"step {done}/{self.total}  {info}")
+
+    def advance(self, done: int) -> None:
+        self.progress.update(self.task, completed=done)
 
 
 def oom_advice(step: int, sched: Schedule, world: int, deepspeed: bool) -> str:

@@ -50,16 +50,8 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
             PartialState().print(f"crb: warning: package drift since the lock: {line}")
     else:
         recipe = recipes.load(recipe_path, overrides, stage)
-    if recipe.stages and stage is None:  # every stage in order, each from the previous one's output
-        finals = {}
-        for name in (s["name"] for s in recipe.stages):
-            done = Path(recipes.load(recipe_path, overrides, name).output.dir) / "run.json"
-            if resume and done.is_file():  # finished before: keep it
-                PartialState().print(f"crb: stage {name}: already finished ({done.parent})")
-                finals[name] = json.loads(done.read_text())["final"]
-                continue
-            finals[name] = run(recipe_path, overrides, resume, name)
-        return finals
+    if recipe.stages and stage is None:
+        return run_stages(recipe_path, overrides, resume, [s["name"] for s in recipe.stages])
     # Before CUDA starts: growable segments keep the allocator's reserve close to what is allocated.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     hw = hardware.detect()
@@ -130,6 +122,20 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
                                          for k, v in final["baseline"].items()) + " (before -> after)")
     say(f"crb: done: {artifact}")
     return final
+
+
+def run_stages(recipe_path: str, overrides: list[str] | None, resume: str | None, names: list[str]) -> dict:
+    """Every stage in order, each a run of its own that starts from the previous stage's output; with --resume,
+    a stage that finished before is kept. Returns each stage's final metrics by name."""
+    finals = {}
+    for name in names:
+        done = Path(recipes.load(recipe_path, overrides, name).output.dir) / "run.json"
+        if resume and done.is_file():
+            PartialState().print(f"crb: stage {name}: already finished ({done.parent})")
+            finals[name] = json.loads(done.read_text())["final"]
+        else:
+            finals[name] = run(recipe_path, overrides, resume, name)
+    return finals
 
 
 def check_finite(accelerator: Accelerator, model: torch.nn.Module, final: dict, out: Path) -> None:

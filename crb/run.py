@@ -18,7 +18,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from crb import console
-from crb.data import clara_doc_width, prepare
+from crb.data import prepare
 from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
 from crb.data.retrieval import prompt as retrieval_prompt
 from crb.engine import checkpoint, hardware, lock
@@ -193,7 +193,7 @@ def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> B
         return retrieval_batcher(encode, recipe.data.hard_negatives, retrieval_prompt(recipe.data.document_instruction))
     if kind == "clara":
         c = recipe.clara
-        return clara_batcher(tokenizer.pad_token_id, clara_doc_width(c))
+        return clara_batcher(tokenizer.pad_token_id, c.doc_width)
     return causal_batcher(tokenizer.pad_token_id)
 
 

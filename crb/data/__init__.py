@@ -117,15 +117,10 @@ def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
     return doc, len(doc[0])
 
 
-def clara_doc_width(c: ClaraConfig) -> int:
-    """Tokens of one encoded document: <ENC> BOS text EOS cut or padded to doc_max_length + 3, the memory tokens."""
-    return c.doc_max_length + 3 + c.doc_max_length // c.compress_rate
-
-
 def clara_row(r: dict, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, template: str, where: str) -> Row:
     """A checked CLaRa record (`_check_clara`) as token ids: documents for the encoder (flattened), the decoder
     prompt and labels, and in stage 3 the question for the query reasoner and the gold documents."""
-    n_mem = c.doc_max_length // c.compress_rate
+    n_mem = c.memory_tokens
     encoded = [document_ids(d, tokenizer, c.doc_max_length, n_mem) for d in r["docs"]]
     dec_ids, dec_labels = decoder_ids(r["question"], r["answer"], r["slots"], n_mem, tokenizer, template, where,
                                       r["instruction"])
@@ -161,7 +156,7 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                 report.records += 1
                 made = _make_row(rec, cfg, tokenizer, template, report, clara_cfg)
                 if made and cfg.format == "clara" and clara_cfg.stage == "end_to_end":  # rows stack their docs
-                    n = len(made[0]["doc_ids"]) // clara_doc_width(clara_cfg)
+                    n = len(made[0]["doc_ids"]) // clara_cfg.doc_width
                     first = first or (n, rec.where())
                     if n != first[0]:
                         raise DataError(f"{rec.where()}: docs: {n} candidate documents, {first[0]} at {first[1]}: "

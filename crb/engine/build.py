@@ -78,7 +78,7 @@ def load_weights(auto, name: str, **kwargs) -> torch.nn.Module:
 
 
 def n_memory(recipe: Recipe) -> int:
-    return recipe.clara.doc_max_length // recipe.clara.compress_rate
+    return recipe.clara.memory_tokens
 
 
 def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Module:

@@ -204,7 +204,7 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
     elif d.format == "clara":  # the encoder passes that keep activations (stage 1: the document; 2: top_k documents;
         c = recipe.clara  # 3: the question, its candidates compressed without grad), then the decoder prompt
         docs = c.top_k if c.stage == "instruction" else 1
-        enc = n * docs * (c.doc_max_length + 3 + c.doc_max_length // c.compress_rate)
+        enc = n * docs * c.doc_width
         tokens, logit_tokens = enc + n * L, n * L
         pass_tokens = max(enc, n * L)
     else:
@@ -259,7 +259,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     if lora:  # peft keeps adapters in fp32 (autocast_adapter_dtype)
         c["trainable parameters (LoRA, fp32)"] = s.trainable * (HALF if ds else 4)
     paged = t.optimizer.startswith("paged") and not ds
-    opt_bytes = 2 if "8bit" in t.optimizer and not ds else 8
+    opt_bytes = t.optimizer_state_bytes if not ds else 8
     if profile.offload_optimizer:
         grads = min(s.trainable * HALF, _bucket(profile) * HALF)  # reduced in buckets, then to CPU
         c["optimizer states"] = 0.0
@@ -267,7 +267,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         grads = s.trainable * (4 / shard if ds else 4)
         c[PAGED if paged else "optimizer states"] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
     if s.embedding_trains:  # fp32 rows beside the frozen embedding: weights, gradient, two AdamW states
-        n_mem = recipe.clara.doc_max_length // recipe.clara.compress_rate
+        n_mem = recipe.clara.memory_tokens
         c["CLaRa memory-token rows (fp32): weights, gradient, states"] = n_mem * s.hidden * 4 * 4
     # The peak is the backward pass (activations, logits); the optimizer step adds nothing to the states.
     backward: dict[str, float] = {"gradients": grads}

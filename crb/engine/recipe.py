@@ -189,6 +189,11 @@ class TrainConfig:
         "Accelerate trackers besides metrics.jsonl (wandb only when installed).",
         factory=lambda: ["tensorboard"])
 
+    @property
+    def optimizer_state_bytes(self) -> int:
+        """Optimizer state bytes per trainable parameter: AdamW's two fp32 moments, or two bytes when 8-bit."""
+        return 2 if "8bit" in self.optimizer else 8
+
 
 @dataclass(kw_only=True)
 class EvalConfig:
@@ -210,6 +215,17 @@ class ClaraConfig:
     temperature: float = doc("Stage 3: temperature of the differentiable top-k's softmax.", 0.02)
     init_from: str = doc("A previous CLaRa run folder whose adapters and memory-token embeddings this run starts "
                          "from (relative to the recipe); empty = fresh adapters.", "")
+
+    @property
+    def memory_tokens(self) -> int:
+        """Memory tokens per document: what the encoder compresses a document into."""
+        return self.doc_max_length // self.compress_rate
+
+    @property
+    def doc_width(self) -> int:
+        """Tokens of one encoded document: <ENC> BOS text EOS cut or padded to doc_max_length + 3, then the
+        memory tokens."""
+        return self.doc_max_length + 3 + self.memory_tokens
 
 
 @dataclass(kw_only=True)

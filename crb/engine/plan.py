@@ -15,7 +15,7 @@ import torch
 
 from crb.engine.hardware import Hardware
 from crb.engine.profiles import PROFILES, Profile, choose
-from crb.engine.recipe import Recipe
+from crb.engine.recipe import WHOLE_BATCH_FORMATS, Recipe
 from crb.units import GIB
 
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude
@@ -376,7 +376,7 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: b
     the run resolves it (`auto_config`); `micro_batch` overrides the micro-batch."""
     recipe, choices = auto_config(recipe, hw, data)
     micro = micro_batch or recipe.train.micro_batch
-    if recipe.data.format == "retrieval":
+    if recipe.data.format in WHOLE_BATCH_FORMATS:
         micro = recipe.train.batch_size // max(1, hw.processes)
     s = shape_of(recipe, meta_model(recipe), micro, data)
     n_gpus = max(1, hw.processes)
@@ -470,7 +470,7 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
     blocks = n_blocks(model) or 1
     per_process = max(1, t.batch_size // max(1, hw.processes))
     micros = [d for d in range(1, per_process + 1) if per_process % d == 0] if auto_micro else [t.micro_batch]
-    if r.data.format == "retrieval":  # the whole batch in one pass
+    if r.data.format in WHOLE_BATCH_FORMATS:
         micros = [per_process]
     movable = r.data.format in ("chatml", "text", "translation")  # checkpoints that can go to the CPU
     layers = list(range(blocks + 1)) if auto_gc else [checkpointed(r, blocks)]

@@ -77,7 +77,7 @@ def _check_clara(data: dict, where: str, c: ClaraConfig) -> dict:
     """A CLaRa record's documents (those the stage reads), question, answer, gold indices and memory slots."""
     from crb.data import clara  # here, so `python -m crb.data.clara` runs without a double import
 
-    if c.stage == "compression":
+    if c.phase == "compression":
         r = clara.check_stage1(data, where)
         return {"docs": [r["doc"]], "question": None, "answer": r["target"], "gold": [0], "slots": 1,
                 "instruction": PARAPHRASE if r["data_type"] == "paraphrase" else None}
@@ -85,7 +85,7 @@ def _check_clara(data: dict, where: str, c: ClaraConfig) -> dict:
     if len(r["docs"]) < c.top_k:
         raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(r['docs'])}")
     docs, gold = r["docs"], r["pos_index"]
-    if c.stage == "instruction":  # top_k of the candidates: the gold ones and the first others, in record order
+    if c.phase == "instruction":  # top_k of the candidates: the gold ones and the first others, in record order
         keep = clara.instruction_docs(len(docs), gold, c.top_k)
         docs, gold = [docs[i] for i in keep], [keep.index(g) for g in gold if g in keep]
     return {"docs": docs, "question": r["question"], "answer": r["answer"], "gold": gold, "slots": c.top_k,
@@ -126,7 +126,7 @@ def clara_row(r: dict, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, templ
                                       r["instruction"])
     row = {"doc_ids": np.concatenate([e[0] for e in encoded]), "doc_mask": np.concatenate([e[1] for e in encoded]),
            "dec_ids": dec_ids, "dec_labels": dec_labels, "gold": np.asarray(r["gold"], np.int64)}
-    if c.stage == "end_to_end":
+    if c.phase == "end_to_end":
         row["query_ids"], row["query_mask"] = document_ids(r["question"], tokenizer, c.doc_max_length, n_mem)
     return row
 
@@ -155,7 +155,7 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                     raise rec
                 report.records += 1
                 made = _make_row(rec, cfg, tokenizer, template, report, clara_cfg)
-                if made and cfg.format == "clara" and clara_cfg.stage == "end_to_end":  # rows stack their docs
+                if made and cfg.format == "clara" and clara_cfg.phase == "end_to_end":  # rows stack their docs
                     n = len(made[0]["doc_ids"]) // clara_cfg.doc_width
                     first = first or (n, rec.where())
                     if n != first[0]:

@@ -31,7 +31,7 @@ def task_metrics(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train_rows:
         corpus = retrieval.corpus(recipe.data.corpus, [*train_rows, *eval_rows])
         return [lambda model: retrieval_scores(model, rows, corpus, recipe.eval.batch_size,
                                                recipe.data.document_instruction)]
-    if recipe.data.format == "clara" and recipe.clara.stage == "end_to_end":
+    if recipe.data.format == "clara" and recipe.clara.phase == "end_to_end":
         collate = clara_batcher(tokenizer.pad_token_id, recipe.clara.doc_width)
         return [lambda model: clara_recall(model, [collate.collate(rows[i: i + recipe.eval.batch_size])
                                                    for i in range(0, len(rows), recipe.eval.batch_size)])]

@@ -177,7 +177,7 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
     linear = sum(m.weight.numel() for m in lora_targets(model, "all-linear"))
     adapters = 1
     if d.format == "clara":
-        adapters = 3 if recipe.clara.stage == "end_to_end" else 2
+        adapters = 3 if recipe.clara.phase == "end_to_end" else 2
     if method.name in ("lora", "qlora"):
         trainable = adapters * sum(method.lora.r * (m.in_features + m.out_features)
                                    for m in lora_targets(model, method.lora.target_modules))
@@ -203,7 +203,7 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
         pass_tokens = min([n, *cached]) * L  # sentence-transformers encodes each column separately
     elif d.format == "clara":  # the encoder passes that keep activations (stage 1: the document; 2: top_k documents;
         c = recipe.clara  # 3: the question, its candidates compressed without grad), then the decoder prompt
-        docs = c.top_k if c.stage == "instruction" else 1
+        docs = c.top_k if c.phase == "instruction" else 1
         enc = n * docs * c.doc_width
         tokens, logit_tokens = enc + n * L, n * L
         pass_tokens = max(enc, n * L)

@@ -211,9 +211,9 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class ClaraConfig:
-    stage: Literal["compression", "instruction", "end_to_end"] = doc(
-        "CLaRa stage: 1 compression pretraining, 2 instruction tuning, 3 end-to-end with differentiable top-k.",
-        "compression")
+    phase: Literal["compression", "instruction", "end_to_end"] = doc(
+        "CLaRa phase (the method's stage): 1 compression pretraining, 2 instruction tuning, 3 end-to-end with "
+        "differentiable top-k.", "compression")
     compress_rate: int = doc("Document tokens per memory token: n memory tokens = doc_max_length / compress_rate.", 32)
     doc_max_length: int = doc("Tokens of a document as the encoder reads it.", 256)
     top_k: int = doc("Documents the decoder reads (stage 1: 1).", 5)
@@ -266,7 +266,7 @@ class Recipe:
     data: DataConfig = doc("[data]")
     train: TrainConfig = doc("[train]", factory=TrainConfig)
     eval: EvalConfig = doc("[eval]: the metrics beside eval loss (BLEU/chrF, nDCG/MRR/recall).", factory=EvalConfig)
-    clara: ClaraConfig = doc("[clara]: the CLaRa stage and its compression settings.", factory=ClaraConfig)
+    clara: ClaraConfig = doc("[clara]: the CLaRa phase and its compression settings.", factory=ClaraConfig)
     losses: list[LossConfig] = doc("[[losses]]; default by data format: causal_lm, seq2seq (translation), "
                                    "mnrl (retrieval).", factory=list)
     output: OutputConfig = doc("[output]")
@@ -427,6 +427,9 @@ def _apply_override(raw: dict, origins: dict[str, Path], item: str) -> None:
 # ---------------------------------------------------------------- validation
 
 
+RENAMED = {"clara.stage": "clara.phase"}  # old keys: refused, the new name suggested
+
+
 def _build(cls: type, raw: Any, prefix: str, origins: dict[str, Path]) -> Any:
     """Build dataclass `cls` from `raw`, checking keys and types strictly."""
     if not isinstance(raw, dict):
@@ -437,7 +440,7 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, Path]) -> Any:
         if key not in fields or key == "source":
             full = f"{prefix}.{key}" if prefix else key
             valid = [f"{prefix}.{n}" if prefix else n for n in fields if n != "source"]
-            near = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            near = [RENAMED[full]] if full in RENAMED else difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
             hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
             raise RecipeError(_where_key(full, origins) + f"{full}: unknown key{hint}")
     kwargs = {}

@@ -18,7 +18,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from crb import console
-from crb.data import clara_doc_width, prepare
+from crb.data import prepare
 from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
 from crb.data.retrieval import prompt as retrieval_prompt
 from crb.engine import checkpoint, hardware, lock
@@ -50,16 +50,8 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
             PartialState().print(f"crb: warning: package drift since the lock: {line}")
     else:
         recipe = recipes.load(recipe_path, overrides, stage)
-    if recipe.stages and stage is None:  # every stage in order, each from the previous one's output
-        finals = {}
-        for name in (s["name"] for s in recipe.stages):
-            done = Path(recipes.load(recipe_path, overrides, name).output.dir) / "run.json"
-            if resume and done.is_file():  # finished before: keep it
-                PartialState().print(f"crb: stage {name}: already finished ({done.parent})")
-                finals[name] = json.loads(done.read_text())["final"]
-                continue
-            finals[name] = run(recipe_path, overrides, resume, name)
-        return finals
+    if recipe.stages and stage is None:
+        return run_stages(recipe_path, overrides, resume, [s["name"] for s in recipe.stages])
     # Before CUDA starts: growable segments keep the allocator's reserve close to what is allocated.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     hw = hardware.detect()
@@ -132,6 +124,20 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     return final
 
 
+def run_stages(recipe_path: str, overrides: list[str] | None, resume: str | None, names: list[str]) -> dict:
+    """Every stage in order, each a run of its own that starts from the previous stage's output; with --resume,
+    a stage that finished before is kept. Returns each stage's final metrics by name."""
+    finals = {}
+    for name in names:
+        done = Path(recipes.load(recipe_path, overrides, name).output.dir) / "run.json"
+        if resume and done.is_file():
+            PartialState().print(f"crb: stage {name}: already finished ({done.parent})")
+            finals[name] = json.loads(done.read_text())["final"]
+        else:
+            finals[name] = run(recipe_path, overrides, resume, name)
+    return finals
+
+
 def check_finite(accelerator: Accelerator, model: torch.nn.Module, final: dict, out: Path) -> None:
     """A run whose weights or last eval loss are not finite is not done: no final model, the last good
     checkpoint named."""
@@ -187,7 +193,7 @@ def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> B
         return retrieval_batcher(encode, recipe.data.hard_negatives, retrieval_prompt(recipe.data.document_instruction))
     if kind == "clara":
         c = recipe.clara
-        return clara_batcher(tokenizer.pad_token_id, clara_doc_width(c))
+        return clara_batcher(tokenizer.pad_token_id, c.doc_width)
     return causal_batcher(tokenizer.pad_token_id)
 
 

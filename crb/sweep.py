@@ -114,7 +114,7 @@ def sweep(recipe_path: str, overrides: list[str], grid: list[tuple[str, list]] |
                 continue  # done before this sweep stopped
             sets = [*overrides, *_sets(choice), f"train.max_steps={steps}", "train.save_every=0",
                     f"output.dir={json.dumps(str(out / name))}"]
-            if base.data.format == "retrieval" and "train.batch_size" in choice:  # one pass holds the whole batch
+            if base.data.format in recipes.WHOLE_BATCH_FORMATS and "train.batch_size" in choice:
                 sets.append(f"train.micro_batch={choice['train.batch_size']}")
             try:
                 r = recipes.load(recipe_path, sets, stage)

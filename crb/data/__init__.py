@@ -77,7 +77,7 @@ def _check_clara(data: dict, where: str, c: ClaraConfig) -> dict:
     """A CLaRa record's documents (those the stage reads), question, answer, gold indices and memory slots."""
     from crb.data import clara  # here, so `python -m crb.data.clara` runs without a double import
 
-    if c.stage == "compression":
+    if c.phase == "compression":
         r = clara.check_stage1(data, where)
         return {"docs": [r["doc"]], "question": None, "answer": r["target"], "gold": [0], "slots": 1,
                 "instruction": PARAPHRASE if r["data_type"] == "paraphrase" else None}
@@ -85,7 +85,7 @@ def _check_clara(data: dict, where: str, c: ClaraConfig) -> dict:
     if len(r["docs"]) < c.top_k:
         raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(r['docs'])}")
     docs, gold = r["docs"], r["pos_index"]
-    if c.stage == "instruction":  # top_k of the candidates: the gold ones and the first others, in record order
+    if c.phase == "instruction":  # top_k of the candidates: the gold ones and the first others, in record order
         keep = clara.instruction_docs(len(docs), gold, c.top_k)
         docs, gold = [docs[i] for i in keep], [keep.index(g) for g in gold if g in keep]
     return {"docs": docs, "question": r["question"], "answer": r["answer"], "gold": gold, "slots": c.top_k,
@@ -117,21 +117,16 @@ def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
     return doc, len(doc[0])
 
 
-def clara_doc_width(c: ClaraConfig) -> int:
-    """Tokens of one encoded document: <ENC> BOS text EOS cut or padded to doc_max_length + 3, the memory tokens."""
-    return c.doc_max_length + 3 + c.doc_max_length // c.compress_rate
-
-
 def clara_row(r: dict, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, template: str, where: str) -> Row:
     """A checked CLaRa record (`_check_clara`) as token ids: documents for the encoder (flattened), the decoder
     prompt and labels, and in stage 3 the question for the query reasoner and the gold documents."""
-    n_mem = c.doc_max_length // c.compress_rate
+    n_mem = c.memory_tokens
     encoded = [document_ids(d, tokenizer, c.doc_max_length, n_mem) for d in r["docs"]]
     dec_ids, dec_labels = decoder_ids(r["question"], r["answer"], r["slots"], n_mem, tokenizer, template, where,
                                       r["instruction"])
     row = {"doc_ids": np.concatenate([e[0] for e in encoded]), "doc_mask": np.concatenate([e[1] for e in encoded]),
            "dec_ids": dec_ids, "dec_labels": dec_labels, "gold": np.asarray(r["gold"], np.int64)}
-    if c.stage == "end_to_end":
+    if c.phase == "end_to_end":
         row["query_ids"], row["query_mask"] = document_ids(r["question"], tokenizer, c.doc_max_length, n_mem)
     return row
 
@@ -160,8 +155,8 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                     raise rec
                 report.records += 1
                 made = _make_row(rec, cfg, tokenizer, template, report, clara_cfg)
-                if made and cfg.format == "clara" and clara_cfg.stage == "end_to_end":  # rows stack their docs
-                    n = len(made[0]["doc_ids"]) // clara_doc_width(clara_cfg)
+                if made and cfg.format == "clara" and clara_cfg.phase == "end_to_end":  # rows stack their docs
+                    n = len(made[0]["doc_ids"]) // clara_cfg.doc_width
                     first = first or (n, rec.where())
                     if n != first[0]:
                         raise DataError(f"{rec.where()}: docs: {n} candidate documents, {first[0]} at {first[1]}: "

@@ -78,7 +78,7 @@ def load_weights(auto, name: str, **kwargs) -> torch.nn.Module:
 
 
 def n_memory(recipe: Recipe) -> int:
-    return recipe.clara.doc_max_length // recipe.clara.compress_rate
+    return recipe.clara.memory_tokens
 
 
 def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Module:
@@ -185,7 +185,7 @@ def build_clara(base: torch.nn.Module, recipe: Recipe, checkpointed_layers: int 
         base.resize_token_embeddings(len(tok))
     added = tok.convert_tokens_to_ids(special_tokens(n_memory(recipe)))
     mem_ids = added[:n_memory(recipe)]
-    adapters = ("encoder", "decoder", "query_reasoner") if c.stage == "end_to_end" else ("encoder", "decoder")
+    adapters = ("encoder", "decoder", "query_reasoner") if c.phase == "end_to_end" else ("encoder", "decoder")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                         bias=lora.bias, task_type="CAUSAL_LM")
     if c.init_from:
@@ -204,7 +204,7 @@ def build_clara(base: torch.nn.Module, recipe: Recipe, checkpointed_layers: int 
             model.add_adapter(name, config)
     for n, p in model.named_parameters():  # every adapter of the stage trains
         p.requires_grad = any(f".{a}." in n for a in adapters) and "lora_" in n
-    clara = Clara(model, mem_ids, added, adapters, c.top_k if c.stage != "compression" else 1, c.temperature)
+    clara = Clara(model, mem_ids, added, adapters, c.top_k if c.phase != "compression" else 1, c.temperature)
     if c.init_from:  # the previous stage's added-token rows
         rows = load_file(src / "clara_embeddings.safetensors")
         clara.load_rows(rows["ids"], rows["rows"])

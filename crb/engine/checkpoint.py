@@ -46,8 +46,7 @@ def bytes_needed(t: TrainConfig, trainable: int, sched: Schedule) -> float:
     states of the trainable parameters each."""
     saves = sched.total_steps // t.save_every if t.save_every else sched.total_steps // sched.steps_per_epoch
     at_once = min(saves + 1, t.keep_checkpoints + 1)
-    state_bytes = 2 if "8bit" in t.optimizer else 8  # optimizer states per trainable parameter
-    return trainable * (at_once * (4 + state_bytes) + 4)
+    return trainable * (at_once * (4 + t.optimizer_state_bytes) + 4)
 
 
 def keep_trainable_only(accelerator: Accelerator) -> None:

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from crb.data.collate import Batcher
 from crb.engine import checkpoint
 from crb.engine.metrics import Metric
-from crb.engine.recipe import Recipe
+from crb.engine.recipe import WHOLE_BATCH_FORMATS, Recipe
 from crb.engine.trace import StepTrace
 from crb.errors import CrbError, Stopped
 from crb.units import GIB
@@ -51,7 +51,7 @@ class Schedule:
 def make_schedule(recipe: Recipe, n_rows: int, world: int) -> Schedule:
     t = recipe.train
     micro = t.micro_batch
-    if recipe.data.format == "retrieval":  # one pass per step: the batch is split over processes, not accumulated
+    if recipe.data.format in WHOLE_BATCH_FORMATS:  # one pass per step: split over processes, not accumulated
         if t.batch_size % world:
             raise CrbError(f"train.batch_size: {t.batch_size} is not a multiple of {world} processes")
         micro = t.batch_size // world

@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import send_to_device
 from transformers import PreTrainedTokenizerBase
 
-from crb.data import clara_doc_width, retrieval
+from crb.data import retrieval
 from crb.data.collate import clara_batcher
 from crb.engine.recipe import Recipe
 from crb.losses.clara import recall_at_k
@@ -31,8 +31,8 @@ def task_metrics(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train_rows:
         corpus = retrieval.corpus(recipe.data.corpus, [*train_rows, *eval_rows])
         return [lambda model: retrieval_scores(model, rows, corpus, recipe.eval.batch_size,
                                                recipe.data.document_instruction)]
-    if recipe.data.format == "clara" and recipe.clara.stage == "end_to_end":
-        collate = clara_batcher(tokenizer.pad_token_id, clara_doc_width(recipe.clara))
+    if recipe.data.format == "clara" and recipe.clara.phase == "end_to_end":
+        collate = clara_batcher(tokenizer.pad_token_id, recipe.clara.doc_width)
         return [lambda model: clara_recall(model, [collate.collate(rows[i: i + recipe.eval.batch_size])
                                                    for i in range(0, len(rows), recipe.eval.batch_size)])]
     return []

@@ -15,7 +15,7 @@ import torch
 
 from crb.engine.hardware import Hardware
 from crb.engine.profiles import PROFILES, Profile, choose
-from crb.engine.recipe import Recipe
+from crb.engine.recipe import WHOLE_BATCH_FORMATS, Recipe
 from crb.units import GIB
 
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude
@@ -177,7 +177,7 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
     linear = sum(m.weight.numel() for m in lora_targets(model, "all-linear"))
     adapters = 1
     if d.format == "clara":
-        adapters = 3 if recipe.clara.stage == "end_to_end" else 2
+        adapters = 3 if recipe.clara.phase == "end_to_end" else 2
     if method.name in ("lora", "qlora"):
         trainable = adapters * sum(method.lora.r * (m.in_features + m.out_features)
                                    for m in lora_targets(model, method.lora.target_modules))
@@ -203,8 +203,8 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
         pass_tokens = min([n, *cached]) * L  # sentence-transformers encodes each column separately
     elif d.format == "clara":  # the encoder passes that keep activations (stage 1: the document; 2: top_k documents;
         c = recipe.clara  # 3: the question, its candidates compressed without grad), then the decoder prompt
-        docs = c.top_k if c.stage == "instruction" else 1
-        enc = n * docs * (c.doc_max_length + 3 + c.doc_max_length // c.compress_rate)
+        docs = c.top_k if c.phase == "instruction" else 1
+        enc = n * docs * c.doc_width
         tokens, logit_tokens = enc + n * L, n * L
         pass_tokens = max(enc, n * L)
     else:
@@ -259,7 +259,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     if lora:  # peft keeps adapters in fp32 (autocast_adapter_dtype)
         c["trainable parameters (LoRA, fp32)"] = s.trainable * (HALF if ds else 4)
     paged = t.optimizer.startswith("paged") and not ds
-    opt_bytes = 2 if "8bit" in t.optimizer and not ds else 8
+    opt_bytes = t.optimizer_state_bytes if not ds else 8
     if profile.offload_optimizer:
         grads = min(s.trainable * HALF, _bucket(profile) * HALF)  # reduced in buckets, then to CPU
         c["optimizer states"] = 0.0
@@ -267,7 +267,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         grads = s.trainable * (4 / shard if ds else 4)
         c[PAGED if paged else "optimizer states"] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
     if s.embedding_trains:  # fp32 rows beside the frozen embedding: weights, gradient, two AdamW states
-        n_mem = recipe.clara.doc_max_length // recipe.clara.compress_rate
+        n_mem = recipe.clara.memory_tokens
         c["CLaRa memory-token rows (fp32): weights, gradient, states"] = n_mem * s.hidden * 4 * 4
     # The peak is the backward pass (activations, logits); the optimizer step adds nothing to the states.
     backward: dict[str, float] = {"gradients": grads}
@@ -376,7 +376,7 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: b
     the run resolves it (`auto_config`); `micro_batch` overrides the micro-batch."""
     recipe, choices = auto_config(recipe, hw, data)
     micro = micro_batch or recipe.train.micro_batch
-    if recipe.data.format == "retrieval":
+    if recipe.data.format in WHOLE_BATCH_FORMATS:
         micro = recipe.train.batch_size // max(1, hw.processes)
     s = shape_of(recipe, meta_model(recipe), micro, data)
     n_gpus = max(1, hw.processes)
@@ -470,7 +470,7 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
     blocks = n_blocks(model) or 1
     per_process = max(1, t.batch_size // max(1, hw.processes))
     micros = [d for d in range(1, per_process + 1) if per_process % d == 0] if auto_micro else [t.micro_batch]
-    if r.data.format == "retrieval":  # the whole batch in one pass
+    if r.data.format in WHOLE_BATCH_FORMATS:
         micros = [per_process]
     movable = r.data.format in ("chatml", "text", "translation")  # checkpoints that can go to the CPU
     layers = list(range(blocks + 1)) if auto_gc else [checkpointed(r, blocks)]

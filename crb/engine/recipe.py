@@ -53,6 +53,11 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
     return field(default=default, metadata={"doc": text})
 
 
+# Formats whose loss needs the whole batch in one pass (in-batch negatives): their micro-batch is the batch per
+# process, never accumulated.
+WHOLE_BATCH_FORMATS = frozenset({"retrieval"})
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = doc("Hub id or local folder of the base model (and tokenizer); `package:MODULE` for a model "
@@ -189,6 +194,11 @@ class TrainConfig:
         "Accelerate trackers besides metrics.jsonl (wandb only when installed).",
         factory=lambda: ["tensorboard"])
 
+    @property
+    def optimizer_state_bytes(self) -> int:
+        """Optimizer state bytes per trainable parameter: AdamW's two fp32 moments, or two bytes when 8-bit."""
+        return 2 if "8bit" in self.optimizer else 8
+
 
 @dataclass(kw_only=True)
 class EvalConfig:
@@ -201,15 +211,26 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class ClaraConfig:
-    stage: Literal["compression", "instruction", "end_to_end"] = doc(
-        "CLaRa stage: 1 compression pretraining, 2 instruction tuning, 3 end-to-end with differentiable top-k.",
-        "compression")
+    phase: Literal["compression", "instruction", "end_to_end"] = doc(
+        "CLaRa phase (the method's stage): 1 compression pretraining, 2 instruction tuning, 3 end-to-end with "
+        "differentiable top-k.", "compression")
     compress_rate: int = doc("Document tokens per memory token: n memory tokens = doc_max_length / compress_rate.", 32)
     doc_max_length: int = doc("Tokens of a document as the encoder reads it.", 256)
     top_k: int = doc("Documents the decoder reads (stage 1: 1).", 5)
     temperature: float = doc("Stage 3: temperature of the differentiable top-k's softmax.", 0.02)
     init_from: str = doc("A previous CLaRa run folder whose adapters and memory-token embeddings this run starts "
                          "from (relative to the recipe); empty = fresh adapters.", "")
+
+    @property
+    def memory_tokens(self) -> int:
+        """Memory tokens per document: what the encoder compresses a document into."""
+        return self.doc_max_length // self.compress_rate
+
+    @property
+    def doc_width(self) -> int:
+        """Tokens of one encoded document: <ENC> BOS text EOS cut or padded to doc_max_length + 3, then the
+        memory tokens."""
+        return self.doc_max_length + 3 + self.memory_tokens
 
 
 @dataclass(kw_only=True)
@@ -245,7 +266,7 @@ class Recipe:
     data: DataConfig = doc("[data]")
     train: TrainConfig = doc("[train]", factory=TrainConfig)
     eval: EvalConfig = doc("[eval]: the metrics beside eval loss (BLEU/chrF, nDCG/MRR/recall).", factory=EvalConfig)
-    clara: ClaraConfig = doc("[clara]: the CLaRa stage and its compression settings.", factory=ClaraConfig)
+    clara: ClaraConfig = doc("[clara]: the CLaRa phase and its compression settings.", factory=ClaraConfig)
     losses: list[LossConfig] = doc("[[losses]]; default by data format: causal_lm, seq2seq (translation), "
                                    "mnrl (retrieval).", factory=list)
     output: OutputConfig = doc("[output]")
@@ -406,6 +427,9 @@ def _apply_override(raw: dict, origins: dict[str, Path], item: str) -> None:
 # ---------------------------------------------------------------- validation
 
 
+RENAMED = {"clara.stage": "clara.phase"}  # old keys: refused, the new name suggested
+
+
 def _build(cls: type, raw: Any, prefix: str, origins: dict[str, Path]) -> Any:
     """Build dataclass `cls` from `raw`, checking keys and types strictly."""
     if not isinstance(raw, dict):
@@ -416,7 +440,7 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, Path]) -> Any:
         if key not in fields or key == "source":
             full = f"{prefix}.{key}" if prefix else key
             valid = [f"{prefix}.{n}" if prefix else n for n in fields if n != "source"]
-            near = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            near = [RENAMED[full]] if full in RENAMED else difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
             hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
             raise RecipeError(_where_key(full, origins) + f"{full}: unknown key{hint}")
     kwargs = {}

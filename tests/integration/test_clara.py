@@ -52,7 +52,7 @@ train = ["{train}"]
 max_length = 256
 cache_dir = "{tmp_path / 'cache'}"
 [clara]
-stage = "{stage}"
+phase = "{stage}"
 compress_rate = 8
 doc_max_length = 32
 top_k = 2
@@ -193,14 +193,14 @@ def test_three_stages_chain_and_each_loss_falls(tmp_path, tiny_model, monkeypatc
     stages = f"""
 [[stages]]
 name = "compression"
-clara.stage = "compression"
+clara.phase = "compression"
 [[stages]]
 name = "instruction"
-clara.stage = "instruction"
+clara.phase = "instruction"
 data.train = ["{s23}"]
 [[stages]]
 name = "end_to_end"
-clara.stage = "end_to_end"
+clara.phase = "end_to_end"
 data.train = ["{s23}"]
 train.lr = 1e-3
 train.scheduler = "constant"

@@ -82,10 +82,10 @@ name = "clara_generation"
 dir = "{tmp_path / 'out'}"
 [[stages]]
 name = "instruction"
-clara.stage = "instruction"
+clara.phase = "instruction"
 [[stages]]
 name = "end_to_end"
-clara.stage = "end_to_end"
+clara.phase = "end_to_end"
 """)
     finals = run(str(path))
     stage3 = finals["end_to_end"]
@@ -124,7 +124,7 @@ train = ["{train}"]
 max_length = 256
 cache_dir = "{tmp_path / 'cache'}"
 [clara]
-stage = "{stage}"
+phase = "{stage}"
 compress_rate = 4
 doc_max_length = 8
 top_k = {K}
@@ -181,7 +181,7 @@ eval = ["{held_out}"]
 max_length = 256
 cache_dir = "{tmp_path / 'cache'}"
 [clara]
-stage = "end_to_end"
+phase = "end_to_end"
 compress_rate = 4
 doc_max_length = 8
 top_k = {K}

@@ -161,10 +161,10 @@ top_k = 2
 dir = "{tmp_path / 'out'}"
 [[stages]]
 name = "compression"
-clara.stage = "compression"
+clara.phase = "compression"
 [[stages]]
 name = "instruction"
-clara.stage = "instruction"
+clara.phase = "instruction"
 data.train = ["{stage2}"]
 """)
     rc, out, _ = validate(capsys, [str(recipe)])

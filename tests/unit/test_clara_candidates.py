@@ -112,13 +112,13 @@ def test_stage2_reads_top_k_with_the_gold_and_stage3_all_candidates():
     docs = [f"d{i}" for i in range(20)]
     rec = Record({"question": "q?", "docs": docs, "answer": "a", "pos_index": [13]}, "f.jsonl", 7)
     data = DataConfig(format="clara", train=["f.jsonl"])
-    two = check_record(rec, data, ClaraConfig(stage="instruction", top_k=5))
+    two = check_record(rec, data, ClaraConfig(phase="instruction", top_k=5))
     assert two["docs"] == ["d0", "d1", "d2", "d3", "d13"] and two["gold"] == [4] and two["slots"] == 5
-    three = check_record(rec, data, ClaraConfig(stage="end_to_end", top_k=5))
+    three = check_record(rec, data, ClaraConfig(phase="end_to_end", top_k=5))
     assert three["docs"] == docs and three["gold"] == [13] and three["slots"] == 5
     with pytest.raises(DataError, match=r"^f.jsonl:7: docs: expected at least clara.top_k \(5\) documents, got 4"):
         check_record(Record({**rec.data, "docs": docs[:4], "pos_index": [1]}, "f.jsonl", 7), data,
-                     ClaraConfig(stage="end_to_end", top_k=5))
+                     ClaraConfig(phase="end_to_end", top_k=5))
 
 
 def test_stage3_records_must_all_carry_the_same_number_of_candidates(tmp_path):
@@ -135,7 +135,7 @@ def test_stage3_records_must_all_carry_the_same_number_of_candidates(tmp_path):
     path = tmp_path / "s3.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = DataConfig(format="clara", train=[str(path)], eval_split=0.0, cache_dir=str(tmp_path / "cache"))
-    clara = ClaraConfig(stage="end_to_end", top_k=2)
+    clara = ClaraConfig(phase="end_to_end", top_k=2)
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: docs: 5 candidate documents, 6 at "
                                         rf"{re.escape(str(path))}:1: stage 3 needs the same number"):
         prepare(data, tokenizer, 0, clara)

@@ -464,3 +464,13 @@ def test_an_unused_table_is_a_warning_when_the_method_comes_from_elsewhere(write
     with pytest.warns(UserWarning, match="method.name set in --set"):
         load(path, ['method.name="full"'])
     assert "method.quant: not used" in error(path, ["method.quant.bits=8"])
+
+
+def test_the_old_clara_stage_key_is_refused_with_its_new_name(tmp_path):
+    """clara.stage became clara.phase ("stage" is a [[stages]] entry): the old key is an error that names the new
+    one, at its file and line."""
+    path = tmp_path / "r.toml"
+    path.write_text('[model]\nname = "m"\n[method]\nname = "lora"\n[data]\nformat = "clara"\ntrain = ["x.jsonl"]\n'
+                    '[clara]\nstage = "instruction"\n')
+    with pytest.raises(RecipeError, match=r"r\.toml:9: clara\.stage: unknown key \(did you mean 'clara\.phase'\?\)"):
+        load(path)

@@ -71,7 +71,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     r = recipe.load(args.recipe, args.overrides)
     if args.action == "inspect":
-        rep = quality.inspect(r)
+        from crb.engine.build import build_tokenizer
+
+        rep = quality.inspect(r, build_tokenizer(r))
         png = Path(args.out or f"{Path(r.source).stem}-lengths.png")
         quality.histogram(rep, png)
         if args.json:

@@ -32,10 +32,11 @@ from crb.engine.build import (
     count_parameters,
     resolve_precision,
 )
-from crb.engine.loop import make_schedule, train
+from crb.engine.loop import train
 from crb.engine.metrics import task_metrics
 from crb.engine.plan import DataFacts, auto_config, data_facts, plan
 from crb.engine.profiles import PROFILES, deepspeed_plugin
+from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
 from crb.units import GIB

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from crb.data.reader import Record, read_jsonl
 from crb.engine.recipe import Recipe
@@ -62,13 +63,12 @@ def _records(files: list[str]) -> list[Record | DataError]:
 # ---------------------------------------------------------------- inspect
 
 
-def inspect(recipe: Recipe) -> dict:
+def inspect(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Lengths (by `tokenizer`, the recipe's), roles, turns and bad records of the recipe's data files."""
     from crb.data import DataReport, _make_row
     from crb.data.chatml import chat_template
-    from crb.engine.build import build_tokenizer
 
     cfg = recipe.data
-    tokenizer = build_tokenizer(recipe)
     template = chat_template(tokenizer, cfg.chat_template)
     lengths, extra, bad = [], Counter(), 0
     roles, turns, per_record = Counter(), [], Counter()

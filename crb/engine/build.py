@@ -22,7 +22,6 @@ from transformers import (
 from crb.data.chatml import chat_template
 from crb.engine import hub
 from crb.engine.kernels import apply_kernels, resolve_attention
-from crb.engine.plan import checkpointed, n_blocks
 from crb.engine.recipe import Recipe
 from crb.errors import CrbError
 
@@ -149,6 +148,23 @@ def prepare_kbit(model: torch.nn.Module, dtype: torch.dtype) -> None:
         return
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def n_blocks(model: torch.nn.Module) -> int:
+    """The layers that gradient checkpointing can recompute one by one (transformers' checkpointable layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+
+
+def checkpointed(recipe: Recipe, blocks: int) -> int:
+    """How many layers train.gradient_checkpointing recomputes (an unresolved "auto" counts as none)."""
+    gc = recipe.train.gradient_checkpointing
+    if gc is True:
+        return blocks
+    if gc is False or gc == "auto":
+        return 0
+    return min(int(gc), blocks)
 
 
 def checkpointing_on(model: torch.nn.Module, kwargs: dict) -> None:

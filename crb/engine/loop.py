@@ -8,7 +8,6 @@ order of each epoch is a seeded permutation, sentence-transformers' trainer's), 
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import json
 import math
@@ -30,7 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from crb.data.collate import Batcher
 from crb.engine import checkpoint
 from crb.engine.metrics import Metric
-from crb.engine.recipe import WHOLE_BATCH_FORMATS, Recipe
+from crb.engine.recipe import Recipe
+from crb.engine.schedule import Schedule, dataloader_draw, epoch_order, smaller, step_batches
 from crb.engine.trace import StepTrace
 from crb.errors import CrbError, Stopped
 from crb.units import GIB
@@ -38,33 +38,6 @@ from crb.units import GIB
 Row = dict[str, np.ndarray]
 LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
 # A loss may also leave scalars in batch["_metrics"] (e.g. CLaRa's recall@k): logged as their step mean.
-
-
-@dataclass
-class Schedule:
-    micro: int  # rows per micro-batch per process
-    accum: int  # micro-batches per process per optimizer step
-    steps_per_epoch: int
-    total_steps: int
-
-
-def make_schedule(recipe: Recipe, n_rows: int, world: int) -> Schedule:
-    t = recipe.train
-    micro = t.micro_batch
-    if recipe.data.format in WHOLE_BATCH_FORMATS:  # one pass per step: split over processes, not accumulated
-        if t.batch_size % world:
-            raise CrbError(f"train.batch_size: {t.batch_size} is not a multiple of {world} processes")
-        micro = t.batch_size // world
-    per_step = micro * world
-    if t.batch_size % per_step:
-        raise CrbError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch {t.micro_batch} "
-                       f"x {world} processes")
-    accum = t.batch_size // per_step
-    steps_per_epoch = n_rows // t.batch_size
-    if steps_per_epoch == 0:
-        raise CrbError(f"train.batch_size: {t.batch_size} rows per step but the data has only {n_rows} rows")
-    total = t.max_steps or t.epochs * steps_per_epoch
-    return Schedule(micro, accum, steps_per_epoch, total)
 
 
 class StopRequest:
@@ -89,29 +62,6 @@ class StopRequest:
     def __exit__(self, *_exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def dataloader_draw() -> None:
-    """At each epoch's start, the one draw from the global generator that a torch DataLoader makes when its
-    iterator starts (its workers' base seed). transformers' and sentence-transformers' trainers make it, so with
-    it the same seed gives crb their dropout masks too, not only their batches."""
-    torch.empty((), dtype=torch.int64).random_()
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The rows' order in `epoch`: torch.randperm from a generator seeded with seed + epoch, the order Accelerate's
-    seedable RandomSampler gives sentence-transformers' trainer (so the same seed makes the same batches)."""
-    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
-
-
-def step_batches(order: np.ndarray, step_in_epoch: int, recipe: Recipe, sched: Schedule,
-                 world: int, rank: int) -> list[np.ndarray]:
-    """This process's micro-batches (row indices) for one optimizer step."""
-    mb = sched.micro
-    start = step_in_epoch * recipe.train.batch_size
-    return [order[start + (a * world + rank) * mb: start + (a * world + rank + 1) * mb]
-            for a in range(sched.accum)]
 
 
 @dataclass
@@ -413,12 +363,6 @@ def oom_advice(step: int, sched: Schedule, world: int, deepspeed: bool) -> str:
     return (f"step {step}: CUDA out of memory at micro-batch {sched.micro}{where}: set train.micro_batch = "
             f"{half.micro} (accumulation {half.accum} keeps the effective batch), or leave it \"auto\" for the plan "
             "to choose")
-
-
-def smaller(sched: Schedule) -> Schedule:
-    """Half the micro-batch (rounded to a divisor of the old one), the accumulation up to match."""
-    micro = max(d for d in range(1, sched.micro) if sched.micro % d == 0 and d <= sched.micro // 2)
-    return Schedule(micro, sched.accum * sched.micro // micro, sched.steps_per_epoch, sched.total_steps)
 
 
 def free_memory() -> None:

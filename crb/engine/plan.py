@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from crb.engine.build import AUTO_CLASSES, KINDS, checkpointed, n_blocks
 from crb.engine.hardware import Hardware
 from crb.engine.profiles import PROFILES, Profile, choose
 from crb.engine.recipe import WHOLE_BATCH_FORMATS, Recipe
@@ -96,8 +97,6 @@ class Plan:
 
 
 def meta_model(recipe: Recipe) -> torch.nn.Module:
-    from crb.engine.build import KINDS
-
     kind = KINDS[recipe.data.format]
     return _meta_model(recipe.model.name, recipe.model.revision, "causal" if kind == "clara" else kind)
 
@@ -108,8 +107,6 @@ def _meta_model(name: str, revision: str | None, kind: str) -> torch.nn.Module:
     from transformers import AutoModelForTextEncoding
 
     from crb.engine import hub
-    from crb.engine.build import AUTO_CLASSES
-
     config = hub.config(name, revision)  # the hub, its cache, or the copy shipped with crb
     with init_empty_weights():  # embedding: the encoder alone
         model = AUTO_CLASSES.get(kind, AutoModelForTextEncoding).from_config(config)
@@ -216,23 +213,6 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
     return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
                  logit_tokens, pass_tokens, heads, L, attention, d.format == "clara", cfg.model_type,
                  fused_norm, blocks=n_blocks(model) or layers)
-
-
-def n_blocks(model: torch.nn.Module) -> int:
-    """The layers that gradient checkpointing can recompute one by one (transformers' checkpointable layers)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
-
-
-def checkpointed(recipe: Recipe, blocks: int) -> int:
-    """How many layers train.gradient_checkpointing recomputes (an unresolved "auto" counts as none)."""
-    gc = recipe.train.gradient_checkpointing
-    if gc is True:
-        return blocks
-    if gc is False or gc == "auto":
-        return 0
-    return min(int(gc), blocks)
 
 
 def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:

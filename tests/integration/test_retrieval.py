@@ -144,8 +144,8 @@ def test_clara_questions_beat_untuned_and_match_sentence_transformers_trainer(tm
     from sentence_transformers import SentenceTransformer
 
     from crb.data.retrieval import corpus as make_corpus
-    from crb.engine.loop import epoch_order
     from crb.engine.metrics import retrieval_scores
+    from crb.engine.schedule import epoch_order
 
     model = minilm  # dropout on (0.1), as trained
     docs = [json.loads(ln) for ln in CLARA_SLICE.read_text().splitlines()]
@@ -197,7 +197,7 @@ def test_batches_are_the_sentence_transformers_trainers_for_the_same_seed(tmp_pa
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers import SentenceTransformerTrainingArguments as Args
 
-    from crb.engine.loop import epoch_order, make_schedule, step_batches
+    from crb.engine.schedule import epoch_order, make_schedule, step_batches
 
     try:
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss

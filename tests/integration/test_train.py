@@ -409,7 +409,8 @@ def test_out_of_memory_at_micro_batch_1_stops_with_a_clear_message(chat_recipe, 
 
 def test_out_of_memory_with_several_processes_stops_with_what_to_set():
     """Several processes (or DeepSpeed) cannot halve on one process: one line says the micro-batch to set."""
-    from crb.engine.loop import Schedule, oom_advice
+    from crb.engine.loop import oom_advice
+    from crb.engine.schedule import Schedule
 
     line = oom_advice(3, Schedule(8, 2, 10, 10), world=4, deepspeed=False)
     assert line == ("step 3: CUDA out of memory at micro-batch 8 on 1 of 4 processes: set train.micro_batch = 4 "

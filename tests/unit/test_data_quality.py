@@ -10,6 +10,7 @@ import pytest
 from crb.cli import main as cli
 from crb.data import quality
 from crb.engine import recipe as recipes
+from crb.engine.build import build_tokenizer
 from tests.conftest import CLARA_SLICE
 
 
@@ -73,7 +74,8 @@ def test_clean_writes_a_repaired_copy_and_leaves_the_input(defects, tmp_path, ca
 
 
 def test_inspect_counts_match_an_independent_count(chat_recipe, chat_file, capsys):
-    rep = quality.inspect(recipes.load(chat_recipe))
+    r = recipes.load(chat_recipe)
+    rep = quality.inspect(r, build_tokenizer(r))
     records = [json.loads(x) for x in chat_file.read_text().splitlines() if x.strip()]
     assert rep["records"] == len(records) and rep["malformed"] == 0
     roles = {}
@@ -93,7 +95,7 @@ def test_inspect_clara_pretrain_data_matches_an_independent_count(chat_recipe, t
     recipe.write_text(f'extends = "clara"\n[model]\nname = "{tiny_model}"\n[data]\ntrain = ["{CLARA_SLICE}"]\n'
                       f'eval_split = 0.0\n[output]\ndir = "{tmp_path / "out"}"\n')
     r = recipes.load(recipe, stage="compression")
-    rep = quality.inspect(r)
+    rep = quality.inspect(r, build_tokenizer(r))
     counts: dict[str, int] = {}
     n = 0
     for line in CLARA_SLICE.read_text().splitlines():

@@ -15,7 +15,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check crb tests benchmarks
 
 docs: $(STAMP)
-	$(VENV)/bin/python -m crb.engine.recipe_docs
+	$(VENV)/bin/python -m crb.recipe.docs
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh

@@ -125,7 +125,7 @@ def trl_candidates(args: argparse.Namespace, recipe: str, cap: str) -> dict[bool
     """For TRL without and with Liger: the micro-batches to try, largest first, from the largest that crb's
     plan (gradient checkpointing on, nothing offloaded, plain profile) fits in the cap."""
     from crb.engine import hardware, plan
-    from crb.engine import recipe as recipes
+    from crb.recipe import schema as recipes
 
     out: dict[bool, list[int]] = {}
     for liger in (False, True):

@@ -220,7 +220,7 @@ def trl_worker(args: argparse.Namespace, liger: bool) -> None:
     from transformers.trainer_utils import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from crb.engine import recipe as recipes
+    from crb.recipe import schema as recipes
 
     out = Path(args.out)
     side = "trl_liger" if liger else "trl"

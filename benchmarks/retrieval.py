@@ -245,7 +245,7 @@ def st_worker(args: argparse.Namespace) -> None:
     from sentence_transformers import SentenceTransformerTrainingArguments as Args
     from transformers.trainer_utils import set_seed
 
-    from crb.engine import recipe as recipes
+    from crb.recipe import schema as recipes
 
     mnrl, _ = mnrl_classes()
     # The settings come from the recipe that crb runs (with the benchmark's overrides).
@@ -511,8 +511,8 @@ def st_quality_worker(args: argparse.Namespace) -> None:
 
     from crb.data import prepare
     from crb.data import retrieval as retrieval_data
-    from crb.engine import recipe as recipes
     from crb.engine.metrics import retrieval_scores
+    from crb.recipe import schema as recipes
 
     mnrl, _ = mnrl_classes()
     f = quality_files(args)

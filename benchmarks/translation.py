@@ -84,7 +84,7 @@ def make_tokenizer(seed: int):
     trained on made-up words, enough merges that each word is one token."""
     from transformers import NllbTokenizer
 
-    from crb.engine.recipe import LANGUAGES
+    from crb.recipe.schema import LANGUAGES
 
     rng = random.Random(seed)
     words = pseudo_words(seed, 4000)
@@ -225,7 +225,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     )
     from transformers.trainer_utils import set_seed
 
-    from crb.engine import recipe as recipes
+    from crb.recipe import schema as recipes
 
     out = Path(args.out)
     text_file, rows_file = data_files(args)

@@ -104,8 +104,8 @@ def _clara_answer(out: Path, question: str, docs: list[str], max_new_tokens: int
     """Build the run's CLaRa model from its saved adapters; compress `docs`, answer `question`."""
     from crb.data.chatml import chat_template
     from crb.data.clara_inputs import decoder_prompt_ids, document_ids
-    from crb.engine import recipe as recipes
     from crb.engine.build import build_model, build_tokenizer, n_memory
+    from crb.recipe import schema as recipes
 
     if not (out / "final_adapter" / "encoder").is_dir():
         raise CrbError(f"{out}: no final_adapter/encoder/ (did the CLaRa run finish?)")

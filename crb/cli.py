@@ -30,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from crb.engine import recipe
+    from crb.recipe import schema as recipe
 
     r = recipe.load(args.recipe, args.overrides)
     head = f"{args.recipe}: ok ({r.method.name} {r.model.name}, {r.data.format} data"
@@ -55,7 +55,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_lock(args: argparse.Namespace) -> None:
-    from crb.engine import lock, recipe
+    from crb.engine import lock
+    from crb.recipe import schema as recipe
 
     r = recipe.load(args.recipe, args.overrides)
     out = Path(args.out or Path(r.source).with_suffix(lock.SUFFIX).name)
@@ -67,7 +68,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     import json
 
     from crb.data import quality
-    from crb.engine import recipe
+    from crb.recipe import schema as recipe
 
     r = recipe.load(args.recipe, args.overrides)
     if args.action == "inspect":
@@ -115,7 +116,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from crb.engine import recipe
+    from crb.recipe import schema as recipe
     from crb.sweep import parse_grid, sweep
 
     r = recipe.load(args.recipe, args.overrides, args.stage)
@@ -141,7 +142,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_recipes(_args: argparse.Namespace) -> None:
-    from crb.engine.sources import bundled
+    from crb.recipe.sources import bundled
 
     for name, path in bundled().items():
         first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
@@ -149,13 +150,14 @@ def cmd_recipes(_args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from crb.engine import recipe
+    from crb.recipe import schema as recipe
 
     print(recipe.dumps(recipe.load(args.recipe, args.overrides)), end="")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from crb.engine import hardware, plan, recipe
+    from crb.engine import hardware, plan
+    from crb.recipe import schema as recipe
 
     r = recipe.load(args.recipe, args.overrides)
     p = plan.plan(r, hardware.detect(args.gpu_memory))
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from crb.artifacts import verify
-    from crb.engine import recipe
+    from crb.recipe import schema as recipe
     from crb.run import run
 
     path = DEMO_RECIPES / f"{args.agent}.toml"
@@ -287,7 +289,7 @@ def demo_clara(path: Path, overrides: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from crb.artifacts import verify
-    from crb.engine import recipe
+    from crb.recipe import schema as recipe
     from crb.run import run
 
     base = DEMO_RECIPES.parent.parent / "runs" / "demo-clara" / "tiny-mistral"  # the demo recipe's model.name

@@ -32,3 +32,8 @@ class Stopped(CrbError):
 
 class CrbWarning(UserWarning):
     """Something a user should know that does not stop the run; printed as one line, `crb: warning: ...`."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (the libraries' messages run to several lines)."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)

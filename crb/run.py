@@ -22,7 +22,6 @@ from crb.data import prepare
 from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
 from crb.data.retrieval import prompt as retrieval_prompt
 from crb.engine import checkpoint, hardware, lock
-from crb.engine import recipe as recipes
 from crb.engine.build import (
     KINDS,
     build_model,
@@ -39,6 +38,7 @@ from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
+from crb.recipe import schema as recipes
 from crb.units import GIB
 
 

@@ -18,8 +18,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from crb.engine import recipe as recipes
 from crb.errors import CrbError
+from crb.recipe import schema as recipes
 from crb.units import GIB
 
 GUIDE = [("train.lr", [1e-5, 5e-5, 1e-4, 2e-4]), ("train.batch_size", [4, 8, 16]), ("method.lora.r", [16, 32, 64])]

@@ -161,7 +161,7 @@ def tiny_nllb(tmp_path_factory) -> Path:
     import torch
     from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
 
-    from crb.engine.recipe import LANGUAGES
+    from crb.recipe.schema import LANGUAGES
 
     base = NllbTokenizer(extra_special_tokens=list(LANGUAGES), src_lang="eng_Latn", tgt_lang="fra_Latn")
     tok = base.train_new_from_iterator([t for p in PAIRS for t in p] * 20, vocab_size=300)

@@ -20,8 +20,8 @@ from crb.data.clara_inputs import PARAPHRASE, decoder_ids, document_ids
 from crb.data.packing import Doc, one_per_row, pack, pack_groups
 from crb.data.reader import Record, file_sha256, read_jsonl
 from crb.data.text import check_text, tokenize_text
-from crb.engine.recipe import ClaraConfig, DataConfig
 from crb.errors import DataError
+from crb.recipe.schema import ClaraConfig, DataConfig
 from crb.units import IGNORE
 
 Row = dict[str, np.ndarray]

@@ -25,8 +25,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from crb.data.reader import Record, read_jsonl
-from crb.engine.recipe import Recipe
 from crb.errors import CrbError, DataError
+from crb.recipe.schema import Recipe
 
 
 def _strs(value: Any) -> list[str]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from crb.engine.recipe import DataConfig
 from crb.errors import DataError
+from crb.recipe.schema import DataConfig
 
 FIELDS = ("source_lang", "target_lang", "source_text", "target_text")
 

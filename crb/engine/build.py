@@ -22,8 +22,8 @@ from transformers import (
 from crb.data.chatml import chat_template
 from crb.engine import hub
 from crb.engine.kernels import apply_kernels, resolve_attention
-from crb.engine.recipe import Recipe
 from crb.errors import CrbError
+from crb.recipe.schema import Recipe
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The kind of model each data format trains.

@@ -18,8 +18,8 @@ from crb.errors import CrbError
 from crb.units import GIB
 
 if TYPE_CHECKING:
-    from crb.engine.recipe import TrainConfig
     from crb.engine.schedule import Schedule
+    from crb.recipe.schema import TrainConfig
 
 STATE_FILE = "crb_state.json"
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crb.errors import CrbError
+from crb.errors import CrbError, first_line
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -20,11 +20,6 @@ SHIPPED = Path(__file__).resolve().parents[1] / "model_configs"
 
 class HubError(CrbError):
     """A model, tokenizer or config cannot be loaded: the hub is unreachable, it is not cached, or no such repo."""
-
-
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of an error's message (the libraries' messages run to several lines)."""
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def load_error(name: str, what: str, err: BaseException, key: str = "model.name") -> HubError:

@@ -13,8 +13,8 @@ from importlib import metadata
 from pathlib import Path
 
 from crb.data.reader import file_sha256
-from crb.engine import recipe as recipes
 from crb.errors import CrbError
+from crb.recipe import schema as recipes
 
 PACKAGES = ("crb", "torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed", "sentence-transformers",
             "liger-kernel", "tokenizers")

@@ -29,10 +29,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from crb.data.collate import Batcher
 from crb.engine import checkpoint
 from crb.engine.metrics import Metric
-from crb.engine.recipe import Recipe
 from crb.engine.schedule import Schedule, dataloader_draw, epoch_order, smaller, step_batches
 from crb.engine.trace import StepTrace
 from crb.errors import CrbError, Stopped
+from crb.recipe.schema import Recipe
 from crb.units import GIB
 
 Row = dict[str, np.ndarray]

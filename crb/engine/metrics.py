@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from crb.data import retrieval
 from crb.data.collate import clara_batcher
-from crb.engine.recipe import Recipe
 from crb.losses.clara import recall_at_k
+from crb.recipe.schema import Recipe
 
 Metric = Callable[[torch.nn.Module], dict[str, float]]
 

@@ -16,7 +16,7 @@ import torch
 from crb.engine.build import AUTO_CLASSES, KINDS, checkpointed, n_blocks
 from crb.engine.hardware import Hardware
 from crb.engine.profiles import PROFILES, Profile, choose
-from crb.engine.recipe import WHOLE_BATCH_FORMATS, Recipe
+from crb.recipe.schema import WHOLE_BATCH_FORMATS, Recipe
 from crb.units import GIB
 
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from crb.engine.recipe import WHOLE_BATCH_FORMATS, Recipe
 from crb.errors import CrbError
+from crb.recipe.schema import WHOLE_BATCH_FORMATS, Recipe
 
 
 @dataclass

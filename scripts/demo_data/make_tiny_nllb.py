@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import M2M100Config, NllbTokenizer
 
-from crb.engine.recipe import LANGUAGES
+from crb.recipe.schema import LANGUAGES
 
 HERE = Path(__file__).resolve().parents[2] / "crb" / "demo_data"  # where the shipped data files live
 

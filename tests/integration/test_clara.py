@@ -12,9 +12,9 @@ import torch
 from crb.artifacts import verify
 from crb.data import prepare
 from crb.data.clara import build_stage23, check_stage1
-from crb.engine import recipe as recipes
 from crb.engine.build import build_model, build_tokenizer, n_memory
 from crb.errors import CrbError
+from crb.recipe import schema as recipes
 from crb.run import make_batcher, run
 from tests.conftest import CLARA_SLICE, write_jsonl, write_recipe
 

@@ -106,8 +106,8 @@ def test_stage2_decoder_reads_k_slots_and_stage3_scores_all_n(tmp_path):
     import torch
 
     from crb.data import prepare
-    from crb.engine import recipe as recipes
     from crb.engine.build import build_model, build_tokenizer, n_memory
+    from crb.recipe import schema as recipes
     from crb.run import make_batcher
 
     model_dir = make_model_dir(tmp_path / "model", texts(), vocab=300)
@@ -159,9 +159,9 @@ def test_query_reasoner_learns_to_retrieve_the_gold_document(tmp_path):
     import torch
 
     from crb.data import prepare
-    from crb.engine import recipe as recipes
     from crb.engine.build import build_model, build_tokenizer
     from crb.engine.metrics import clara_recall
+    from crb.recipe import schema as recipes
     from crb.run import make_batcher
 
     model_dir = make_model_dir(tmp_path / "model", texts(), vocab=300)

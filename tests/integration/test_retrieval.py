@@ -14,8 +14,8 @@ import torch
 
 from crb.data import prepare
 from crb.data.retrieval import check_triple
-from crb.engine import recipe as recipes
 from crb.errors import DataError
+from crb.recipe import schema as recipes
 from crb.run import make_batcher, run
 from tests.conftest import CLARA_SLICE, DEMO_DATA, retrieval_recipe_text, write_jsonl, write_recipe
 

@@ -9,7 +9,7 @@ import pytest
 
 import crb.run
 from crb.cli import main as cli
-from crb.engine import recipe as recipes
+from crb.recipe import schema as recipes
 
 
 def test_a_four_trial_sweep_picks_the_lowest_eval_loss_and_resumes(chat_recipe, tmp_path, capsys, monkeypatch):

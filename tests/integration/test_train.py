@@ -156,8 +156,8 @@ def test_qlora_quantizes_the_base_to_4_bits(chat_recipe, tiny_model):
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
 
-    from crb.engine import recipe as recipes
     from crb.engine.build import build_model
+    from crb.recipe import schema as recipes
 
     saved = load_file(tiny_model / "model.safetensors")
     model = build_model(recipes.load(chat_recipe, ["method.name='qlora'"]), "no", torch.device("cpu"))
@@ -432,7 +432,7 @@ def test_lock_pins_the_run_and_reports_drift(chat_recipe, chat_file, tmp_path, c
     assert cli(["run", str(lockfile)]) == 0
     printed = capsys.readouterr()
     assert "crb: warning: package drift since the lock: transformers 0.0.1 -> " in printed.out + printed.err
-    from crb.engine import recipe as recipes
+    from crb.recipe import schema as recipes
 
     written = json.loads((Path(recipes.load(chat_recipe).output.dir) / "crb.lock.json").read_text())
     assert written["data"] == locked["data"] and written["model"] == locked["model"]  # every run records its lock

@@ -13,8 +13,8 @@ from crb.artifacts import verify
 from crb.cli import main as cli
 from crb.data import prepare
 from crb.data.collate import seq2seq_batcher
-from crb.engine import recipe as recipes
 from crb.errors import DataError, RecipeError
+from crb.recipe import schema as recipes
 from crb.run import run
 from crb.units import IGNORE
 from tests.conftest import translation_records, write_jsonl

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from crb.engine.checkpoint import bytes_needed
-from crb.engine.recipe import TrainConfig
 from crb.engine.schedule import Schedule
+from crb.recipe.schema import TrainConfig
 
 PARAMS = 1_000_000  # trainable: a checkpoint is 12 B each (fp32 weight + AdamW's two states), the final model 4 B
 

@@ -11,8 +11,8 @@ import pytest
 from crb.data import check_record
 from crb.data.clara import build_stage23, check_stage23, instruction_docs, main, read_stage1
 from crb.data.reader import Record
-from crb.engine.recipe import ClaraConfig, DataConfig
 from crb.errors import DataError
+from crb.recipe.schema import ClaraConfig, DataConfig
 from tests.conftest import CLARA_SLICE
 
 COLOURS = ["red", "blue", "green", "black", "white", "grey", "pink", "brown"]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from crb.data import prepare
-from crb.engine.recipe import DataConfig
 from crb.errors import DataError
+from crb.recipe.schema import DataConfig
 
 
 def cfg(files, tmp_path, **kw) -> DataConfig:

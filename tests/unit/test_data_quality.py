@@ -9,8 +9,8 @@ import pytest
 
 from crb.cli import main as cli
 from crb.data import quality
-from crb.engine import recipe as recipes
 from crb.engine.build import build_tokenizer
+from crb.recipe import schema as recipes
 from tests.conftest import CLARA_SLICE
 
 

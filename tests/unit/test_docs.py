@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from crb.engine import recipe
-from crb.engine.recipe_docs import DOCS, render
+from crb.recipe import schema as recipe
+from crb.recipe.docs import DOCS, render
 
 
 def test_recipes_md_is_up_to_date():
     assert DOCS.read_text(encoding="utf-8") == render(), (
-        "docs/recipes.md is out of date with crb/engine/recipe.py: run `python -m crb.engine.recipe_docs`")
+        "docs/recipes.md is out of date with crb/recipe/schema.py: run `python -m crb.recipe.docs`")
 
 
 def test_every_schema_key_is_documented():

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from crb.cli import main
 from crb.engine import build, hub
 from crb.engine import plan as plans
-from crb.engine import recipe as recipes
+from crb.recipe import schema as recipes
 from tests.unit.test_plan import RECIPES, ROOT, SHAPES
 
 LAYERS = {"language": 32, "code": 30, "translation": 24, "retrieval": 24, "clara": 32}  # checkpointable blocks

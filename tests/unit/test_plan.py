@@ -11,8 +11,8 @@ from transformers import M2M100Config, MistralConfig, Starcoder2Config, T5Config
 
 from crb.cli import main
 from crb.engine import plan as plans
-from crb.engine import recipe as recipes
 from crb.engine.hardware import Gpu, Hardware
+from crb.recipe import schema as recipes
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30

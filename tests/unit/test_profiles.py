@@ -10,9 +10,9 @@ from typing import get_args
 
 import pytest
 
-from crb.engine import recipe as recipes
 from crb.engine.profiles import LAUNCH, PROFILES, choose, deepspeed_plugin
 from crb.errors import CrbError
+from crb.recipe import schema as recipes
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_JSONS = sorted((LAUNCH / "deepspeed").glob("*.json"))

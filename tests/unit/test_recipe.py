@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from crb.cli import main
-from crb.engine.recipe import dumps, find_line, load, to_dict
 from crb.errors import RecipeError
+from crb.recipe.schema import dumps, find_line, load, to_dict
 
 # Line numbers below refer to this text: 1 [model], 4 [data], 5 train, 6 format, 8 [train], 9 lr,
 # 10 batch_size, 11 micro_batch, 13 [output], 14 dir.

@@ -9,9 +9,9 @@ import io
 import pytest
 
 from crb.cli import main as cli
-from crb.engine import recipe as recipes
-from crb.engine import sources
 from crb.errors import RecipeError
+from crb.recipe import schema as recipes
+from crb.recipe import sources
 
 
 def test_bundled_recipes_by_name_in_run_and_extends(tmp_path, capsys):

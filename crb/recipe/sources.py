@@ -11,8 +11,7 @@ import re
 import urllib.request
 from pathlib import Path
 
-from crb.engine.hub import first_line
-from crb.errors import RecipeError
+from crb.errors import RecipeError, first_line
 
 BUNDLED = Path(__file__).resolve().parents[2] / "recipes"
 PIN = re.compile(r"^(https://[^#\s]+|hf://[^#\s]+)#sha256=([0-9a-f]{64})$")

@@ -2,7 +2,7 @@
 
 Every error is one line naming the file, the line, the key path, and expected vs got.
 The schema below is the single source of truth: `docs/recipes.md` is generated from it
-(`python -m crb.engine.recipe_docs`).
+(`python -m crb.recipe.docs`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Literal
 import tomli_w
 import tomllib
 
-from crb.engine import sources
 from crb.errors import CrbWarning, RecipeError
+from crb.recipe import sources
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]

@@ -4,6 +4,7 @@ line naming the model and what to do. The configs of the bundled recipes' models
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,20 +55,36 @@ def shipped_config(name: str) -> Path | None:
     return folder if name.count("/") == 1 and (folder / "config.json").is_file() else None
 
 
+@functools.cache
+def reachable() -> bool:
+    """Whether the hub answers at all (huggingface_hub's own session: its endpoint and proxies; 3 s). Asked once
+    per process: with no network, loading goes to the cache at once instead of through the library's retries
+    (about 25 s and ten lines per file)."""
+    from huggingface_hub import constants, utils
+
+    try:
+        utils.get_session().head(constants.ENDPOINT, timeout=3)
+    except Exception:  # no route, no DNS, refused, timed out: whatever the transport raises, the hub is not there
+        return False
+    return True
+
+
 def config(name: str, revision: str | None = None) -> PretrainedConfig:
-    """The model's config: from the hub or its cache; failing that, for an unpinned model whose config ships
-    with crb, that copy (said on stderr)."""
+    """The model's config: from the hub or its cache (the cache alone when the hub cannot be reached); failing
+    that, for an unpinned model whose config ships with crb, that copy (said on stderr)."""
     from huggingface_hub import is_offline_mode
     from transformers import AutoConfig
 
+    cache_only = not Path(name).exists() and not is_offline_mode() and not reachable()
     try:
-        return AutoConfig.from_pretrained(name, revision=revision)
+        return AutoConfig.from_pretrained(name, revision=revision, local_files_only=cache_only)
     except OSError as e:
         shipped = shipped_config(name)
         if shipped is None or revision is not None:
             note = "; the copy shipped with crb is main's: without model.revision the plan uses it" if shipped else ""
             raise HubError(f"{load_error(name, 'config', e)}{note}") from e
-        skip = "" if is_offline_mode() else "; HF_HUB_OFFLINE=1 skips the hub"
+        skip = "" if is_offline_mode() else "; the hub cannot be reached" if cache_only else \
+            "; HF_HUB_OFFLINE=1 skips the hub"
         print(f"crb: model.name '{name}': using the config shipped with crb ({first_line(e).rstrip('.')}{skip})",
               file=sys.stderr)
         return AutoConfig.from_pretrained(shipped)

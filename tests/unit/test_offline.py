@@ -87,3 +87,32 @@ def test_a_missing_sentence_transformers_model_is_one_line(no_hub):
     r = recipes.load(ROOT / "recipes" / "retrieval.toml", [f'model.name="{MISSING}"'])
     with pytest.raises(hub.HubError, match=f"model.name '{MISSING}': cannot load its sentence-transformers model"):
         build.build_encoder(r)
+
+
+def test_an_unreachable_hub_is_found_once_and_the_cache_used_at_once(monkeypatch, tmp_path, capsys):
+    """No network and HF_HUB_OFFLINE not set: one probe finds the hub unreachable, and the config comes from the
+    cache or crb's copy with no further request (no retries: huggingface_hub would spend ~25 s on each file)."""
+    from huggingface_hub import constants, utils
+
+    calls = []
+
+    class NoNetwork:
+        def head(self, url, **kw):
+            calls.append(url)
+            raise OSError("[Errno -2] Name or service not known")  # what a failed DNS lookup raises
+
+        def __getattr__(self, name):
+            raise AssertionError(f"the hub was contacted ({name}) after it was found unreachable")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(utils, "get_session", lambda: NoNetwork())
+    hub.reachable.cache_clear()
+    try:
+        assert main(["plan", str(ROOT / "recipes" / "translation.toml"), "--gpu-memory", "24", "--json"]) == 0
+    finally:
+        hub.reachable.cache_clear()
+    err = capsys.readouterr().err
+    assert calls == [constants.ENDPOINT]
+    assert "using the config shipped with crb" in err and "the hub cannot be reached" in err and "Retrying" not in err

@@ -50,7 +50,8 @@ def half_dtype(mixed: str) -> torch.dtype:
 def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     m = recipe.model
     with hub.loading(m.tokenizer or m.name, "tokenizer", "model.tokenizer" if m.tokenizer else "model.name"):
-        tok = AutoTokenizer.from_pretrained(m.tokenizer or m.name, revision=None if m.tokenizer else m.revision)
+        tok = AutoTokenizer.from_pretrained(m.tokenizer or m.name, revision=None if m.tokenizer else m.revision,
+                                            local_files_only=hub.cache_only(m.tokenizer or m.name))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is never attended to nor trained on
     if recipe.data.format in ("chatml", "clara"):
@@ -67,6 +68,8 @@ def load_weights(auto, name: str, **kwargs) -> torch.nn.Module:
     need the user's explicit `--allow-pickle` (CRB_ALLOW_PICKLE=1). A hub or cache failure is one line."""
     if os.environ.get("CRB_ALLOW_PICKLE") != "1":
         kwargs["use_safetensors"] = True
+    if hub.cache_only(str(name)):  # no network: the cache at once, no retries (transformers' adapter lookup
+        kwargs.update(local_files_only=True, adapter_kwargs={"local_files_only": True})  # needs it said again)
     try:
         return auto.from_pretrained(name, **kwargs)
     except OSError as e:
@@ -247,7 +250,7 @@ def build_encoder(recipe: Recipe) -> torch.nn.Module:
 
     m = recipe.model
     with hub.loading(m.name, "sentence-transformers model"):
-        model = SentenceTransformer(m.name, revision=m.revision, device="cpu",
+        model = SentenceTransformer(m.name, revision=m.revision, device="cpu", local_files_only=hub.cache_only(m.name),
                                     model_kwargs={"dtype": DTYPES.get(m.dtype) or torch.float32})
     model.max_seq_length = recipe.data.max_length
     layers = checkpointed(recipe, n_blocks(model[0].auto_model))

@@ -69,21 +69,28 @@ def reachable() -> bool:
     return True
 
 
+def cache_only(name: str) -> bool:
+    """Whether loading `name` must go to the cache alone: a hub id while the hub cannot be reached."""
+    from huggingface_hub import is_offline_mode
+
+    return not Path(name).exists() and not is_offline_mode() and not reachable()
+
+
 def config(name: str, revision: str | None = None) -> PretrainedConfig:
     """The model's config: from the hub or its cache (the cache alone when the hub cannot be reached); failing
     that, for an unpinned model whose config ships with crb, that copy (said on stderr)."""
     from huggingface_hub import is_offline_mode
     from transformers import AutoConfig
 
-    cache_only = not Path(name).exists() and not is_offline_mode() and not reachable()
+    cached = cache_only(name)
     try:
-        return AutoConfig.from_pretrained(name, revision=revision, local_files_only=cache_only)
+        return AutoConfig.from_pretrained(name, revision=revision, local_files_only=cached)
     except OSError as e:
         shipped = shipped_config(name)
         if shipped is None or revision is not None:
             note = "; the copy shipped with crb is main's: without model.revision the plan uses it" if shipped else ""
             raise HubError(f"{load_error(name, 'config', e)}{note}") from e
-        skip = "" if is_offline_mode() else "; the hub cannot be reached" if cache_only else \
+        skip = "" if is_offline_mode() else "; the hub cannot be reached" if cached else \
             "; HF_HUB_OFFLINE=1 skips the hub"
         print(f"crb: model.name '{name}': using the config shipped with crb ({first_line(e).rstrip('.')}{skip})",
               file=sys.stderr)

@@ -89,17 +89,18 @@ def test_a_missing_sentence_transformers_model_is_one_line(no_hub):
         build.build_encoder(r)
 
 
-def test_an_unreachable_hub_is_found_once_and_the_cache_used_at_once(monkeypatch, tmp_path, capsys):
-    """No network and HF_HUB_OFFLINE not set: one probe finds the hub unreachable, and the config comes from the
-    cache or crb's copy with no further request (no retries: huggingface_hub would spend ~25 s on each file)."""
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """No network and HF_HUB_OFFLINE not set: the probe's request fails as a failed DNS lookup does, and any later
+    request fails the test. Yields the probe's requests."""
     from huggingface_hub import constants, utils
 
-    calls = []
+    calls: list[str] = []
 
     class NoNetwork:
         def head(self, url, **kw):
             calls.append(url)
-            raise OSError("[Errno -2] Name or service not known")  # what a failed DNS lookup raises
+            raise OSError("[Errno -2] Name or service not known")
 
         def __getattr__(self, name):
             raise AssertionError(f"the hub was contacted ({name}) after it was found unreachable")
@@ -109,10 +110,29 @@ def test_an_unreachable_hub_is_found_once_and_the_cache_used_at_once(monkeypatch
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(utils, "get_session", lambda: NoNetwork())
     hub.reachable.cache_clear()
-    try:
-        assert main(["plan", str(ROOT / "recipes" / "translation.toml"), "--gpu-memory", "24", "--json"]) == 0
-    finally:
-        hub.reachable.cache_clear()
+    yield calls
+    hub.reachable.cache_clear()
+
+
+def test_an_unreachable_hub_is_found_once_and_the_cache_used_at_once(unreachable_hub, capsys):
+    """One probe finds the hub unreachable; the config comes from the cache or crb's copy with no further request
+    (no retries: huggingface_hub would spend ~25 s on each file)."""
+    from huggingface_hub import constants
+
+    assert main(["plan", str(ROOT / "recipes" / "translation.toml"), "--gpu-memory", "24", "--json"]) == 0
     err = capsys.readouterr().err
-    assert calls == [constants.ENDPOINT]
+    assert unreachable_hub == [constants.ENDPOINT]
     assert "using the config shipped with crb" in err and "the hub cannot be reached" in err and "Retrying" not in err
+
+
+def test_an_unreachable_hub_makes_a_run_load_from_the_cache_at_once(unreachable_hub, capfd, caplog):
+    """The tokenizer and weights of a run, the same: not cached, one line at once, not a request more (nor the
+    retries of one: transformers' adapter lookup ignores local_files_only unless told again)."""
+    with pytest.raises(hub.HubError, match=r"model\.name 'mistralai/Mistral-7B-Instruct-v0\.3': cannot load its "
+                                           r"tokenizer") as e:
+        build.build_tokenizer(recipes.load(ROOT / "recipes" / "language.toml"))
+    assert "\n" not in str(e.value) and len(unreachable_hub) == 1
+    with pytest.raises(hub.HubError, match="cannot load its weights"):
+        build.load_weights(AutoModelForCausalLM, "mistralai/Mistral-7B-Instruct-v0.3")
+    assert len(unreachable_hub) == 1
+    assert "Retrying" not in capfd.readouterr().err + caplog.text  # huggingface_hub logs each retry

@@ -104,7 +104,7 @@ def _clara_answer(out: Path, question: str, docs: list[str], max_new_tokens: int
     """Build the run's CLaRa model from its saved adapters; compress `docs`, answer `question`."""
     from crb.data.chatml import chat_template
     from crb.data.clara_inputs import decoder_prompt_ids, document_ids
-    from crb.engine.build import build_model, build_tokenizer, n_memory
+    from crb.engine.build import build_model, build_tokenizer
     from crb.recipe import schema as recipes
 
     if not (out / "final_adapter" / "encoder").is_dir():
@@ -114,7 +114,8 @@ def _clara_answer(out: Path, question: str, docs: list[str], max_new_tokens: int
         raise CrbError("verify: CLaRa results answer from documents: give them with --doc TEXT (repeatable)")
     tok = build_tokenizer(recipe)
     model = build_model(recipe, "no", torch.device("cpu")).eval()
-    c, n_mem = recipe.clara, n_memory(recipe)
+    c = recipe.clara
+    n_mem = c.memory_tokens
     encoded = [document_ids(d, tok, c.doc_max_length, n_mem) for d in docs]
     doc_ids = torch.tensor(np.stack([ids for ids, _ in encoded]))
     doc_mask = torch.tensor(np.stack([mask for _, mask in encoded]))

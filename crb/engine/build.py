@@ -59,7 +59,7 @@ def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     if recipe.data.format == "clara":
         from crb.models.clara import special_tokens
 
-        tok.add_special_tokens({"additional_special_tokens": special_tokens(n_memory(recipe))})
+        tok.add_special_tokens({"additional_special_tokens": special_tokens(recipe.clara.memory_tokens)})
     return tok
 
 
@@ -77,10 +77,6 @@ def load_weights(auto, name: str, **kwargs) -> torch.nn.Module:
             raise CrbError(f"model.name: {name} has no safetensors weights; pickled weights can run code when "
                            "loaded: convert them, or pass --allow-pickle if you trust them") from None
         raise hub.load_error(str(name), "weights", e) from e
-
-
-def n_memory(recipe: Recipe) -> int:
-    return recipe.clara.memory_tokens
 
 
 def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Module:
@@ -202,8 +198,8 @@ def build_clara(base: torch.nn.Module, recipe: Recipe, checkpointed_layers: int 
     tok = build_tokenizer(recipe)
     if len(tok) > base.get_input_embeddings().num_embeddings:  # never shrink a padded vocabulary
         base.resize_token_embeddings(len(tok))
-    added = tok.convert_tokens_to_ids(special_tokens(n_memory(recipe)))
-    mem_ids = added[:n_memory(recipe)]
+    added = tok.convert_tokens_to_ids(special_tokens(recipe.clara.memory_tokens))
+    mem_ids = added[:recipe.clara.memory_tokens]
     adapters = ("encoder", "decoder", "query_reasoner") if c.phase == "end_to_end" else ("encoder", "decoder")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                         bias=lora.bias, task_type="CAUSAL_LM")

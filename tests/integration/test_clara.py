@@ -12,7 +12,7 @@ import torch
 from crb.artifacts import verify
 from crb.data import prepare
 from crb.data.clara import build_stage23, check_stage1
-from crb.engine.build import build_model, build_tokenizer, n_memory
+from crb.engine.build import build_model, build_tokenizer
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
 from crb.run import make_batcher, run
@@ -84,7 +84,7 @@ def _built(path: Path):
 
 def test_memory_tokens_and_compressed_shapes(tmp_path, tiny_model):
     r, tok, model, batch = _built(_recipe(tmp_path, tiny_model, _stage1(tmp_path), "compression"))
-    assert n_memory(r) == 32 // 8 == 4
+    assert r.clara.memory_tokens == 32 // 8 == 4
     vocab = tok.get_vocab()
     assert all(t in vocab for t in ["<MEM0>", "<MEM3>", "<AE>", "<ENC>", "<SEP>"]) and "<MEM4>" not in vocab
     assert model.embeddings().weight.shape[0] == len(tok)

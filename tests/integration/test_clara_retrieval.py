@@ -106,7 +106,7 @@ def test_stage2_decoder_reads_k_slots_and_stage3_scores_all_n(tmp_path):
     import torch
 
     from crb.data import prepare
-    from crb.engine.build import build_model, build_tokenizer, n_memory
+    from crb.engine.build import build_model, build_tokenizer
     from crb.recipe import schema as recipes
     from crb.run import make_batcher
 
@@ -140,14 +140,14 @@ dir = "{tmp_path / stage}"
         rows, _, _ = prepare(r.data, tok, 0, r.clara)
         batch = make_batcher(r, tok, model).collate(rows[:2])
         assert batch["doc_ids"].shape[0] == 2 * docs
-        assert int(torch.isin(batch["dec_ids"], model.mem_ids).sum()) == 2 * K * n_memory(r)
+        assert int(torch.isin(batch["dec_ids"], model.mem_ids).sum()) == 2 * K * r.clara.memory_tokens
         gold_text = [json.loads(ln) for ln in train.read_text().splitlines()][0]
         gold_text = gold_text["docs"][gold_text["pos_index"][0]]
         gold_ids = torch.tensor(tok(gold_text, add_special_tokens=False)["input_ids"][:8])
         assert (batch["doc_ids"][batch["gold"][0][0], 2: 2 + len(gold_ids)] == gold_ids).all()
         if stage == "end_to_end":
             scores, cands = model.retrieve(batch)
-            assert scores.shape == (2, N) and cands.shape[:3] == (2, N, n_memory(r))
+            assert scores.shape == (2, N) and cands.shape[:3] == (2, N, r.clara.memory_tokens)
 
 
 def test_query_reasoner_learns_to_retrieve_the_gold_document(tmp_path):

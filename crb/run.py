@@ -187,7 +187,8 @@ def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> B
     """How rows become batches for this recipe's kind of model."""
     kind = KINDS[recipe.data.format]
     if kind == "seq2seq":
-        return seq2seq_batcher(tokenizer.pad_token_id, model.config.decoder_start_token_id)
+        multiple = 64 if recipe.train.compile == "graphs" else 1  # few shapes, few recorded graphs
+        return seq2seq_batcher(tokenizer.pad_token_id, model.config.decoder_start_token_id, multiple)
     if kind == "embedding":
         encode = getattr(model, "preprocess", None) or (  # sentence-transformers before 6.1: tokenize, no prompt
             lambda texts, prompt=None: model.tokenize([(prompt or "") + t for t in texts]))

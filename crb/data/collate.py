@@ -50,12 +50,13 @@ def causal_batcher(pad_id: int) -> Batcher:
     return Batcher(lambda rows: collate(rows, pad_id), count_targets, lambda b: b["n_tokens"])
 
 
-def seq2seq_batcher(pad_id: int, decoder_start_id: int) -> Batcher:
-    """Source ids + attention mask; labels; decoder inputs = [decoder start] + labels[:-1]."""
+def seq2seq_batcher(pad_id: int, decoder_start_id: int, multiple: int = 1) -> Batcher:
+    """Source ids + attention mask; labels; decoder inputs = [decoder start] + labels[:-1]. Both widths padded
+    up to a `multiple` (few distinct shapes, for CUDA graphs)."""
 
     def make(rows: list[Row]) -> dict[str, Any]:
-        src = max(len(r["input_ids"]) for r in rows)
-        tgt = max(len(r["labels"]) for r in rows)
+        src = -(-max(len(r["input_ids"]) for r in rows) // multiple) * multiple
+        tgt = -(-max(len(r["labels"]) for r in rows) // multiple) * multiple
         labels = _pad([r["labels"] for r in rows], IGNORE, tgt)
         decoder = torch.cat([torch.full((len(rows), 1), decoder_start_id), labels[:, :-1]], dim=1)
         return {"input_ids": _pad([r["input_ids"] for r in rows], pad_id, src),

@@ -120,19 +120,25 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         model = add_lora(model, recipe, "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM")
     elif method.name == "freeze":
         freeze(model, method.trainable)
-    if recipe.train.compile is True:  # "auto" is resolved by the plan before a run builds
-        compile_layers(model)
+    if recipe.train.compiled:  # "auto" is resolved by the plan before a run builds
+        compile_layers(model, graphs=recipe.train.compile == "graphs")
     return model
 
 
-def compile_layers(model: torch.nn.Module) -> int:
-    """torch.compile each transformer layer in place (after LoRA is in it); returns how many."""
+def compile_layers(model: torch.nn.Module, graphs: bool = False) -> int:
+    """torch.compile each transformer layer in place (after LoRA is in it); with `graphs`, the layers that are not
+    checkpointed replay as CUDA graphs (a recomputed layer runs again inside backward, which graphs do not
+    allow). Returns how many layers."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    graphed = 0
     for layer in layers:
-        layer.compile()
-    PartialState().print(f"crb: torch.compile on {len(layers)} layers (the first steps compile)")
+        graph = graphs and not layer.gradient_checkpointing
+        layer.compile(mode="reduce-overhead" if graph else None)
+        graphed += graph
+    PartialState().print(f"crb: torch.compile on {len(layers)} layers" + (f", {graphed} as CUDA graphs" * graphs)
+                         + " (the first steps compile)")
     return len(layers)
 
 
@@ -255,8 +261,8 @@ def build_encoder(recipe: Recipe) -> torch.nn.Module:
         keep_layers(model[0].auto_model, layers)
     if recipe.method.name == "freeze":
         freeze(model, recipe.method.trainable)
-    if recipe.train.compile is True:  # "auto" is resolved by the plan before a run builds
-        compile_layers(model)
+    if recipe.train.compiled:  # "auto" is resolved by the plan before a run builds
+        compile_layers(model, graphs=recipe.train.compile == "graphs")
     return model
 
 

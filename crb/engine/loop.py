@@ -162,8 +162,10 @@ def update(tr: Training, batches: list[dict], num_items: torch.Tensor) -> StepRe
     """Forward and backward of one step's micro-batches, then the update (skipped when non-finite)."""
     acc, t = tr.acc, tr.recipe.train
     result = StepResult(torch.zeros((), device=acc.device), {}, None, False)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = send_to_device(batch, acc.device)
+        if t.compile == "graphs" and i == 0:  # a new step: the graphs may reuse the last one's memory (not per
+            torch.compiler.cudagraph_mark_step_begin()  # micro-batch: accumulated gradients live in that memory)
         with acc.accumulate(tr.model):
             with offloaded(t.offload_activations, acc.device):  # saved tensors (layer inputs) to the CPU
                 loss = tr.total_loss(batch, num_items, result.parts)
@@ -275,12 +277,14 @@ def eval_and_save(tr: Training, done: int, data: Prefetch) -> dict:
 def run_eval(tr: Training, step: int) -> dict:
     """Eval loss and the task's metrics (main process), logged and printed."""
     acc = tr.acc
-    ev = {"eval_loss": evaluate(acc, tr.model, tr.total_loss, tr.eval_rows, tr.sched.micro, tr.batcher)}
-    if tr.task_metrics:
-        if acc.is_main_process:
-            for fn in tr.task_metrics:
-                ev.update(fn(acc.unwrap_model(tr.model)))
-        acc.wait_for_everyone()
+    eager = tr.recipe.train.compile == "graphs"  # generation's many shapes would each record a graph
+    with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+        ev = {"eval_loss": evaluate(acc, tr.model, tr.total_loss, tr.eval_rows, tr.sched.micro, tr.batcher)}
+        if tr.task_metrics:
+            if acc.is_main_process:
+                for fn in tr.task_metrics:
+                    ev.update(fn(acc.unwrap_model(tr.model)))
+            acc.wait_for_everyone()
     tr.metrics.write({"step": step, **ev})
     acc.print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
               + (" (before training)" if step == 0 else ""))

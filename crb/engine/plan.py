@@ -32,6 +32,7 @@ T5_LAYER, T5_SCORE_BYTES = (26, 8), 12  # fp32 residual and norms under autocast
 # StarCoder2-3B QLoRA at 4,096 and 16,384 tokens (its layers keep 5 % less, its MLP backward a quarter less).
 T5_COMPILED_LAYER, T5_COMPILED_SCORE_BYTES = (10, 3), 4.3
 COMPILED_LORA_LAYER, COMPILED_MLP_BACKWARD = 0.95, 0.75
+COMPILED_FULL_LAYER = 0.935  # NLLB-600M full fine-tune, compiled (as CUDA graphs): 12.86 GiB at batch 16, 13.20 eager
 GATES = {"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"}  # a gated MLP's gate (Llama/Mistral, Phi-3, T5 v1.1, Mixtral)
 CONTEXT = "CUDA context (outside torch's allocator)"
 COPIES = "bf16 copies of fp32 weights (autocast, kept for backward)"
@@ -258,7 +259,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         backward[COPIES] = fp32_matmul * HALF
     backward.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
     if backward_temporaries(s):
-        backward["backward temporaries (plain MLP, fp32)"] = backward_temporaries(s, t.compile is True)
+        backward["backward temporaries (plain MLP, fp32)"] = backward_temporaries(s, t.compiled)
     if s.logit_tokens and fused_loss(recipe):  # chunks of ~tokens x hidden / vocab: never all logits
         backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
     elif s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
@@ -285,7 +286,7 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
     from a trace of their saved tensors (benchmarks/layer_trace.py). Attention by SDPA/flash keeps no
     sequence-squared term; eager attention, and T5's (its position bias sends SDPA to the math path),
     keep the scores."""
-    lora, compiled = recipe.method.name in ("lora", "qlora"), recipe.train.compile is True
+    lora, compiled = recipe.method.name in ("lora", "qlora"), recipe.train.compiled
     if compiled and s.model_type == "t5":
         h, i = T5_COMPILED_LAYER
         return HALF * (h * s.hidden + i * s.inter) + s.heads * s.seq * T5_COMPILED_SCORE_BYTES
@@ -302,6 +303,8 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
     per = HALF * (h * s.hidden + i * s.inter)
     if s.attention == "eager" or s.model_type == "t5":
         per += s.heads * s.seq * (T5_SCORE_BYTES if s.model_type == "t5" else HALF + 4 + 1)  # + fp32 softmax, mask
+    if compiled and not lora:
+        return per * COMPILED_FULL_LAYER
     return per * (COMPILED_LORA_LAYER if compiled and lora and not liger else 1)  # liger's layers: as eager
 
 
@@ -441,7 +444,8 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
     if t.compile == "auto":
         patched = r.train.kernels == "liger" and meta_model(r).config.model_type in LIGER_TYPES
         r.train.compile, reason = resolve_compile(r.data.format, bool(hw.gpus), patched)
-        why.append(f"compile auto -> {'on' if r.train.compile else 'off'} ({reason})")
+        said = {True: "on", False: "off"}.get(r.train.compile, r.train.compile)
+        why.append(f"compile auto -> {said} ({reason})")
     auto_gc, auto_micro, auto_off = (t.gradient_checkpointing == "auto", t.micro_batch == "auto",
                                      t.offload_activations == "auto")
     if not (auto_gc or auto_micro or auto_off):

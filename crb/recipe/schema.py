@@ -15,6 +15,7 @@ import re
 import types
 import typing
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,13 @@ LANGUAGES = (
 # What each data format trains: the model class it loads, and the losses that fit it.
 FORMAT_LOSSES = {"chatml": ("causal_lm",), "text": ("causal_lm",), "translation": ("seq2seq",),
                  "retrieval": ("mnrl", "cached_mnrl"), "clara": ("clara_generation", "clara_mse")}
+
+
+def did_you_mean(name: str, choices: Iterable[str], otherwise: str = "", cutoff: float = 0.6) -> str:
+    """The hint of every crb error about an unknown name: " (did you mean 'x'?)" for the choice nearest to `name`,
+    else `otherwise`."""
+    near = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean '{near[0]}'?)" if near else otherwise
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -440,8 +448,8 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, Path]) -> Any:
         if key not in fields or key == "source":
             full = f"{prefix}.{key}" if prefix else key
             valid = [f"{prefix}.{n}" if prefix else n for n in fields if n != "source"]
-            near = [RENAMED[full]] if full in RENAMED else difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
-            hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
+            hint = f" (did you mean '{RENAMED[full]}'?)" if full in RENAMED else \
+                did_you_mean(full, valid, f" (valid: {', '.join(valid)})", cutoff=0.5)
             raise RecipeError(_where_key(full, origins) + f"{full}: unknown key{hint}")
     kwargs = {}
     for name, f in fields.items():
@@ -581,10 +589,9 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
         if not 0.0 <= value < 1.0:
             raise bad(key, "expected a value in [0, 1)", value)
     if r.train.scheduler not in SCHEDULERS:
-        near = difflib.get_close_matches(r.train.scheduler, SCHEDULERS, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise RecipeError(_where_key("train.scheduler", origins) + "train.scheduler: expected one of "
-                          + f"{', '.join(SCHEDULERS)}, got '{r.train.scheduler}'{hint}")
+                          + f"{', '.join(SCHEDULERS)}, got '{r.train.scheduler}'"
+                          + did_you_mean(r.train.scheduler, SCHEDULERS))
     if len(r.train.betas) != 2 or not all(0 <= b < 1 for b in r.train.betas):
         raise bad("train.betas", "expected two values in [0, 1)", r.train.betas)
     if type(r.train.gradient_checkpointing) is int and r.train.gradient_checkpointing < 0:
@@ -614,10 +621,8 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
 
     for i, loss in enumerate(r.losses):
         if loss.name not in LOSSES:
-            near = difflib.get_close_matches(loss.name, list(LOSSES), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(LOSSES)})"
-            raise RecipeError(_where_key(f"losses[{i}].name", origins)
-                              + f"losses[{i}].name: unknown loss '{loss.name}'{hint}")
+            raise RecipeError(_where_key(f"losses[{i}].name", origins) + f"losses[{i}].name: unknown loss "
+                              f"'{loss.name}'" + did_you_mean(loss.name, LOSSES, f" (known: {', '.join(LOSSES)})"))
         fits = FORMAT_LOSSES[r.data.format]
         if loss.name not in fits:
             raise bad(f"losses[{i}].name", f"expected a loss for {r.data.format} data ({', '.join(fits)})", loss.name)
@@ -635,9 +640,8 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
                        ("data.target_langs", d.target_langs)]:
         for code in codes:
             if code not in d.languages:
-                near = difflib.get_close_matches(code, d.languages, n=1)
-                hint = f" (did you mean '{near[0]}'?)" if near else ""
-                raise RecipeError(_where_key(key, origins) + f"{key}: '{code}' is not in data.languages{hint}")
+                raise RecipeError(_where_key(key, origins) + f"{key}: '{code}' is not in data.languages"
+                                  + did_you_mean(code, d.languages))
     if d.format == "clara":
         c = r.clara
         if r.method.name not in ("lora", "qlora"):

@@ -21,7 +21,7 @@ from crb.data.packing import Doc, one_per_row, pack, pack_groups
 from crb.data.reader import Record, file_sha256, read_jsonl
 from crb.data.text import check_text, tokenize_text
 from crb.errors import DataError
-from crb.recipe.schema import ClaraConfig, DataConfig
+from crb.recipe.schema import ClaraConfig, DataConfig, uses
 from crb.units import IGNORE
 
 Row = dict[str, np.ndarray]
@@ -204,7 +204,7 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
             ) -> tuple[list[Row], list[Row], DataReport]:
     """(train rows, eval rows, report), from the cache when the same data was prepared before."""
     template = chat_template(tokenizer, cfg.chat_template)
-    key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if cfg.format == "clara" else None)
+    key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if uses(cfg.format, "clara") else None)
     cache = Path(cfg.cache_dir).expanduser() / f"{key}.npz"
     if cache.is_file():
         return _load_cache(cache)
@@ -268,7 +268,7 @@ def validate(cfg: DataConfig, clara_cfg: ClaraConfig | None = None) -> Validatio
     """Every record of the data files (train, eval, a retrieval corpus) through the checks training runs, short of
     those that need the tokenizer (token counts, language tokens, the chat template): no model or tokenizer loads."""
     v = Validation()
-    corpus = cfg.corpus if cfg.format == "retrieval" else []
+    corpus = cfg.corpus if uses(cfg.format, "data.corpus") else []
     for split, files in (("train", cfg.train), ("eval", cfg.eval), ("corpus", corpus)):
         for file in files:
             v.files += 1

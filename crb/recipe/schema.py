@@ -45,6 +45,20 @@ LANGUAGES = (
 # What each data format trains: the model class it loads, and the losses that fit it.
 FORMAT_LOSSES = {"chatml": ("causal_lm",), "text": ("causal_lm",), "translation": ("seq2seq",),
                  "retrieval": ("mnrl", "cached_mnrl"), "clara": ("clara_generation", "clara_mse")}
+# Recipe keys and tables that only one data format reads (its agent's own, crb/tasks/<agent>.py); every other key
+# is read whatever the format. Set with another format, they are refused (USED_BY).
+FORMAT_KEYS = {
+    "clara": ("clara",),
+    "translation": ("data.languages", "data.source_lang", "data.target_langs", "eval.max_new_tokens",
+                    "eval.num_beams"),
+    "retrieval": ("data.hard_negatives", "data.corpus", "data.document_instruction"),
+}
+
+
+def uses(fmt: str, key: str) -> bool:
+    """Whether data format `fmt` reads recipe key or table `key` (FORMAT_KEYS)."""
+    owners = [f for f, keys in FORMAT_KEYS.items() if key in keys]
+    return not owners or fmt in owners
 
 
 def did_you_mean(name: str, choices: Iterable[str], otherwise: str = "", cutoff: float = 0.6) -> str:
@@ -346,7 +360,7 @@ def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name:
     _check_values(recipe, stage_origins)
     _resolve_paths(recipe, path.parent, stage_origins)
     recipe.output.dir = str(Path(recipe.output.dir) / name)
-    if previous and recipe.data.format == "clara" and not recipe.clara.init_from:
+    if previous and uses(recipe.data.format, "clara") and not recipe.clara.init_from:
         recipe.clara.init_from = str(Path(recipe.output.dir).parent / previous)
     return recipe
 
@@ -523,15 +537,8 @@ USED_BY: list[tuple[str, str, Any]] = [
     ("method.lora", "method.name", lambda r: r.method.name in ("lora", "qlora")),
     ("method.quant", "method.name", lambda r: r.method.name == "qlora"),
     ("method.trainable", "method.name", lambda r: r.method.name == "freeze"),
-    ("clara", "data.format", lambda r: r.data.format == "clara"),
-    ("data.languages", "data.format", lambda r: r.data.format == "translation"),
-    ("data.source_lang", "data.format", lambda r: r.data.format == "translation"),
-    ("data.target_langs", "data.format", lambda r: r.data.format == "translation"),
-    ("eval.max_new_tokens", "data.format", lambda r: r.data.format == "translation"),
-    ("eval.num_beams", "data.format", lambda r: r.data.format == "translation"),
-    ("data.hard_negatives", "data.format", lambda r: r.data.format == "retrieval"),
-    ("data.corpus", "data.format", lambda r: r.data.format == "retrieval"),
-    ("data.document_instruction", "data.format", lambda r: r.data.format == "retrieval"),
+    *[(key, "data.format", lambda r, key=key: uses(r.data.format, key)) for keys in FORMAT_KEYS.values()
+      for key in keys],
 ]
 
 

@@ -18,7 +18,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from crb import console
-from crb.data import prepare
 from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
 from crb.data.retrieval import prompt as retrieval_prompt
 from crb.engine import checkpoint, hardware, lock
@@ -39,6 +38,7 @@ from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
 from crb.losses import DEFAULT_LOSS, LOSSES
 from crb.recipe import schema as recipes
+from crb.tasks import TASKS, prepare
 from crb.units import GIB
 
 
@@ -50,7 +50,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
         for line in drift:
             PartialState().print(f"crb: warning: package drift since the lock: {line}")
     else:
-        recipe = recipes.load(recipe_path, overrides, stage)
+        recipe = recipes.load(recipe_path, overrides, stage, TASKS)
     if recipe.stages and stage is None:
         return run_stages(recipe_path, overrides, resume, [s["name"] for s in recipe.stages])
     # Before CUDA starts: growable segments keep the allocator's reserve close to what is allocated.
@@ -130,7 +130,7 @@ def run_stages(recipe_path: str, overrides: list[str] | None, resume: str | None
     a stage that finished before is kept. Returns each stage's final metrics by name."""
     finals = {}
     for name in names:
-        done = Path(recipes.load(recipe_path, overrides, name).output.dir) / "run.json"
+        done = Path(recipes.load(recipe_path, overrides, name, TASKS).output.dir) / "run.json"
         if resume and done.is_file():
             PartialState().print(f"crb: stage {name}: already finished ({done.parent})")
             finals[name] = json.loads(done.read_text())["final"]

@@ -15,10 +15,10 @@ import re
 import types
 import typing
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import tomli_w
 import tomllib
@@ -42,9 +42,6 @@ LANGUAGES = (
     "zho_Hans", "zho_Hant", "jpn_Jpan", "kor_Hang", "arb_Arab", "por_Latn", "rus_Cyrl", "ita_Latn",
     "nld_Latn",
 )
-# What each data format trains: the model class it loads, and the losses that fit it.
-FORMAT_LOSSES = {"chatml": ("causal_lm",), "text": ("causal_lm",), "translation": ("seq2seq",),
-                 "retrieval": ("mnrl", "cached_mnrl"), "clara": ("clara_generation", "clara_mse")}
 # Recipe keys and tables that only one data format reads (its agent's own, crb/tasks/<agent>.py); every other key
 # is read whatever the format. Set with another format, they are refused (USED_BY).
 FORMAT_KEYS = {
@@ -307,9 +304,24 @@ class Recipe:
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path, overrides: list[str] | None = None, stage: str | None = None) -> Recipe:
+Bad = Callable[[str, str, Any], RecipeError]  # bad(key, why, value): the file:line:key error of a value
+
+
+class TaskRules(Protocol):
+    """What the recipe checks ask of an agent: crb.tasks.Task is one. The recipe layer cannot import the agents
+    (they import it), so `load`'s caller passes them in (`tasks=crb.tasks.TASKS`)."""
+
+    allowed_losses: tuple[str, ...]
+
+    def check_recipe(self, recipe: Recipe, bad: Bad) -> None: ...
+
+
+def load(path: str | Path, overrides: list[str] | None = None, stage: str | None = None,
+         tasks: Mapping[str, TaskRules] | None = None) -> Recipe:
     """Load `path`, follow `extends`, apply `--set key=value` overrides, validate. With [[stages]], every
-    stage is validated; `stage` picks one (its keys over the rest, its own output folder)."""
+    stage is validated; `stage` picks one (its keys over the rest, its own output folder). `tasks`: the agents by
+    data format (crb.tasks.TASKS), whose own rules (losses, keys they cannot honour) are checked too; every crb
+    command passes them. Without, only what the schema itself declares is checked."""
     path = sources.resolve(str(path))
     raw, origins = _load_tree(path, seen=())
     origins[""] = path  # the recipe as a whole (a missing table is reported here, not in a parent)
@@ -322,12 +334,12 @@ def load(path: str | Path, overrides: list[str] | None = None, stage: str | None
         raise RecipeError(f"{path}: --stage {stage}: no such stage (stages: {', '.join(names) or 'none'})")
     for i, name in enumerate(names):
         if stage is None or name == stage:
-            built = _stage_recipe(raw, origins, path, i, name, names[i - 1] if i else None)
+            built = _stage_recipe(raw, origins, path, i, name, names[i - 1] if i else None, tasks)
             if name == stage:
                 return built
     recipe = _build(Recipe, raw, "", origins)
     recipe.source = str(path)
-    _check_values(recipe, origins)
+    _check_values(recipe, origins, tasks)
     _resolve_paths(recipe, path.parent, origins)
     return recipe
 
@@ -345,7 +357,8 @@ def _stage_names(stages: Any, origins: dict[str, Path]) -> list[str]:
     return names
 
 
-def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name: str, previous: str | None) -> Recipe:
+def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name: str, previous: str | None,
+                  tasks: Mapping[str, TaskRules] | None) -> Recipe:
     """The recipe of stage i: its keys over the rest; output in output.dir/<name>; a CLaRa stage after the
     first starts from the previous stage's output unless it names clara.init_from."""
     body = {k: v for k, v in raw["stages"][i].items() if k != "name"}
@@ -357,7 +370,7 @@ def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name:
             stage_origins[key[len(prefix):]] = origin
     recipe = _build(Recipe, merged, "", stage_origins)
     recipe.source, recipe.stage = str(path), name
-    _check_values(recipe, stage_origins)
+    _check_values(recipe, stage_origins, tasks)
     _resolve_paths(recipe, path.parent, stage_origins)
     recipe.output.dir = str(Path(recipe.output.dir) / name)
     if previous and uses(recipe.data.format, "clara") and not recipe.clara.init_from:
@@ -560,8 +573,8 @@ def _check_unused(r: Recipe, origins: dict[str, Path]) -> None:
         warnings.warn(_where_key(keys[0], origins) + why + f" [{by} set in {decider}: ignored]", CrbWarning, 2)
 
 
-def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
-    """Values of the right type that can't work."""
+def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskRules] | None = None) -> None:
+    """Values of the right type that can't work: by the schema, then by the format's agent (`tasks`)."""
 
     def bad(key: str, why: str, value: Any) -> RecipeError:
         return RecipeError(_where_key(key, origins) + f"{key}: {why}, got {_got(value)}")
@@ -623,23 +636,31 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
         raise bad("data.train", "expected at least one file", [])
     if r.data.eval and r.data.eval_split:
         raise bad("data.eval_split", "expected 0 when data.eval lists files", r.data.eval_split)
-    _check_format(r, origins, bad)
+    _check_languages(r, origins, bad)
+    gc = r.train.gradient_checkpointing
+    if r.train.offload_activations is True and not (gc is True or gc == "auto"):
+        raise bad("train.offload_activations", OFFLOAD_NEEDS, True)
+    task = tasks[r.data.format] if tasks is not None else None
+    if task is not None:
+        task.check_recipe(r, bad)
     from crb.losses import LOSSES  # late: the registry imports torch
 
     for i, loss in enumerate(r.losses):
         if loss.name not in LOSSES:
             raise RecipeError(_where_key(f"losses[{i}].name", origins) + f"losses[{i}].name: unknown loss "
                               f"'{loss.name}'" + did_you_mean(loss.name, LOSSES, f" (known: {', '.join(LOSSES)})"))
-        fits = FORMAT_LOSSES[r.data.format]
-        if loss.name not in fits:
-            raise bad(f"losses[{i}].name", f"expected a loss for {r.data.format} data ({', '.join(fits)})", loss.name)
+        if task is not None and loss.name not in task.allowed_losses:
+            raise bad(f"losses[{i}].name", f"expected a loss for {r.data.format} data "
+                      f"({', '.join(task.allowed_losses)})", loss.name)
 
 
-def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
-    """Keys that only some data formats can honour."""
+OFFLOAD_NEEDS = 'expected false unless train.gradient_checkpointing is true or "auto" (chatml, text and translation ' \
+    "formats)"
+
+
+def _check_languages(r: Recipe, origins: dict[str, Path], bad: Bad) -> None:
+    """FLORES-200 codes, and the directions among data.languages."""
     d = r.data
-    if d.packing and d.format not in ("chatml", "text"):
-        raise bad("data.packing", f"expected false for {d.format} data (packing is for causal LM rows)", True)
     for i, code in enumerate(d.languages):
         if not re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", code):
             raise bad(f"data.languages[{i}]", "expected a FLORES-200 code such as 'eng_Latn'", code)
@@ -649,28 +670,6 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
             if code not in d.languages:
                 raise RecipeError(_where_key(key, origins) + f"{key}: '{code}' is not in data.languages"
                                   + did_you_mean(code, d.languages))
-    if d.format == "clara":
-        c = r.clara
-        if r.method.name not in ("lora", "qlora"):
-            raise bad("method.name", "expected 'lora' or 'qlora' for clara (three LoRA adapters on one base)",
-                      r.method.name)
-        if c.compress_rate <= 0 or c.doc_max_length % c.compress_rate:
-            raise bad("clara.compress_rate", f"expected a divisor of clara.doc_max_length ({c.doc_max_length})",
-                      c.compress_rate)
-        if c.top_k <= 0 or not c.temperature > 0:
-            raise bad("clara.top_k", "expected top_k > 0 and temperature > 0", (c.top_k, c.temperature))
-    gc = r.train.gradient_checkpointing
-    if r.train.offload_activations is True and not (gc is True or gc == "auto") or \
-            r.train.offload_activations is True and d.format not in ("chatml", "text", "translation"):
-        raise bad("train.offload_activations", "expected false unless train.gradient_checkpointing is true or "
-                  '"auto" (chatml, text and translation formats)', True)
-    if d.format == "retrieval":
-        if r.method.name not in ("full", "freeze"):
-            raise bad("method.name", "expected 'full' or 'freeze' for retrieval (the encoder trains whole)",
-                      r.method.name)
-        if r.train.micro_batch not in (r.train.batch_size, "auto"):
-            raise bad("train.micro_batch", "expected train.batch_size for retrieval: in-batch negatives need the "
-                      "whole batch in one pass (cached_mnrl saves the memory)", r.train.micro_batch)
 
 
 def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:

@@ -18,11 +18,9 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from crb import console
-from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
-from crb.data.retrieval import prompt as retrieval_prompt
+from crb.data.collate import Batcher
 from crb.engine import checkpoint, hardware, lock
 from crb.engine.build import (
-    KINDS,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -36,9 +34,9 @@ from crb.engine.plan import DataFacts, auto_config, data_facts, plan
 from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
-from crb.losses import DEFAULT_LOSS, LOSSES
+from crb.losses import LOSSES
 from crb.recipe import schema as recipes
-from crb.tasks import TASKS, prepare
+from crb.tasks import TASKS, get_task, prepare
 from crb.units import GIB
 
 
@@ -102,9 +100,8 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by the loop once per optimizer step
     accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe)))
-    default = DEFAULT_LOSS[recipe.data.format]
     losses = ([(x.name, LOSSES[x.name], x.weight, x.options) for x in recipe.losses]
-              or [(default, LOSSES[default], 1.0, {})])
+              or [(name, LOSSES[name], 1.0, {}) for name in get_task(recipe.data.format).default_losses])
 
     start = _resume_point(resume, out)
     final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,
@@ -184,18 +181,8 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, dat
 
 
 def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> Batcher:
-    """How rows become batches for this recipe's kind of model."""
-    kind = KINDS[recipe.data.format]
-    if kind == "seq2seq":
-        return seq2seq_batcher(tokenizer.pad_token_id, model.config.decoder_start_token_id)
-    if kind == "embedding":
-        encode = getattr(model, "preprocess", None) or (  # sentence-transformers before 6.1: tokenize, no prompt
-            lambda texts, prompt=None: model.tokenize([(prompt or "") + t for t in texts]))
-        return retrieval_batcher(encode, recipe.data.hard_negatives, retrieval_prompt(recipe.data.document_instruction))
-    if kind == "clara":
-        c = recipe.clara
-        return clara_batcher(tokenizer.pad_token_id, c.doc_width)
-    return causal_batcher(tokenizer.pad_token_id)
+    """How rows become batches for this recipe's task."""
+    return get_task(recipe.data.format).batcher(recipe, tokenizer, model)
 
 
 def _resume_point(resume: str | None, out: Path) -> Path | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
-from crb.tasks import TASKS
+from crb.tasks import TASKS, get_task
 from crb.units import GIB
 
 GUIDE = [("train.lr", [1e-5, 5e-5, 1e-4, 2e-4]), ("train.batch_size", [4, 8, 16]), ("method.lora.r", [16, 32, 64])]
@@ -115,7 +115,7 @@ def sweep(recipe_path: str, overrides: list[str], grid: list[tuple[str, list]] |
                 continue  # done before this sweep stopped
             sets = [*overrides, *_sets(choice), f"train.max_steps={steps}", "train.save_every=0",
                     f"output.dir={json.dumps(str(out / name))}"]
-            if base.data.format in recipes.WHOLE_BATCH_FORMATS and "train.batch_size" in choice:
+            if get_task(base.data.format).whole_batch and "train.batch_size" in choice:
                 sets.append(f"train.micro_batch={choice['train.batch_size']}")
             try:
                 r = recipes.load(recipe_path, sets, stage, TASKS)

@@ -19,26 +19,25 @@ import types
 
 import torch
 
+from crb.tasks import get_task
 from crb.units import IGNORE
-
-CAUSAL_FORMATS = ("chatml", "text")
-FUSED_FORMATS = (*CAUSAL_FORMATS, "translation")  # models whose vocabulary logits liger's loss can replace
 
 
 def resolve_attention(fmt: str, packing: bool, gpu: bool) -> tuple[str, str]:
     """model.attn_implementation = "auto" -> "flex_attention" or "sdpa", and why."""
-    if packing and fmt in CAUSAL_FORMATS and gpu:
+    if packing and get_task(fmt).packable and gpu:
         return "flex_attention", "packed rows: FlexAttention's block mask skips the blocks between documents"
     return "sdpa", "packed rows on CUDA only take FlexAttention" if packing else "rows of one document each"
 
 
 def resolve_kernels(fmt: str, gpu: bool) -> tuple[str, str]:
     """train.kernels = "auto" -> "liger", "cce" or "none", and why."""
-    if fmt not in FUSED_FORMATS:
+    kernels = get_task(fmt).kernels
+    if kernels == "none":
         return "none", f"no fused kernels for {fmt} models yet"
     if not gpu:
         return "none", "no CUDA GPU"
-    if fmt == "translation":  # liger's chunked loss is slower than the plain logits at NLLB's vocabulary
+    if kernels == "cce":
         if importlib.util.find_spec("cut_cross_entropy") is None:
             return "none", "cut-cross-entropy is not installed: pip install 'crb[gpu]'"
         return "cce", "a CUDA GPU and cut-cross-entropy (a 256k vocabulary)"
@@ -47,18 +46,11 @@ def resolve_kernels(fmt: str, gpu: bool) -> tuple[str, str]:
     return "liger", "a CUDA GPU and liger-kernel"
 
 
-# Where train.compile = "auto" compiles (H200, benchmarks/results/): StarCoder2-3B QLoRA 1.54x eager (25,846 vs
-# 16,822 tok/s), Instructor-XL contrastive 1.56x SentenceTransformerTrainer. Not chat: liger's kernels already
-# fuse Mistral's elementwise work (12,852 vs 12,771 tok/s); not translation yet (two runs: 199.5 and 140.9
-# samples/s against 160.1 eager); not CLaRa (not measured).
-COMPILE_FORMATS = ("text", "retrieval")
-
-
 def resolve_compile(fmt: str, gpu: bool, liger_patched: bool = False) -> tuple[bool, str]:
     """train.compile = "auto" -> True or False, and why."""
     if not gpu:
         return False, "no CUDA GPU"
-    if fmt not in COMPILE_FORMATS:
+    if not get_task(fmt).compile:
         return False, f"not measured faster for {fmt} models"
     if liger_patched:  # measured on Mistral chat: 12,852 tokens/s compiled, 12,771 eager
         return False, "liger's kernels already fuse this model's elementwise work, and dynamo cannot trace them"

@@ -72,11 +72,6 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
     return field(default=default, metadata={"doc": text})
 
 
-# Formats whose loss needs the whole batch in one pass (in-batch negatives): their micro-batch is the batch per
-# process, never accumulated.
-WHOLE_BATCH_FORMATS = frozenset({"retrieval"})
-
-
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = doc("Hub id or local folder of the base model (and tokenizer); `package:MODULE` for a model "

@@ -1,10 +1,12 @@
-"""The agents' registry (crb.tasks): every agent implements the whole Task interface, and an unknown format is one
-line with the nearest."""
+"""The agents' registry (crb.tasks): every agent implements the whole Task interface, an unknown format is one
+line with the nearest, and no module outside crb/tasks/ decides by the format's name."""
 
 from __future__ import annotations
 
 import inspect
+import re
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,7 @@ from crb.losses import LOSSES
 from crb.recipe import schema
 from crb.tasks import TASKS, Task, get_task
 
+CRB = Path(__file__).resolve().parents[2] / "crb"
 # The methods every agent writes (the others have a default in Task).
 OWN = [name for name, f in vars(Task).items() if inspect.isfunction(f) and "raise NotImplementedError" in
        inspect.getsource(f)]
@@ -50,3 +53,48 @@ def test_an_unknown_format_names_the_nearest():
                                           r"clara\)"):
         get_task("dpo")
     assert get_task("clara") is TASKS["clara"]
+
+
+NAMES = "|".join(TASKS)
+FORMAT = r"\b(format|fmt)\b"  # data.format, in any of its spellings: r.data.format, cfg.format, fmt, ["format"]
+# A decision by the format's name: the format compared with a literal or a constant (FORMATS), or looking up a table.
+COMPARE = re.compile(FORMAT + r"[\"'\]]*\s*(==|!=|\bnot\s+in\b|\bin\b)\s*([(\[{\"']|[\w.]*\b[A-Z_]{3,}\b)")
+REVERSED = re.compile(rf"[\"']({NAMES})[\"']\s*(==|!=)[^=]*" + FORMAT)
+SUBSCRIPT = re.compile(r"(?<=[\w)\]])\[((?:[^\[\]]|\[[^\[\]]*\])*)\]")  # x[index] (one level of nesting)
+GET = re.compile(r"\.get\(\s*[^,()\"']*" + FORMAT)
+
+
+def decides(line: str, declared: bool = False) -> bool:
+    """Whether a line of code decides by the format's name (`declared`: crb/recipe/schema.py, whose format-keyed
+    data is the recipe's vocabulary, and which receives the registry as `tasks`)."""
+    code = line.split("#")[0]
+    lookup = GET.search(code) or any(re.search(FORMAT, index) and not re.fullmatch(r"\s*[\"'][^\"']*[\"']\s*", index)
+                                     for index in SUBSCRIPT.findall(code))  # not the ["format"] of a dict itself
+    return bool(COMPARE.search(code) or REVERSED.search(code) or (not declared and lookup))
+
+
+def test_no_module_outside_the_tasks_decides_by_the_format_name():
+    found = []
+    for path in sorted(CRB.rglob("*.py")):
+        rel = path.relative_to(CRB.parent).as_posix()
+        if rel.startswith("crb/tasks/"):
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            if decides(line, rel == "crb/recipe/schema.py"):
+                found.append(f"{rel}:{no}: {line.strip()}")
+    assert not found, "ask the recipe's task (crb.tasks.get_task) instead:\n" + "\n".join(found)
+
+
+def test_the_guard_sees_the_old_dispatch():
+    """The forms the dispatch had before the registry are caught; asking the task is not."""
+    old = ['if recipe.data.format == "clara":', 'if "clara" != cfg.format:', 'if not rows or fmt == "retrieval":',
+           'if d.format not in ("chatml", "text"):', 'shift = 1 if cfg.format in ("chatml", "text") else 0',
+           'if packing and fmt in CAUSAL_FORMATS and gpu:', 'if base.data.format in recipes.WHOLE_BATCH_FORMATS:',
+           'kind = KINDS[recipe["data"]["format"]]', 'default = DEFAULT_LOSS[recipe.data.format]',
+           'keys = {"clara": ("dec_ids",)}.get(fmt, ("input_ids",))',
+           'fmt = recipe["data"]["format"]; return fmt in {"chatml"}']
+    assert all(decides(line) for line in old), [line for line in old if not decides(line)]
+    new = ["task = get_task(recipe.data.format)", 'get_task(recipe["data"]["format"]).verify(load, recipe)',
+           'if task.kind == "clara":', 'head = f"{args.recipe}: ok ({r.data.format} data"',
+           'return _meta_model(recipe.model.name, recipe.model.revision, get_task(recipe.data.format).auto_class)']
+    assert not any(decides(line) for line in new), [line for line in new if decides(line)]

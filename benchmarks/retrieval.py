@@ -38,7 +38,7 @@ document (numpy default_rng(0)); pairs question -> its document; the pretrained 
 80%'s pairs by crb (a recipe written to OUT/quality: mnrl, batch 32, lr 5e-5, linear, warmup 10%, 1 epoch,
 max_length 128) and by SentenceTransformerTrainer with the same pairs and settings; nDCG@10 of the 20%'s
 questions ranked over all 1,000 documents, for the untuned model, crb's and ST's, each by
-crb.engine.metrics.retrieval_scores. --train-pairs / --test-queries subsample (seeded).
+crb.tasks.retrieval.retrieval_scores. --train-pairs / --test-queries subsample (seeded).
 
 Each side's figures are also kept in OUT/sides/<side>.json: a run with --only adds its sides to those already
 in OUT for the same configuration, and retrieval.json holds them all; a --quality run adds its nDCG figures to
@@ -509,10 +509,10 @@ def st_quality_worker(args: argparse.Namespace) -> None:
     from sentence_transformers import SentenceTransformerTrainingArguments as Args
     from transformers.trainer_utils import set_seed
 
-    from crb.data import prepare
     from crb.data import retrieval as retrieval_data
-    from crb.engine.metrics import retrieval_scores
     from crb.recipe import schema as recipes
+    from crb.tasks import prepare
+    from crb.tasks.retrieval import retrieval_scores
 
     mnrl, _ = mnrl_classes()
     f = quality_files(args)

@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crb.errors import CrbError
+
+if TYPE_CHECKING:
+    from crb.recipe.schema import Recipe
 
 DEMO_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 # What each demo asks its result afterwards.
@@ -16,6 +20,14 @@ DEMO_PROMPTS = {"retrieval": "waterproof boots for hiking in the rain",
                 "language": "Do you have the navy suit in size 40?",
                 "translation": "Do you have this shirt in size medium?",
                 "code": "def total_price("}  # and "clara": its demo answers its own held-out questions
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None, stage: str | None = None) -> Recipe:
+    """A recipe, checked by the schema and by its data format's agent (crb.tasks: every command passes them)."""
+    from crb.recipe import schema
+    from crb.tasks import TASKS
+
+    return schema.load(path, overrides, stage, TASKS)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -30,18 +42,17 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from crb.recipe import schema as recipe
-
-    r = recipe.load(args.recipe, args.overrides)
+    r = load_recipe(args.recipe, args.overrides)
     head = f"{args.recipe}: ok ({r.method.name} {r.model.name}, {r.data.format} data"
     if args.quick:
         print(f"{head}, {len(r.data.train)} file(s))")
         return 0
     from crb.data import validate
+    from crb.tasks import get_task
 
     parts = []
-    for one in [recipe.load(args.recipe, args.overrides, stage["name"]) for stage in r.stages] or [r]:
-        v = validate(one.data, one.clara)
+    for one in [load_recipe(args.recipe, args.overrides, stage["name"]) for stage in r.stages] or [r]:
+        v = validate(one.data, one.clara, task=get_task(one.data.format))
         for severity, line in v.first:
             print(f"crb: {severity}: {line}", file=sys.stderr)
         if more := v.errors + v.skipped - len(v.first):
@@ -56,9 +67,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_lock(args: argparse.Namespace) -> None:
     from crb.engine import lock
-    from crb.recipe import schema as recipe
 
-    r = recipe.load(args.recipe, args.overrides)
+    r = load_recipe(args.recipe, args.overrides)
     out = Path(args.out or Path(r.source).with_suffix(lock.SUFFIX).name)
     lock.write(r, out)
     print(f"{out}: {len(lock.make(r)['data'])} data file(s), model {r.model.name}; run it with: crb run {out}")
@@ -67,10 +77,9 @@ def cmd_lock(args: argparse.Namespace) -> None:
 def cmd_data(args: argparse.Namespace) -> int:
     import json
 
-    from crb.data import quality
-    from crb.recipe import schema as recipe
+    from crb import quality
 
-    r = recipe.load(args.recipe, args.overrides)
+    r = load_recipe(args.recipe, args.overrides)
     if args.action == "inspect":
         from crb.engine.build import build_tokenizer
 
@@ -116,10 +125,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from crb.recipe import schema as recipe
     from crb.sweep import parse_grid, sweep
 
-    r = recipe.load(args.recipe, args.overrides, args.stage)
+    r = load_recipe(args.recipe, args.overrides, args.stage)
     out = Path(args.out or r.output.dir + "-sweep")
     grid = parse_grid(args.grid) or list(r.sweep.grid.items()) or None  # command line, recipe, guide
     state = sweep(args.recipe, args.overrides, grid, args.steps or r.sweep.steps, out, args.parallel, args.stage)
@@ -152,14 +160,13 @@ def cmd_recipes(_args: argparse.Namespace) -> None:
 def cmd_show(args: argparse.Namespace) -> None:
     from crb.recipe import schema as recipe
 
-    print(recipe.dumps(recipe.load(args.recipe, args.overrides)), end="")
+    print(recipe.dumps(load_recipe(args.recipe, args.overrides)), end="")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from crb.engine import hardware, plan
-    from crb.recipe import schema as recipe
 
-    r = recipe.load(args.recipe, args.overrides)
+    r = load_recipe(args.recipe, args.overrides)
     p = plan.plan(r, hardware.detect(args.gpu_memory))
     print(p.to_json() if args.json else p.table())
 
@@ -263,14 +270,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from crb.artifacts import verify
-    from crb.recipe import schema as recipe
     from crb.run import run
 
     path = DEMO_RECIPES / f"{args.agent}.toml"
     if args.agent == "clara":
         return demo_clara(path, args.overrides)
     final = run(str(path), args.overrides)
-    out = Path(recipe.load(path, args.overrides).output.dir)
+    out = Path(load_recipe(path, args.overrides).output.dir)
     before, after = final.get("baseline", {}), final
     print(f"\ncrb demo ({args.agent}): held-out metrics, before training -> after (result in {out})")
     for key, value in before.items():
@@ -289,7 +295,6 @@ def demo_clara(path: Path, overrides: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from crb.artifacts import verify
-    from crb.recipe import schema as recipe
     from crb.run import run
 
     base = DEMO_RECIPES.parent.parent / "runs" / "demo-clara" / "tiny-mistral"  # the demo recipe's model.name
@@ -299,7 +304,7 @@ def demo_clara(path: Path, overrides: list[str]) -> None:
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny)).save_pretrained(base)
         AutoTokenizer.from_pretrained(tiny).save_pretrained(base)
     stage3 = run(str(path), overrides)["end_to_end"]
-    r = recipe.load(path, overrides, "end_to_end")
+    r = load_recipe(path, overrides, "end_to_end")
     out = Path(r.output.dir)
     print(f"\ncrb demo (clara): held-out questions of stage 3, before training -> after (result in {out})")
     for key, value in stage3.get("baseline", {}).items():

@@ -18,12 +18,9 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from crb import console
-from crb.data import prepare
-from crb.data.collate import Batcher, causal_batcher, clara_batcher, retrieval_batcher, seq2seq_batcher
-from crb.data.retrieval import prompt as retrieval_prompt
+from crb.data.collate import Batcher
 from crb.engine import checkpoint, hardware, lock
 from crb.engine.build import (
-    KINDS,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -37,8 +34,9 @@ from crb.engine.plan import DataFacts, auto_config, data_facts, plan
 from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
-from crb.losses import DEFAULT_LOSS, LOSSES
+from crb.losses import LOSSES
 from crb.recipe import schema as recipes
+from crb.tasks import TASKS, get_task, prepare
 from crb.units import GIB
 
 
@@ -50,7 +48,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
         for line in drift:
             PartialState().print(f"crb: warning: package drift since the lock: {line}")
     else:
-        recipe = recipes.load(recipe_path, overrides, stage)
+        recipe = recipes.load(recipe_path, overrides, stage, TASKS)
     if recipe.stages and stage is None:
         return run_stages(recipe_path, overrides, resume, [s["name"] for s in recipe.stages])
     # Before CUDA starts: growable segments keep the allocator's reserve close to what is allocated.
@@ -102,9 +100,8 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by the loop once per optimizer step
     accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe)))
-    default = DEFAULT_LOSS[recipe.data.format]
     losses = ([(x.name, LOSSES[x.name], x.weight, x.options) for x in recipe.losses]
-              or [(default, LOSSES[default], 1.0, {})])
+              or [(name, LOSSES[name], 1.0, {}) for name in get_task(recipe.data.format).default_losses])
 
     start = _resume_point(resume, out)
     final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,
@@ -130,7 +127,7 @@ def run_stages(recipe_path: str, overrides: list[str] | None, resume: str | None
     a stage that finished before is kept. Returns each stage's final metrics by name."""
     finals = {}
     for name in names:
-        done = Path(recipes.load(recipe_path, overrides, name).output.dir) / "run.json"
+        done = Path(recipes.load(recipe_path, overrides, name, TASKS).output.dir) / "run.json"
         if resume and done.is_file():
             PartialState().print(f"crb: stage {name}: already finished ({done.parent})")
             finals[name] = json.loads(done.read_text())["final"]
@@ -184,19 +181,8 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, dat
 
 
 def make_batcher(recipe: recipes.Recipe, tokenizer, model: torch.nn.Module) -> Batcher:
-    """How rows become batches for this recipe's kind of model."""
-    kind = KINDS[recipe.data.format]
-    if kind == "seq2seq":
-        multiple = 64 if recipe.train.compile == "graphs" else 1  # few shapes, few recorded graphs
-        return seq2seq_batcher(tokenizer.pad_token_id, model.config.decoder_start_token_id, multiple)
-    if kind == "embedding":
-        encode = getattr(model, "preprocess", None) or (  # sentence-transformers before 6.1: tokenize, no prompt
-            lambda texts, prompt=None: model.tokenize([(prompt or "") + t for t in texts]))
-        return retrieval_batcher(encode, recipe.data.hard_negatives, retrieval_prompt(recipe.data.document_instruction))
-    if kind == "clara":
-        c = recipe.clara
-        return clara_batcher(tokenizer.pad_token_id, c.doc_width)
-    return causal_batcher(tokenizer.pad_token_id)
+    """How rows become batches for this recipe's task."""
+    return get_task(recipe.data.format).batcher(recipe, tokenizer, model)
 
 
 def _resume_point(resume: str | None, out: Path) -> Path | None:

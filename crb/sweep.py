@@ -20,6 +20,7 @@ from pathlib import Path
 
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
+from crb.tasks import TASKS, get_task
 from crb.units import GIB
 
 GUIDE = [("train.lr", [1e-5, 5e-5, 1e-4, 2e-4]), ("train.batch_size", [4, 8, 16]), ("method.lora.r", [16, 32, 64])]
@@ -72,7 +73,7 @@ def sweep(recipe_path: str, overrides: list[str], grid: list[tuple[str, list]] |
     from crb.engine import hardware
     from crb.engine.plan import plan
 
-    base = recipes.load(recipe_path, overrides, stage)
+    base = recipes.load(recipe_path, overrides, stage, TASKS)
     if base.stages and not stage:
         raise CrbError(f"{recipe_path}: crb sweep tunes one stage at a time: --stage NAME")
     if not (base.data.eval or base.data.eval_split > 0):
@@ -114,13 +115,13 @@ def sweep(recipe_path: str, overrides: list[str], grid: list[tuple[str, list]] |
                 continue  # done before this sweep stopped
             sets = [*overrides, *_sets(choice), f"train.max_steps={steps}", "train.save_every=0",
                     f"output.dir={json.dumps(str(out / name))}"]
-            if base.data.format in recipes.WHOLE_BATCH_FORMATS and "train.batch_size" in choice:
+            if get_task(base.data.format).whole_batch and "train.batch_size" in choice:
                 sets.append(f"train.micro_batch={choice['train.batch_size']}")
             try:
-                r = recipes.load(recipe_path, sets, stage)
+                r = recipes.load(recipe_path, sets, stage, TASKS)
                 if isinstance(r.train.micro_batch, int) and r.train.batch_size % r.train.micro_batch:
                     sets.append(f"train.micro_batch={math.gcd(r.train.batch_size, r.train.micro_batch)}")
-                    r = recipes.load(recipe_path, sets, stage)
+                    r = recipes.load(recipe_path, sets, stage, TASKS)
                 p = plan(r, hw)
             except CrbError as e:
                 record(name, {"choice": choice, "status": "skipped", "reason": str(e)})
@@ -147,6 +148,6 @@ def sweep(recipe_path: str, overrides: list[str], grid: list[tuple[str, list]] |
             best = min(ranked, key=lambda t: t["eval_loss"])["choice"]
     state["best"] = best
     state_file.write_text(json.dumps(state, indent=1))
-    best_recipe = recipes.load(recipe_path, [*overrides, *_sets(best)], stage)
+    best_recipe = recipes.load(recipe_path, [*overrides, *_sets(best)], stage, TASKS)
     (out / "best.toml").write_text(recipes.dumps(best_recipe))
     return state

@@ -1,5 +1,5 @@
-"""Data: read the recipe's files, tokenize by format, apply the over-length policy, split off
-eval, pack or not; cached by data hash + tokenizer + data section."""
+"""Data: read the recipe's files, tokenize by format (its task, passed in), apply the over-length policy, split
+off eval, pack or not; cached by data hash + tokenizer + data section."""
 
 from __future__ import annotations
 
@@ -9,19 +9,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from crb.data import retrieval, translation
-from crb.data.chatml import chat_template, check_messages, tokenize_chat
-from crb.data.clara_inputs import PARAPHRASE, decoder_ids, document_ids
+from crb.data import retrieval
+from crb.data.chatml import chat_template
 from crb.data.packing import Doc, one_per_row, pack, pack_groups
 from crb.data.reader import Record, file_sha256, read_jsonl
-from crb.data.text import check_text, tokenize_text
 from crb.errors import DataError
-from crb.recipe.schema import ClaraConfig, DataConfig
+from crb.recipe.schema import ClaraConfig, DataConfig, uses
 from crb.units import IGNORE
 
 Row = dict[str, np.ndarray]
@@ -55,113 +53,51 @@ class DataReport:
         return s
 
 
-def check_record(rec: Record, cfg: DataConfig, clara_cfg: ClaraConfig | None = None) -> Any:
-    """A record's fields in its format's shape, checked as training checks them, or a DataError naming the record
-    and the field at fault. No tokenizer: what needs one (token counts, language tokens) comes after."""
-    where = rec.where()
-    if cfg.format == "translation":
-        return translation.check_pair(rec.data, where, cfg)
-    if cfg.format == "retrieval":
-        return retrieval.check_triple(rec.data, where)
-    if cfg.format == "clara":
-        return _check_clara(rec.data, where, clara_cfg)
-    name = cfg.field or ("messages" if cfg.format == "chatml" else "text")
-    if name not in rec.data:
-        raise DataError(f"{where}: missing field '{name}'")
-    if cfg.format == "chatml":
-        return check_messages(rec.data[name], where)
-    return check_text(rec.data[name], where, name)
+class Format(Protocol):
+    """What the preparation below asks of a data format: crb.tasks.Task is one (its methods say what each does).
+    The data layer does not import the agents: the caller passes the recipe's in (crb.tasks.prepare)."""
 
+    packable: bool
+    label_shift: int
 
-def _check_clara(data: dict, where: str, c: ClaraConfig) -> dict:
-    """A CLaRa record's documents (those the stage reads), question, answer, gold indices and memory slots."""
-    from crb.data import clara  # here, so `python -m crb.data.clara` runs without a double import
+    def check(self, rec: Record, cfg: DataConfig, clara_cfg: ClaraConfig | None) -> Any: ...
 
-    if c.phase == "compression":
-        r = clara.check_stage1(data, where)
-        return {"docs": [r["doc"]], "question": None, "answer": r["target"], "gold": [0], "slots": 1,
-                "instruction": PARAPHRASE if r["data_type"] == "paraphrase" else None}
-    r = clara.check_stage23(data, where)
-    if len(r["docs"]) < c.top_k:
-        raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(r['docs'])}")
-    docs, gold = r["docs"], r["pos_index"]
-    if c.phase == "instruction":  # top_k of the candidates: the gold ones and the first others, in record order
-        keep = clara.instruction_docs(len(docs), gold, c.top_k)
-        docs, gold = [docs[i] for i in keep], [keep.index(g) for g in gold if g in keep]
-    return {"docs": docs, "question": r["question"], "answer": r["answer"], "gold": gold, "slots": c.top_k,
-            "instruction": None}
+    def trains(self, checked: Any, cfg: DataConfig) -> bool: ...
+
+    def make_row(self, checked: Any, where: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
+                 clara_cfg: ClaraConfig | None) -> tuple[Row | Doc, int] | None: ...
+
+    def truncate(self, item: Row | Doc, max_length: int) -> Row | Doc: ...
+
+    def labels(self, item: Row | Doc) -> Any: ...
+
+    def check_row(self, row: Row, where: str, seen: dict, clara_cfg: ClaraConfig | None) -> None: ...
 
 
 def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-              report: DataReport, clara_cfg: ClaraConfig | None = None) -> tuple[Row | Doc, int] | None:
-    """One record in its format's shape, with its length in tokens (None: not in the recipe's directions)."""
-    checked = check_record(rec, cfg, clara_cfg)
-    if cfg.format == "translation":
-        translation.check_language_tokens(checked, rec.where(), tokenizer)
-        if not translation.in_directions(checked, cfg):
-            report.other_directions += 1
-            return None
-        row = translation.tokenize_pair(checked, tokenizer)
-        return row, max(len(row["input_ids"]), len(row["labels"]))
-    if cfg.format == "retrieval":
-        instruction = retrieval.instruction_of(rec.data)
-        with_prompts = [f"{instruction} {checked[0]}".strip(), *checked[1:]]  # as the encoder will read them
-        return retrieval.row(checked, instruction), max(len(ids) for ids in tokenizer(with_prompts)["input_ids"])
-    if cfg.format == "clara":
-        row = clara_row(checked, clara_cfg, tokenizer, template, rec.where())
-        return row, len(row["dec_ids"])
-    if cfg.format == "chatml":
-        doc = tokenize_chat(checked, tokenizer, template, rec.where())
-    else:
-        doc = tokenize_text(checked, tokenizer)
-    return doc, len(doc[0])
-
-
-def clara_row(r: dict, c: ClaraConfig, tokenizer: PreTrainedTokenizerBase, template: str, where: str) -> Row:
-    """A checked CLaRa record (`_check_clara`) as token ids: documents for the encoder (flattened), the decoder
-    prompt and labels, and in stage 3 the question for the query reasoner and the gold documents."""
-    n_mem = c.memory_tokens
-    encoded = [document_ids(d, tokenizer, c.doc_max_length, n_mem) for d in r["docs"]]
-    dec_ids, dec_labels = decoder_ids(r["question"], r["answer"], r["slots"], n_mem, tokenizer, template, where,
-                                      r["instruction"])
-    row = {"doc_ids": np.concatenate([e[0] for e in encoded]), "doc_mask": np.concatenate([e[1] for e in encoded]),
-           "dec_ids": dec_ids, "dec_labels": dec_labels, "gold": np.asarray(r["gold"], np.int64)}
-    if c.phase == "end_to_end":
-        row["query_ids"], row["query_mask"] = document_ids(r["question"], tokenizer, c.doc_max_length, n_mem)
-    return row
-
-
-def _truncate(item: Row | Doc, cfg: DataConfig) -> Row | Doc:
-    if cfg.format == "translation":
-        return translation.truncate(item, cfg.max_length)
-    if cfg.format == "retrieval":
-        return item  # the encoder's tokenizer cuts at max_length (model.max_seq_length)
-    if cfg.format == "clara":
-        cut = cfg.max_length
-        return {**item, "dec_ids": item["dec_ids"][:cut], "dec_labels": item["dec_labels"][:cut]}
-    ids, labels = item
-    return ids[: cfg.max_length], labels[: cfg.max_length]
+              report: DataReport, task: Format, clara_cfg: ClaraConfig | None = None
+              ) -> tuple[Row | Doc, int] | None:
+    """One record in its format's shape, with its length in tokens (None: a record the recipe does not train)."""
+    made = task.make_row(task.check(rec, cfg, clara_cfg), rec.where(), cfg, tokenizer, template, clara_cfg)
+    if made is None:
+        report.other_directions += 1
+    return made
 
 
 def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-          report: DataReport, clara_cfg: ClaraConfig | None = None) -> tuple[list, list[str]]:
+          report: DataReport, task: Format, clara_cfg: ClaraConfig | None = None) -> tuple[list, list[str]]:
     """The usable records as items, and each one's file:line."""
     items, wheres = [], []
-    first: tuple[int, str] | None = None  # stage 3: the first record's number of candidates, and where it is
+    seen: dict = {}  # what the format's check_row remembers of the rows before
     for file in files:
         for rec in read_jsonl(file):
             try:
                 if isinstance(rec, DataError):
                     raise rec
                 report.records += 1
-                made = _make_row(rec, cfg, tokenizer, template, report, clara_cfg)
-                if made and cfg.format == "clara" and clara_cfg.phase == "end_to_end":  # rows stack their docs
-                    n = len(made[0]["doc_ids"]) // clara_cfg.doc_width
-                    first = first or (n, rec.where())
-                    if n != first[0]:
-                        raise DataError(f"{rec.where()}: docs: {n} candidate documents, {first[0]} at {first[1]}: "
-                                        "stage 3 needs the same number in every record (python -m crb.data.clara "
-                                        "build-stages --docs N makes them so)")
+                made = _make_row(rec, cfg, tokenizer, template, report, task, clara_cfg)
+                if made:
+                    task.check_row(made[0], rec.where(), seen, clara_cfg)
             except DataError as e:
                 if cfg.bad_records == "error":
                     raise
@@ -178,10 +114,9 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                 if cfg.overlong == "drop":
                     report.dropped_overlong += 1
                     continue
-                item = _truncate(item, cfg)
+                item = task.truncate(item, cfg.max_length)
                 report.truncated += 1
-            labels = item["dec_labels"] if cfg.format == "clara" else item[1] if cfg.format in ("chatml", "text") \
-                else None
+            labels = task.labels(item)
             if labels is not None and all(t == IGNORE for t in labels[1:]):  # nothing left to learn (cut)
                 report.dropped_no_target += 1
                 continue
@@ -190,9 +125,9 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
     return items, wheres
 
 
-def _rows(items: list, wheres: list[str], cfg: DataConfig) -> tuple[list[Row], list[str]]:
+def _rows(items: list, wheres: list[str], cfg: DataConfig, task: Format) -> tuple[list[Row], list[str]]:
     """Rows, and for each the file:line of the records in it."""
-    if cfg.format not in ("chatml", "text"):
+    if not task.packable:
         return items, wheres  # already rows
     if not cfg.packing:
         return one_per_row(items), wheres
@@ -200,18 +135,19 @@ def _rows(items: list, wheres: list[str], cfg: DataConfig) -> tuple[list[Row], l
     return pack(items, cfg.max_length), [", ".join(wheres[i] for i in g) for g in groups]
 
 
-def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clara_cfg: ClaraConfig | None = None
-            ) -> tuple[list[Row], list[Row], DataReport]:
-    """(train rows, eval rows, report), from the cache when the same data was prepared before."""
+def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clara_cfg: ClaraConfig | None = None, *,
+            task: Format) -> tuple[list[Row], list[Row], DataReport]:
+    """(train rows, eval rows, report) of data in format `task`, from the cache when the same data was prepared
+    before."""
     template = chat_template(tokenizer, cfg.chat_template)
-    key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if cfg.format == "clara" else None)
+    key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if uses(cfg.format, "clara") else None)
     cache = Path(cfg.cache_dir).expanduser() / f"{key}.npz"
     if cache.is_file():
         return _load_cache(cache)
     report = DataReport()
-    docs, wheres = _read(cfg.train, cfg, tokenizer, template, report, clara_cfg)
+    docs, wheres = _read(cfg.train, cfg, tokenizer, template, report, task, clara_cfg)
     if cfg.eval:
-        eval_docs, eval_wheres = _read(cfg.eval, cfg, tokenizer, template, report, clara_cfg)
+        eval_docs, eval_wheres = _read(cfg.eval, cfg, tokenizer, template, report, task, clara_cfg)
     elif cfg.eval_split > 0:
         order = np.random.default_rng(seed).permutation(len(docs))
         n_eval = max(1, round(len(docs) * cfg.eval_split))
@@ -222,12 +158,11 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
         eval_docs, eval_wheres = [], []
     if not docs:
         raise DataError(f"{cfg.train[0]}: no usable training records ({report.summary()})")
-    (train, report.train_sources), (evals, _) = _rows(docs, wheres, cfg), _rows(eval_docs, eval_wheres, cfg)
+    (train, report.train_sources), (evals, _) = _rows(docs, wheres, cfg, task), _rows(eval_docs, eval_wheres, cfg, task)
     report.train_rows, report.eval_rows = len(train), len(evals)
     if "input_ids" in train[0]:
         report.train_tokens = int(sum(len(r["input_ids"]) for r in train))
-        shift = 1 if cfg.format in ("chatml", "text") else 0  # causal labels shift by one
-        report.target_tokens = int(sum((r["labels"][shift:] != IGNORE).sum() for r in train))
+        report.target_tokens = int(sum((r["labels"][task.label_shift:] != IGNORE).sum() for r in train))
     _save_cache(cache, train, evals, report)
     return train, evals, report
 
@@ -264,11 +199,11 @@ class Validation:
         return s
 
 
-def validate(cfg: DataConfig, clara_cfg: ClaraConfig | None = None) -> Validation:
+def validate(cfg: DataConfig, clara_cfg: ClaraConfig | None = None, *, task: Format) -> Validation:
     """Every record of the data files (train, eval, a retrieval corpus) through the checks training runs, short of
     those that need the tokenizer (token counts, language tokens, the chat template): no model or tokenizer loads."""
     v = Validation()
-    corpus = cfg.corpus if cfg.format == "retrieval" else []
+    corpus = cfg.corpus if uses(cfg.format, "data.corpus") else []
     for split, files in (("train", cfg.train), ("eval", cfg.eval), ("corpus", corpus)):
         for file in files:
             v.files += 1
@@ -280,11 +215,11 @@ def validate(cfg: DataConfig, clara_cfg: ClaraConfig | None = None) -> Validatio
                     if split == "corpus":
                         retrieval.check_document(rec.data, rec.where())
                         continue
-                    checked = check_record(rec, cfg, clara_cfg)
+                    checked = task.check(rec, cfg, clara_cfg)
                 except DataError as e:  # training skips a malformed record only where bad_records says so
                     v.add("warning" if cfg.bad_records == "skip" and split != "corpus" else "error", e.one_line())
                     continue
-                if cfg.format == "translation" and not translation.in_directions(checked, cfg):
+                if not task.trains(checked, cfg):
                     v.other_directions += 1
                 elif split == "train":
                     v.usable += 1

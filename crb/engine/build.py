@@ -10,26 +10,16 @@ import re
 
 import torch
 from accelerate import PartialState
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedTokenizerBase,
-    get_scheduler,
-)
+from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase, get_scheduler
 
 from crb.data.chatml import chat_template
 from crb.engine import hub
 from crb.engine.kernels import apply_kernels, resolve_attention
 from crb.errors import CrbError
 from crb.recipe.schema import Recipe
+from crb.tasks import get_task
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# The kind of model each data format trains.
-KINDS = {"chatml": "causal", "text": "causal", "translation": "seq2seq", "retrieval": "embedding",
-         "clara": "clara"}
-AUTO_CLASSES = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -54,12 +44,11 @@ def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
                                             local_files_only=hub.cache_only(m.tokenizer or m.name))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is never attended to nor trained on
-    if recipe.data.format in ("chatml", "clara"):
+    task = get_task(recipe.data.format)
+    if task.chat:
         tok.chat_template = chat_template(tok, recipe.data.chat_template)  # saved with the result
-    if recipe.data.format == "clara":
-        from crb.models.clara import special_tokens
-
-        tok.add_special_tokens({"additional_special_tokens": special_tokens(recipe.clara.memory_tokens)})
+    if added := task.special_tokens(recipe):
+        tok.add_special_tokens({"additional_special_tokens": added})
     return tok
 
 
@@ -81,10 +70,11 @@ def load_weights(auto, name: str, **kwargs) -> torch.nn.Module:
 
 def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Module:
     m, method = recipe.model, recipe.method
-    kind = KINDS[recipe.data.format]
+    task = get_task(recipe.data.format)
+    kind = task.kind
     if kind == "embedding":
         return build_encoder(recipe)
-    auto = AUTO_CLASSES.get(kind, AutoModelForCausalLM)
+    auto = task.auto_class
     dtype = DTYPES.get(m.dtype) or (half_dtype(mixed) if method.name in ("lora", "qlora") else torch.float32)
     attention = m.attn_implementation
     if attention == "auto":  # resolved by the plan in a run; here when a model is built without one
@@ -299,7 +289,7 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optim
     from transformers.trainer_pt_utils import get_parameter_names
 
     t = recipe.train
-    no_decay_types = [torch.nn.LayerNorm] + [torch.nn.Embedding] * (recipe.data.format == "clara")
+    no_decay_types = [torch.nn.LayerNorm] + [torch.nn.Embedding] * get_task(recipe.data.format).trains_embedding_rows
     decay = set(get_parameter_names(model, no_decay_types, NO_DECAY_NAMES))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if n in decay], "weight_decay": t.weight_decay},

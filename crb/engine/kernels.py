@@ -19,26 +19,25 @@ import types
 
 import torch
 
+from crb.tasks import get_task
 from crb.units import IGNORE
-
-CAUSAL_FORMATS = ("chatml", "text")
-FUSED_FORMATS = (*CAUSAL_FORMATS, "translation")  # models whose vocabulary logits liger's loss can replace
 
 
 def resolve_attention(fmt: str, packing: bool, gpu: bool) -> tuple[str, str]:
     """model.attn_implementation = "auto" -> "flex_attention" or "sdpa", and why."""
-    if packing and fmt in CAUSAL_FORMATS and gpu:
+    if packing and get_task(fmt).packable and gpu:
         return "flex_attention", "packed rows: FlexAttention's block mask skips the blocks between documents"
     return "sdpa", "packed rows on CUDA only take FlexAttention" if packing else "rows of one document each"
 
 
 def resolve_kernels(fmt: str, gpu: bool) -> tuple[str, str]:
     """train.kernels = "auto" -> "liger", "cce" or "none", and why."""
-    if fmt not in FUSED_FORMATS:
+    kernels = get_task(fmt).kernels
+    if kernels == "none":
         return "none", f"no fused kernels for {fmt} models yet"
     if not gpu:
         return "none", "no CUDA GPU"
-    if fmt == "translation":  # liger's chunked loss is slower than the plain logits at NLLB's vocabulary
+    if kernels == "cce":
         if importlib.util.find_spec("cut_cross_entropy") is None:
             return "none", "cut-cross-entropy is not installed: pip install 'crb[gpu]'"
         return "cce", "a CUDA GPU and cut-cross-entropy (a 256k vocabulary)"
@@ -47,25 +46,22 @@ def resolve_kernels(fmt: str, gpu: bool) -> tuple[str, str]:
     return "liger", "a CUDA GPU and liger-kernel"
 
 
-# Where train.compile = "auto" compiles (H200, benchmarks/results/): StarCoder2-3B QLoRA 1.54x eager (25,846 vs
-# 16,822 tok/s), Instructor-XL contrastive 1.56x SentenceTransformerTrainer. Not chat: liger's kernels already
-# fuse Mistral's elementwise work (12,852 vs 12,771 tok/s); not CLaRa (not measured). NLLB-600M's step is bound by
-# launching its small kernels (the GPU busy 47 of 93 ms): compiled alone it ran as eager, as CUDA graphs
-# 1.54x eager (301 vs 195 samples/s) and 2.08x Seq2SeqTrainer.
-COMPILE_FORMATS = ("text", "retrieval")
-GRAPH_FORMATS = ("translation",)
-
-
+# Where train.compile = "auto" compiles (a task's `compile`; H200, benchmarks/results/): StarCoder2-3B QLoRA 1.54x
+# eager (25,846 vs 16,822 tok/s), Instructor-XL contrastive 1.56x SentenceTransformerTrainer. Not chat: liger's
+# kernels already fuse Mistral's elementwise work (12,852 vs 12,771 tok/s); not CLaRa (not measured). NLLB-600M's
+# step is bound by launching its small kernels (the GPU busy 47 of 93 ms): compiled alone it ran as eager, as CUDA
+# graphs 1.54x eager (301 vs 195 samples/s) and 2.08x Seq2SeqTrainer.
 def resolve_compile(fmt: str, gpu: bool, liger_patched: bool = False) -> tuple[bool | str, str]:
     """train.compile = "auto" -> True, "graphs" or False, and why."""
     if not gpu:
         return False, "no CUDA GPU"
-    if fmt in GRAPH_FORMATS:
-        return "graphs", "a CUDA GPU and a step bound by kernel launches: CUDA graphs"
-    if fmt not in COMPILE_FORMATS:
+    how = get_task(fmt).compile
+    if not how:
         return False, f"not measured faster for {fmt} models"
     if liger_patched:  # measured on Mistral chat: 12,852 tokens/s compiled, 12,771 eager
         return False, "liger's kernels already fuse this model's elementwise work, and dynamo cannot trace them"
+    if how == "graphs":
+        return "graphs", "a CUDA GPU and a step bound by kernel launches: CUDA graphs"
     return True, "a CUDA GPU: fuses the elementwise work between matrix products"
 
 

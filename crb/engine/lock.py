@@ -15,6 +15,7 @@ from pathlib import Path
 from crb.data.reader import file_sha256
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
+from crb.tasks import TASKS
 
 PACKAGES = ("crb", "torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed", "sentence-transformers",
             "liger-kernel", "tokenizers")
@@ -67,7 +68,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> tuple[recipes.
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=path.parent) as f:
         f.write(text)
     try:
-        r = recipes.load(f.name, overrides, locked.get("stage") or None)
+        r = recipes.load(f.name, overrides, locked.get("stage") or None, TASKS)
     finally:
         Path(f.name).unlink()
     if r.stages and not locked.get("stage"):

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from crb.engine.build import AUTO_CLASSES, KINDS, checkpointed, n_blocks
+from crb.engine.build import checkpointed, n_blocks
 from crb.engine.hardware import Hardware
 from crb.engine.profiles import PROFILES, Profile, choose
-from crb.recipe.schema import WHOLE_BATCH_FORMATS, Recipe
+from crb.recipe.schema import Recipe
+from crb.tasks import get_task
 from crb.units import GIB
 
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of magnitude
@@ -98,19 +99,18 @@ class Plan:
 
 
 def meta_model(recipe: Recipe) -> torch.nn.Module:
-    kind = KINDS[recipe.data.format]
-    return _meta_model(recipe.model.name, recipe.model.revision, "causal" if kind == "clara" else kind)
+    return _meta_model(recipe.model.name, recipe.model.revision, get_task(recipe.data.format).auto_class)
 
 
 @functools.lru_cache(maxsize=4)
-def _meta_model(name: str, revision: str | None, kind: str) -> torch.nn.Module:
+def _meta_model(name: str, revision: str | None, auto: type | None) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForTextEncoding
 
     from crb.engine import hub
     config = hub.config(name, revision)  # the hub, its cache, or the copy shipped with crb
-    with init_empty_weights():  # embedding: the encoder alone
-        model = AUTO_CLASSES.get(kind, AutoModelForTextEncoding).from_config(config)
+    with init_empty_weights():  # no Auto class (a sentence-transformers model): the encoder alone
+        model = (auto or AutoModelForTextEncoding).from_config(config)
     model.tie_weights()  # not done on the meta device: a tied lm_head would be counted twice
     return model
 
@@ -160,9 +160,9 @@ class DataFacts:
 
 
 def data_facts(rows: list[dict], fmt: str) -> DataFacts | None:
-    if not rows or fmt == "retrieval":  # retrieval rows are texts, tokenized batch by batch
+    keys = get_task(fmt).token_keys
+    if not rows or not keys:  # rows of texts (retrieval), tokenized batch by batch
         return None
-    keys = {"clara": ("dec_ids",), "translation": ("input_ids", "labels")}.get(fmt, ("input_ids",))
     longest = max(len(r[k]) for r in rows for k in keys)
     packed = any("position_ids" in r and bool((r["position_ids"][1:] == 0).any()) for r in rows)
     return DataFacts(longest, packed)
@@ -170,12 +170,10 @@ def data_facts(rows: list[dict], fmt: str) -> DataFacts | None:
 
 def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: DataFacts | None = None) -> Shape:
     cfg = model.config
-    method, d = recipe.method, recipe.data
+    method, d, task = recipe.method, recipe.data, get_task(recipe.data.format)
     params = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for m in lora_targets(model, "all-linear"))
-    adapters = 1
-    if d.format == "clara":
-        adapters = 3 if recipe.clara.phase == "end_to_end" else 2
+    adapters = task.lora_adapters(recipe)
     if method.name in ("lora", "qlora"):
         trainable = adapters * sum(method.lora.r * (m.in_features + m.out_features)
                                    for m in lora_targets(model, method.lora.target_modules))
@@ -190,29 +188,14 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
         getattr(cfg, "encoder_ffn_dim", None) or 4 * hidden
     gated = any(n.rsplit(".", 1)[-1] in GATES for n, _ in model.named_modules())
     fused_norm = any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
-    n, L = micro_batch, min(d.max_length, data.longest) if data else d.max_length
-    pass_tokens = n * L  # the most tokens in one pass through one layer stack
-    if d.format == "translation":  # encoder and decoder stacks, logits on the target
-        tokens, logit_tokens = 2 * n * L, n * L
-    elif d.format == "retrieval":  # anchor, positive and hard negatives at once; cached_mnrl: a mini-batch
-        cached = [x.options.get("mini_batch_size", 32) for x in recipe.losses if x.name == "cached_mnrl"]
-        columns = 1 if cached else 2 + d.hard_negatives  # GradCache re-runs one column's mini-batch at a time
-        tokens, logit_tokens = min([n, *cached]) * columns * L, 0
-        pass_tokens = min([n, *cached]) * L  # sentence-transformers encodes each column separately
-    elif d.format == "clara":  # the encoder passes that keep activations (stage 1: the document; 2: top_k documents;
-        c = recipe.clara  # 3: the question, its candidates compressed without grad), then the decoder prompt
-        docs = c.top_k if c.phase == "instruction" else 1
-        enc = n * docs * c.doc_width
-        tokens, logit_tokens = enc + n * L, n * L
-        pass_tokens = max(enc, n * L)
-    else:
-        tokens, logit_tokens = n * L, n * L
+    L = min(d.max_length, data.longest) if data else d.max_length
+    tokens, logit_tokens, pass_tokens = task.plan_tokens(recipe, micro_batch, L)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", 0)
     attention = recipe.model.attn_implementation
     if attention == "auto":
         attention = getattr(cfg, "_attn_implementation", None) or "sdpa"
     return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
-                 logit_tokens, pass_tokens, heads, L, attention, d.format == "clara", cfg.model_type,
+                 logit_tokens, pass_tokens, heads, L, attention, task.trains_embedding_rows, cfg.model_type,
                  fused_norm, blocks=n_blocks(model) or layers)
 
 
@@ -274,9 +257,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
 def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
     """Whether liger-kernel's fused linear + cross-entropy replaces the logits (train.kernels resolved to
     "liger": by its patch for the types it knows, by crb.engine.kernels for other causal LMs)."""
-    from crb.engine.kernels import FUSED_FORMATS
-
-    return (kernels or recipe.train.kernels) in ("liger", "cce") and recipe.data.format in FUSED_FORMATS
+    return (kernels or recipe.train.kernels) in ("liger", "cce") and get_task(recipe.data.format).kernels != "none"
 
 
 def layer_bytes(recipe: Recipe, s: Shape) -> float:
@@ -359,7 +340,7 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: b
     the run resolves it (`auto_config`); `micro_batch` overrides the micro-batch."""
     recipe, choices = auto_config(recipe, hw, data)
     micro = micro_batch or recipe.train.micro_batch
-    if recipe.data.format in WHOLE_BATCH_FORMATS:
+    if get_task(recipe.data.format).whole_batch:
         micro = recipe.train.batch_size // max(1, hw.processes)
     s = shape_of(recipe, meta_model(recipe), micro, data)
     n_gpus = max(1, hw.processes)
@@ -403,7 +384,7 @@ def advice(recipe: Recipe, hw: Hardware, micro: int, data: DataFacts | None = No
     if recipe.train.kernels != "liger" and fused_loss(recipe, "liger"):
         levers.append({"kernels": "liger"})
     if recipe.train.gradient_checkpointing is True and not recipe.train.offload_activations and \
-            recipe.data.format in ("chatml", "text", "translation"):
+            get_task(recipe.data.format).offloadable:
         levers.append({"offload_activations": True})
     if len(levers) == 2:
         levers.append({**levers[0], **levers[1]})
@@ -414,7 +395,7 @@ def advice(recipe: Recipe, hw: Hardware, micro: int, data: DataFacts | None = No
             break
     if recipe.train.gradient_checkpointing is not True:
         out.append("train.gradient_checkpointing = true keeps one layer's activations instead of all")
-    if recipe.method.name != "qlora" and recipe.data.format in ("chatml", "text"):
+    if recipe.method.name != "qlora" and get_task(recipe.data.format).kind == "causal":
         out.append('method.name = "qlora" stores the base in 4 bits')
     return out or ["no setting of micro-batch or length fits this card: a larger GPU, or more GPUs with ZeRO"]
 
@@ -454,9 +435,9 @@ def auto_config(recipe: Recipe, hw: Hardware, data: DataFacts | None = None) -> 
     blocks = n_blocks(model) or 1
     per_process = max(1, t.batch_size // max(1, hw.processes))
     micros = [d for d in range(1, per_process + 1) if per_process % d == 0] if auto_micro else [t.micro_batch]
-    if r.data.format in WHOLE_BATCH_FORMATS:
+    if get_task(r.data.format).whole_batch:
         micros = [per_process]
-    movable = r.data.format in ("chatml", "text", "translation")  # checkpoints that can go to the CPU
+    movable = get_task(r.data.format).offloadable  # checkpoints that can go to the CPU
     layers = list(range(blocks + 1)) if auto_gc else [checkpointed(r, blocks)]
     offloads = ([False, True] if movable else [False]) if auto_off else [t.offload_activations]
     if not hw.gpus:  # nothing to fit: the plain, fastest settings

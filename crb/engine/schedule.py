@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from crb.errors import CrbError
-from crb.recipe.schema import WHOLE_BATCH_FORMATS, Recipe
+from crb.recipe.schema import Recipe
+from crb.tasks import get_task
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Schedule:
 def make_schedule(recipe: Recipe, n_rows: int, world: int) -> Schedule:
     t = recipe.train
     micro = t.micro_batch
-    if recipe.data.format in WHOLE_BATCH_FORMATS:  # one pass per step: split over processes, not accumulated
+    if get_task(recipe.data.format).whole_batch:  # one pass per step: split over processes, not accumulated
         if t.batch_size % world:
             raise CrbError(f"train.batch_size: {t.batch_size} is not a multiple of {world} processes")
         micro = t.batch_size // world

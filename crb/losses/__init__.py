@@ -12,6 +12,3 @@ from crb.losses.seq2seq import seq2seq
 
 LOSSES: dict[str, Callable] = {"causal_lm": causal_lm, "seq2seq": seq2seq, "mnrl": mnrl, "cached_mnrl": cached_mnrl,
                                "clara_generation": clara_generation, "clara_mse": clara_mse_loss}
-# The loss a recipe without [[losses]] gets, by data format.
-DEFAULT_LOSS = {"chatml": "causal_lm", "text": "causal_lm", "translation": "seq2seq", "retrieval": "mnrl",
-                "clara": "clara_generation"}

@@ -15,9 +15,10 @@ import re
 import types
 import typing
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import tomli_w
 import tomllib
@@ -41,9 +42,27 @@ LANGUAGES = (
     "zho_Hans", "zho_Hant", "jpn_Jpan", "kor_Hang", "arb_Arab", "por_Latn", "rus_Cyrl", "ita_Latn",
     "nld_Latn",
 )
-# What each data format trains: the model class it loads, and the losses that fit it.
-FORMAT_LOSSES = {"chatml": ("causal_lm",), "text": ("causal_lm",), "translation": ("seq2seq",),
-                 "retrieval": ("mnrl", "cached_mnrl"), "clara": ("clara_generation", "clara_mse")}
+# Recipe keys and tables that only one data format reads (its agent's own, crb/tasks/<agent>.py); every other key
+# is read whatever the format. Set with another format, they are refused (USED_BY).
+FORMAT_KEYS = {
+    "clara": ("clara",),
+    "translation": ("data.languages", "data.source_lang", "data.target_langs", "eval.max_new_tokens",
+                    "eval.num_beams"),
+    "retrieval": ("data.hard_negatives", "data.corpus", "data.document_instruction"),
+}
+
+
+def uses(fmt: str, key: str) -> bool:
+    """Whether data format `fmt` reads recipe key or table `key` (FORMAT_KEYS)."""
+    owners = [f for f, keys in FORMAT_KEYS.items() if key in keys]
+    return not owners or fmt in owners
+
+
+def did_you_mean(name: str, choices: Iterable[str], otherwise: str = "", cutoff: float = 0.6) -> str:
+    """The hint of every crb error about an unknown name: " (did you mean 'x'?)" for the choice nearest to `name`,
+    else `otherwise`."""
+    near = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean '{near[0]}'?)" if near else otherwise
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -51,11 +70,6 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
-
-
-# Formats whose loss needs the whole batch in one pass (in-batch negatives): their micro-batch is the batch per
-# process, never accumulated.
-WHOLE_BATCH_FORMATS = frozenset({"retrieval"})
 
 
 @dataclass(kw_only=True)
@@ -294,9 +308,24 @@ class Recipe:
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path, overrides: list[str] | None = None, stage: str | None = None) -> Recipe:
+Bad = Callable[[str, str, Any], RecipeError]  # bad(key, why, value): the file:line:key error of a value
+
+
+class TaskRules(Protocol):
+    """What the recipe checks ask of an agent: crb.tasks.Task is one. The recipe layer cannot import the agents
+    (they import it), so `load`'s caller passes them in (`tasks=crb.tasks.TASKS`)."""
+
+    allowed_losses: tuple[str, ...]
+
+    def check_recipe(self, recipe: Recipe, bad: Bad) -> None: ...
+
+
+def load(path: str | Path, overrides: list[str] | None = None, stage: str | None = None,
+         tasks: Mapping[str, TaskRules] | None = None) -> Recipe:
     """Load `path`, follow `extends`, apply `--set key=value` overrides, validate. With [[stages]], every
-    stage is validated; `stage` picks one (its keys over the rest, its own output folder)."""
+    stage is validated; `stage` picks one (its keys over the rest, its own output folder). `tasks`: the agents by
+    data format (crb.tasks.TASKS), whose own rules (losses, keys they cannot honour) are checked too; every crb
+    command passes them. Without, only what the schema itself declares is checked."""
     path = sources.resolve(str(path))
     raw, origins = _load_tree(path, seen=())
     origins[""] = path  # the recipe as a whole (a missing table is reported here, not in a parent)
@@ -309,12 +338,12 @@ def load(path: str | Path, overrides: list[str] | None = None, stage: str | None
         raise RecipeError(f"{path}: --stage {stage}: no such stage (stages: {', '.join(names) or 'none'})")
     for i, name in enumerate(names):
         if stage is None or name == stage:
-            built = _stage_recipe(raw, origins, path, i, name, names[i - 1] if i else None)
+            built = _stage_recipe(raw, origins, path, i, name, names[i - 1] if i else None, tasks)
             if name == stage:
                 return built
     recipe = _build(Recipe, raw, "", origins)
     recipe.source = str(path)
-    _check_values(recipe, origins)
+    _check_values(recipe, origins, tasks)
     _resolve_paths(recipe, path.parent, origins)
     return recipe
 
@@ -332,7 +361,8 @@ def _stage_names(stages: Any, origins: dict[str, Path]) -> list[str]:
     return names
 
 
-def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name: str, previous: str | None) -> Recipe:
+def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name: str, previous: str | None,
+                  tasks: Mapping[str, TaskRules] | None) -> Recipe:
     """The recipe of stage i: its keys over the rest; output in output.dir/<name>; a CLaRa stage after the
     first starts from the previous stage's output unless it names clara.init_from."""
     body = {k: v for k, v in raw["stages"][i].items() if k != "name"}
@@ -344,10 +374,10 @@ def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name:
             stage_origins[key[len(prefix):]] = origin
     recipe = _build(Recipe, merged, "", stage_origins)
     recipe.source, recipe.stage = str(path), name
-    _check_values(recipe, stage_origins)
+    _check_values(recipe, stage_origins, tasks)
     _resolve_paths(recipe, path.parent, stage_origins)
     recipe.output.dir = str(Path(recipe.output.dir) / name)
-    if previous and recipe.data.format == "clara" and not recipe.clara.init_from:
+    if previous and uses(recipe.data.format, "clara") and not recipe.clara.init_from:
         recipe.clara.init_from = str(Path(recipe.output.dir).parent / previous)
     return recipe
 
@@ -449,8 +479,8 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, Path]) -> Any:
         if key not in fields or key == "source":
             full = f"{prefix}.{key}" if prefix else key
             valid = [f"{prefix}.{n}" if prefix else n for n in fields if n != "source"]
-            near = [RENAMED[full]] if full in RENAMED else difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
-            hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
+            hint = f" (did you mean '{RENAMED[full]}'?)" if full in RENAMED else \
+                did_you_mean(full, valid, f" (valid: {', '.join(valid)})", cutoff=0.5)
             raise RecipeError(_where_key(full, origins) + f"{full}: unknown key{hint}")
     kwargs = {}
     for name, f in fields.items():
@@ -524,15 +554,8 @@ USED_BY: list[tuple[str, str, Any]] = [
     ("method.lora", "method.name", lambda r: r.method.name in ("lora", "qlora")),
     ("method.quant", "method.name", lambda r: r.method.name == "qlora"),
     ("method.trainable", "method.name", lambda r: r.method.name == "freeze"),
-    ("clara", "data.format", lambda r: r.data.format == "clara"),
-    ("data.languages", "data.format", lambda r: r.data.format == "translation"),
-    ("data.source_lang", "data.format", lambda r: r.data.format == "translation"),
-    ("data.target_langs", "data.format", lambda r: r.data.format == "translation"),
-    ("eval.max_new_tokens", "data.format", lambda r: r.data.format == "translation"),
-    ("eval.num_beams", "data.format", lambda r: r.data.format == "translation"),
-    ("data.hard_negatives", "data.format", lambda r: r.data.format == "retrieval"),
-    ("data.corpus", "data.format", lambda r: r.data.format == "retrieval"),
-    ("data.document_instruction", "data.format", lambda r: r.data.format == "retrieval"),
+    *[(key, "data.format", lambda r, key=key: uses(r.data.format, key)) for keys in FORMAT_KEYS.values()
+      for key in keys],
 ]
 
 
@@ -554,8 +577,8 @@ def _check_unused(r: Recipe, origins: dict[str, Path]) -> None:
         warnings.warn(_where_key(keys[0], origins) + why + f" [{by} set in {decider}: ignored]", CrbWarning, 2)
 
 
-def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
-    """Values of the right type that can't work."""
+def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskRules] | None = None) -> None:
+    """Values of the right type that can't work: by the schema, then by the format's agent (`tasks`)."""
 
     def bad(key: str, why: str, value: Any) -> RecipeError:
         return RecipeError(_where_key(key, origins) + f"{key}: {why}, got {_got(value)}")
@@ -590,10 +613,9 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
         if not 0.0 <= value < 1.0:
             raise bad(key, "expected a value in [0, 1)", value)
     if r.train.scheduler not in SCHEDULERS:
-        near = difflib.get_close_matches(r.train.scheduler, SCHEDULERS, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise RecipeError(_where_key("train.scheduler", origins) + "train.scheduler: expected one of "
-                          + f"{', '.join(SCHEDULERS)}, got '{r.train.scheduler}'{hint}")
+                          + f"{', '.join(SCHEDULERS)}, got '{r.train.scheduler}'"
+                          + did_you_mean(r.train.scheduler, SCHEDULERS))
     if len(r.train.betas) != 2 or not all(0 <= b < 1 for b in r.train.betas):
         raise bad("train.betas", "expected two values in [0, 1)", r.train.betas)
     if type(r.train.gradient_checkpointing) is int and r.train.gradient_checkpointing < 0:
@@ -618,25 +640,31 @@ def _check_values(r: Recipe, origins: dict[str, Path]) -> None:
         raise bad("data.train", "expected at least one file", [])
     if r.data.eval and r.data.eval_split:
         raise bad("data.eval_split", "expected 0 when data.eval lists files", r.data.eval_split)
-    _check_format(r, origins, bad)
+    _check_languages(r, origins, bad)
+    gc = r.train.gradient_checkpointing
+    if r.train.offload_activations is True and not (gc is True or gc == "auto"):
+        raise bad("train.offload_activations", OFFLOAD_NEEDS, True)
+    task = tasks[r.data.format] if tasks is not None else None
+    if task is not None:
+        task.check_recipe(r, bad)
     from crb.losses import LOSSES  # late: the registry imports torch
 
     for i, loss in enumerate(r.losses):
         if loss.name not in LOSSES:
-            near = difflib.get_close_matches(loss.name, list(LOSSES), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(LOSSES)})"
-            raise RecipeError(_where_key(f"losses[{i}].name", origins)
-                              + f"losses[{i}].name: unknown loss '{loss.name}'{hint}")
-        fits = FORMAT_LOSSES[r.data.format]
-        if loss.name not in fits:
-            raise bad(f"losses[{i}].name", f"expected a loss for {r.data.format} data ({', '.join(fits)})", loss.name)
+            raise RecipeError(_where_key(f"losses[{i}].name", origins) + f"losses[{i}].name: unknown loss "
+                              f"'{loss.name}'" + did_you_mean(loss.name, LOSSES, f" (known: {', '.join(LOSSES)})"))
+        if task is not None and loss.name not in task.allowed_losses:
+            raise bad(f"losses[{i}].name", f"expected a loss for {r.data.format} data "
+                      f"({', '.join(task.allowed_losses)})", loss.name)
 
 
-def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
-    """Keys that only some data formats can honour."""
+OFFLOAD_NEEDS = 'expected false unless train.gradient_checkpointing is true or "auto" (chatml, text and translation ' \
+    "formats)"
+
+
+def _check_languages(r: Recipe, origins: dict[str, Path], bad: Bad) -> None:
+    """FLORES-200 codes, and the directions among data.languages."""
     d = r.data
-    if d.packing and d.format not in ("chatml", "text"):
-        raise bad("data.packing", f"expected false for {d.format} data (packing is for causal LM rows)", True)
     for i, code in enumerate(d.languages):
         if not re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", code):
             raise bad(f"data.languages[{i}]", "expected a FLORES-200 code such as 'eng_Latn'", code)
@@ -644,31 +672,8 @@ def _check_format(r: Recipe, origins: dict[str, Path], bad: Any) -> None:
                        ("data.target_langs", d.target_langs)]:
         for code in codes:
             if code not in d.languages:
-                near = difflib.get_close_matches(code, d.languages, n=1)
-                hint = f" (did you mean '{near[0]}'?)" if near else ""
-                raise RecipeError(_where_key(key, origins) + f"{key}: '{code}' is not in data.languages{hint}")
-    if d.format == "clara":
-        c = r.clara
-        if r.method.name not in ("lora", "qlora"):
-            raise bad("method.name", "expected 'lora' or 'qlora' for clara (three LoRA adapters on one base)",
-                      r.method.name)
-        if c.compress_rate <= 0 or c.doc_max_length % c.compress_rate:
-            raise bad("clara.compress_rate", f"expected a divisor of clara.doc_max_length ({c.doc_max_length})",
-                      c.compress_rate)
-        if c.top_k <= 0 or not c.temperature > 0:
-            raise bad("clara.top_k", "expected top_k > 0 and temperature > 0", (c.top_k, c.temperature))
-    gc = r.train.gradient_checkpointing
-    if r.train.offload_activations is True and not (gc is True or gc == "auto") or \
-            r.train.offload_activations is True and d.format not in ("chatml", "text", "translation"):
-        raise bad("train.offload_activations", "expected false unless train.gradient_checkpointing is true or "
-                  '"auto" (chatml, text and translation formats)', True)
-    if d.format == "retrieval":
-        if r.method.name not in ("full", "freeze"):
-            raise bad("method.name", "expected 'full' or 'freeze' for retrieval (the encoder trains whole)",
-                      r.method.name)
-        if r.train.micro_batch not in (r.train.batch_size, "auto"):
-            raise bad("train.micro_batch", "expected train.batch_size for retrieval: in-batch negatives need the "
-                      "whole batch in one pass (cached_mnrl saves the memory)", r.train.micro_batch)
+                raise RecipeError(_where_key(key, origins) + f"{key}: '{code}' is not in data.languages"
+                                  + did_you_mean(code, d.languages))
 
 
 def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:

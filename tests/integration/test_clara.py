@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from crb.artifacts import verify
-from crb.data import prepare
 from crb.data.clara import build_stage23, check_stage1
 from crb.engine.build import build_model, build_tokenizer
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
 from crb.run import make_batcher, run
+from crb.tasks import prepare
 from tests.conftest import CLARA_SLICE, write_jsonl, write_recipe
 
 DOCS = ["The navy suit is wool, costs 320 dollars and comes in sizes 38 to 44.",

@@ -105,10 +105,10 @@ def test_stage2_decoder_reads_k_slots_and_stage3_scores_all_n(tmp_path):
     decoder prompt of 5 slots; stage 3's holds all 20, scores each, and its prompt has 5 slots too."""
     import torch
 
-    from crb.data import prepare
     from crb.engine.build import build_model, build_tokenizer
     from crb.recipe import schema as recipes
     from crb.run import make_batcher
+    from crb.tasks import prepare
 
     model_dir = make_model_dir(tmp_path / "model", texts(), vocab=300)
     train = write_jsonl(tmp_path / "train.jsonl", rounds(1, "which code has the {} ?", 0)[:4])
@@ -158,11 +158,11 @@ def test_query_reasoner_learns_to_retrieve_the_gold_document(tmp_path):
     wording, other codes) rises clearly above its start and chance."""
     import torch
 
-    from crb.data import prepare
     from crb.engine.build import build_model, build_tokenizer
-    from crb.engine.metrics import clara_recall
     from crb.recipe import schema as recipes
     from crb.run import make_batcher
+    from crb.tasks import prepare
+    from crb.tasks.clara import clara_recall
 
     model_dir = make_model_dir(tmp_path / "model", texts(), vocab=300)
     train = write_jsonl(tmp_path / "train.jsonl", rounds(2, "which code has the {} ?", 0))

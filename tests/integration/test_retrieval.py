@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from crb.data import prepare
 from crb.data.retrieval import check_triple
 from crb.errors import DataError
 from crb.recipe import schema as recipes
 from crb.run import make_batcher, run
+from crb.tasks import prepare
 from tests.conftest import CLARA_SLICE, DEMO_DATA, retrieval_recipe_text, write_jsonl, write_recipe
 
 
@@ -144,8 +144,8 @@ def test_clara_questions_beat_untuned_and_match_sentence_transformers_trainer(tm
     from sentence_transformers import SentenceTransformer
 
     from crb.data.retrieval import corpus as make_corpus
-    from crb.engine.metrics import retrieval_scores
     from crb.engine.schedule import epoch_order
+    from crb.tasks.retrieval import retrieval_scores
 
     model = minilm  # dropout on (0.1), as trained
     docs = [json.loads(ln) for ln in CLARA_SLICE.read_text().splitlines()]

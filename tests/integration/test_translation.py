@@ -11,11 +11,11 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from crb.artifacts import verify
 from crb.cli import main as cli
-from crb.data import prepare
 from crb.data.collate import seq2seq_batcher
 from crb.errors import DataError, RecipeError
 from crb.recipe import schema as recipes
 from crb.run import run
+from crb.tasks import prepare
 from crb.units import IGNORE
 from tests.conftest import translation_records, write_jsonl
 

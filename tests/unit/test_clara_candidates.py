@@ -8,11 +8,11 @@ import re
 
 import pytest
 
-from crb.data import check_record
 from crb.data.clara import build_stage23, check_stage23, instruction_docs, main, read_stage1
 from crb.data.reader import Record
 from crb.errors import DataError
 from crb.recipe.schema import ClaraConfig, DataConfig
+from crb.tasks import check_record
 from tests.conftest import CLARA_SLICE
 
 COLOURS = ["red", "blue", "green", "black", "white", "grey", "pink", "brown"]
@@ -126,7 +126,7 @@ def test_stage3_records_must_all_carry_the_same_number_of_candidates(tmp_path):
     names it and the first record, not a shape error (or a silent mix-up) inside the model."""
     from transformers import AutoTokenizer
 
-    from crb.data import prepare
+    from crb.tasks import prepare
     from tests.conftest import ROOT
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "crb" / "demo_data" / "tiny-mistral")

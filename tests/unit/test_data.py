@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from crb.data import prepare
 from crb.errors import DataError
 from crb.recipe.schema import DataConfig
+from crb.tasks import prepare
 
 
 def cfg(files, tmp_path, **kw) -> DataConfig:

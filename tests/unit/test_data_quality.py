@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from crb import quality
 from crb.cli import main as cli
-from crb.data import quality
 from crb.engine.build import build_tokenizer
 from crb.recipe import schema as recipes
 from tests.conftest import CLARA_SLICE

@@ -1,5 +1,6 @@
 """`crb data RECIPE inspect | check | clean`: the training guide's data-quality advice as commands, for
-any of the five formats, on the files the recipe names.
+any agent's data format, on the files the recipe names (what differs by format is its task's: Task.texts,
+problems, describe).
 
 - inspect: records, tokens per record (the recipe's tokenizer and rendering, as training sees them),
   how many exceed data.max_length, and per format: roles and turns (chat), language pairs
@@ -24,25 +25,12 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from crb.data import DataReport, _make_row
+from crb.data.chatml import chat_template
 from crb.data.reader import Record, read_jsonl
 from crb.errors import CrbError, DataError
 from crb.recipe.schema import Recipe
-
-
-def _strs(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-def texts(fmt: str, d: dict) -> dict[str, list[str]]:
-    """The text fields of a record, by field name."""
-    if fmt == "chatml":
-        msgs = d.get("messages") if isinstance(d.get("messages"), list) else []
-        return {f"messages[{i}].content": _strs(m.get("content")) for i, m in enumerate(msgs) if isinstance(m, dict)}
-    keys = {"text": ["text"], "translation": ["source_text", "target_text"],
-            "retrieval": ["query", "positive", "negative"], "clara": ["docs", "question", "answers", "answer"]}[fmt]
-    return {k: _strs(d.get(k)) for k in keys if k in d}
+from crb.tasks import get_task
 
 
 def normalised(s: str) -> str:
@@ -64,36 +52,23 @@ def _records(files: list[str]) -> list[Record | DataError]:
 
 
 def inspect(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """Lengths (by `tokenizer`, the recipe's), roles, turns and bad records of the recipe's data files."""
-    from crb.data import DataReport, _make_row
-    from crb.data.chatml import chat_template
-
-    cfg = recipe.data
+    """Lengths (by `tokenizer`, the recipe's), what the format's task counts (roles and turns, language pairs,
+    negatives, documents and questions) and bad records of the recipe's data files."""
+    cfg, task = recipe.data, get_task(recipe.data.format)
     template = chat_template(tokenizer, cfg.chat_template)
-    lengths, extra, bad = [], Counter(), 0
-    roles, turns, per_record = Counter(), [], Counter()
+    lengths, read, bad = [], [], 0
     for rec in _records([*cfg.train, *cfg.eval]):
         if isinstance(rec, DataError):
             bad += 1
             continue
-        d = rec.data
         try:
-            made = _make_row(rec, cfg, tokenizer, template, DataReport(), recipe.clara)
+            made = _make_row(rec, cfg, tokenizer, template, DataReport(), task, recipe.clara)
         except DataError:
             bad += 1
             continue
         if made is not None:
             lengths.append(made[1])
-        if cfg.format == "chatml":
-            msgs = [m for m in d.get("messages", []) if isinstance(m, dict)]
-            roles.update(m.get("role") for m in msgs)
-            turns.append(sum(m.get("role") == "user" for m in msgs))
-        elif cfg.format == "translation":
-            extra[f"{d.get('source_lang')} -> {d.get('target_lang')}"] += 1
-        elif cfg.format == "retrieval":
-            per_record[f"negatives {len(_strs(d.get('negative')))}"] += 1
-        elif cfg.format == "clara":
-            per_record[f"docs {len(_strs(d.get('docs')))}, questions {len(_strs(d.get('question')))}"] += 1
+        read.append(rec.data)
     if not lengths:
         raise CrbError(f"{cfg.train[0]}: no usable records to inspect ({bad} malformed)")
     a = np.asarray(lengths)
@@ -102,14 +77,7 @@ def inspect(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict:
                       "max": int(a.max()), "total": int(a.sum())},
            "over_max_length": int((a > cfg.max_length).sum()), "max_length": cfg.max_length,
            "lengths": [int(x) for x in a]}
-    if cfg.format == "chatml":
-        out["roles"] = dict(roles)
-        out["user_turns"] = {"median": float(np.median(turns)), "max": int(max(turns))}
-    if extra:
-        out["language_pairs"] = dict(extra.most_common())
-    if per_record:
-        out["per_record"] = dict(per_record.most_common())
-    return out
+    return {**out, **task.describe(read)}
 
 
 def histogram(report: dict, png: Path) -> None:
@@ -156,7 +124,7 @@ CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 def check(recipe: Recipe) -> CheckResult:
     from ftfy.badness import is_bad
 
-    cfg, res = recipe.data, CheckResult()
+    cfg, res, task = recipe.data, CheckResult(), get_task(recipe.data.format)
     seen: dict[tuple[bool, str], str] = {}  # (near?, key) -> first train file:line
     for split, files in (("train", cfg.train), ("eval", cfg.eval)):
         for rec in _records(files):
@@ -164,7 +132,7 @@ def check(recipe: Recipe) -> CheckResult:
                 res.findings.append(Finding("error", str(rec).split(": ", 1)[0], str(rec).split(": ", 1)[-1]))
                 continue
             res.records += 1
-            fields, where = texts(cfg.format, rec.data), rec.where()
+            fields, where = task.texts(rec.data), rec.where()
             if not fields:
                 res.findings.append(Finding("error", where, f"no text fields for format {cfg.format}"))
             for name, values in fields.items():
@@ -175,11 +143,7 @@ def check(recipe: Recipe) -> CheckResult:
                         res.findings.append(Finding("warning", where, f"{name}: control characters"))
                     elif is_bad(v):
                         res.findings.append(Finding("warning", where, f"{name}: mojibake (crb data clean repairs it)"))
-            if cfg.format == "chatml":
-                msgs = [m for m in rec.data.get("messages", []) if isinstance(m, dict)]
-                if msgs and msgs[-1].get("role") != "assistant":
-                    res.findings.append(Finding("error", where, "the last turn is not the assistant's: nothing to "
-                                                "learn after it"))
+            res.findings += [Finding("error", where, what) for what in task.problems(rec.data)]
             for near in (False, True):
                 key = (near, _key(fields, near))
                 first = seen.get(key)
@@ -205,7 +169,7 @@ def clean(recipe: Recipe, out: Path) -> dict[str, int]:
     from ftfy import fix_text
 
     out.mkdir(parents=True, exist_ok=True)
-    counts, seen = Counter(), set()
+    counts, seen, task = Counter(), set(), get_task(recipe.data.format)
     for file in recipe.data.train:
         target = out / Path(file).name
         if target.resolve() == Path(file).resolve():
@@ -216,7 +180,7 @@ def clean(recipe: Recipe, out: Path) -> dict[str, int]:
                 counts["dropped: malformed"] += 1
                 continue
             d = _repair(rec.data, fix_text, counts)
-            fields = texts(recipe.data.format, d)
+            fields = task.texts(d)
             if not fields or any(not v.strip() for vs in fields.values() for v in vs):
                 counts["dropped: empty field"] += 1
                 continue

@@ -61,3 +61,36 @@ def test_translation_two_processes_match_one(translation_recipe, tmp_path):
     # padding differs (each micro-batch pads to its own longest row): float noise of ~1e-4, where a wrong
     # normalisation would be off by the ratio of the processes' target tokens (several %)
     assert losses(two) == pytest.approx(losses(one), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_two_machines_of_one_process_match_one_process(chat_recipe, tmp_path):
+    """Two launchers as two machines (torchrun --nnodes 2, node ranks 0 and 1, the rendezvous on localhost: what
+    accelerate launch --num_machines 2 starts on each node) train like one process at the doubled micro-batch,
+    and write one result (docs/multinode.md)."""
+    common = ["train.max_steps=3", "train.batch_size=8", "method.lora.dropout=0.0"]
+    one = tmp_path / "one"
+    run(str(chat_recipe), [*common, "train.micro_batch=8", f"output.dir='{one}'"])
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29537",
+               "-m", "crb.run", str(chat_recipe)]
+        for item in [*common, "train.micro_batch=4", f"output.dir='{two}'"]:
+            cmd += ["--set", item]
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outs = [p.communicate(timeout=600) for p in nodes]
+    for p, (_, err) in zip(nodes, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es)" in outs[0][0] and "accumulation 1" in outs[0][0]
+
+    def losses(out):
+        return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+
+    assert len(losses(two)) == 3 and losses(two) == pytest.approx(losses(one), rel=1e-5)
+    a = load_file(one / "final_adapter/adapter_model.safetensors")
+    b = load_file(two / "final_adapter/adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

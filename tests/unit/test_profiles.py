@@ -67,6 +67,10 @@ def test_accelerate_loads_the_launch_config(path):
     if path.stem == "plain":
         assert cfg.distributed_type == DistributedType.NO and cfg.num_processes == 1
         return
+    if path.stem == "multi-node":  # plain DDP over machines: one rendezvous address, this node's rank
+        assert cfg.distributed_type == DistributedType.MULTI_GPU and cfg.num_machines == 2
+        assert cfg.machine_rank == 0 and cfg.main_process_ip and cfg.main_process_port
+        return
     assert cfg.distributed_type == DistributedType.DEEPSPEED
     ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]  # relative to the repository root
     assert ds_file.is_file() and ds_file.stem in PROFILES

@@ -167,7 +167,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from crb.engine import hardware, plan
 
     r = load_recipe(args.recipe, args.overrides)
-    p = plan.plan(r, hardware.detect(args.gpu_memory))
+    hw = hardware.detect(args.gpu_memory)
+    if args.gpus:  # plan for N processes of data parallel, one per GPU of this (or the --gpu-memory) card
+        hw.processes, hw.gpus = args.gpus, hw.gpus[:1] * args.gpus
+    p = plan.plan(r, hw)
     print(p.to_json() if args.json else p.table())
 
 
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     with_recipe("show", "print the resolved recipe (extends and --set applied) as TOML").set_defaults(func=cmd_show)
     s = with_recipe("plan", "estimate the memory a recipe needs, before any GPU work")
     s.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a card of this size")
+    s.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="plan per GPU for N processes (data parallel; ZeRO shards over them); default: the launch's")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_plan)
     s = with_recipe("lock", "pin the resolved recipe, package versions, model revision and data sha256 to a file")

@@ -290,6 +290,27 @@ def test_auto_micro_batch_takes_the_largest_that_fits(shapes):
     assert not bigger or not plans.plan(r, card(80), bigger[0]).fits
 
 
+def test_plan_for_n_gpus_shards_under_zero_and_picks_the_profile(shapes, capsys):
+    """`crb plan --gpus N`: per-GPU memory. A full fine-tune of the 7B shape (fp32 weights, AdamW) on 80 GiB cards:
+    one GPU needs the optimizer in CPU memory; two fit under ZeRO-2 (the first that fits: it communicates less
+    than ZeRO-3); ZeRO-3's per-GPU weights, gradients and states are about half of one GPU's, and ZeRO-2 shards
+    the gradients and states, not the weights."""
+    def planned(gpus: int) -> dict:
+        main(["plan", str(ROOT / "recipes" / "language.toml"), "--set", f"model.name={shapes['mistral-7b']}",
+              "--set", 'method.name="full"', "--set", 'train.optimizer="adamw"', "--set", "data.max_length=4096",
+              "--set", "train.micro_batch=1", "--set", "train.gradient_checkpointing=true",
+              "--gpu-memory", "80", "--gpus", str(gpus), "--json"])
+        return json.loads(capsys.readouterr().out)
+
+    one, two = planned(1), planned(2)
+    assert one["notes"]["gpus"] == 1 and two["notes"]["gpus"] == 2
+    assert one["profile"].endswith("offload") and two["profile"] == "zero2" and two["fits"]
+    assert two["profiles_gib"]["plain"] == pytest.approx(one["profiles_gib"]["plain"])  # plain DDP: nothing shared
+    states = 7.25e9 * (2 + 4 + 12) / 2**30  # DeepSpeed: bf16 weights, fp32 gradients, fp32 master + two moments
+    assert one["profiles_gib"]["zero3"] - two["profiles_gib"]["zero3"] == pytest.approx(states / 2, rel=0.1)
+    assert two["profiles_gib"]["zero2"] > two["profiles_gib"]["zero3"]
+
+
 def test_plan_json_schema(shapes, capsys):
     rc = main(["plan", str(ROOT / "recipes" / "language.toml"), "--set", f"model.name={shapes['mistral-7b']}",
                "--set", "train.gradient_checkpointing=true", "--set", 'train.kernels="none"', "--gpu-memory", "24",

@@ -77,7 +77,7 @@ def data(args: argparse.Namespace, recipe: str) -> tuple[Path, Path]:
     return text_file, rows_file
 
 
-def env_for(gpu: int | None, cap: str) -> dict:
+def env_for(gpu: int | str | None, cap: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("CRB_GPU_MEMORY_GB", None)
@@ -96,7 +96,9 @@ def run(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
-def crb_side(args: argparse.Namespace, recipe: str, cap: str, gpu: int | None, out: Path) -> dict:
+def crb_side(args: argparse.Namespace, recipe: str, cap: str, gpu: int | str | None, out: Path,
+             launcher: list[str] | None = None) -> dict:
+    """crb as shipped on one row; `launcher` starts it (default: one process, `python -m crb.run`)."""
     text_file, rows_file = data(args, recipe)
     a = side_args(args, recipe, out, ROWS_PER_STEP)
     sets = [f"model.name={q(str(a.model_dir))}", f"data.train=[{q(str(text_file))}]", 'data.format="text"',
@@ -104,7 +106,7 @@ def crb_side(args: argparse.Namespace, recipe: str, cap: str, gpu: int | None, o
             f"data.cache_dir={q(str(out / 'crb-cache'))}", f"train.batch_size={ROWS_PER_STEP}",
             f"train.max_steps={args.warmup + args.steps}", "train.save_every=1000000", "train.report_to=[]",
             f"output.dir={q(str(out / 'crb'))}", *args.crb_set]
-    cmd = [sys.executable, "-m", "crb.run", str(a.recipe)] + [x for s in sets for x in ("--set", s)]
+    cmd = (launcher or [sys.executable]) + ["-m", "crb.run", str(a.recipe)] + [x for s in sets for x in ("--set", s)]
     rc, wall = run(cmd, out / "crb.log", env_for(gpu, cap))
     metrics = out / "crb" / "metrics.jsonl"
     lines = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.is_file() else []

@@ -1,0 +1,87 @@
+"""Data-parallel scaling: the language and code recipes as shipped on 1 GPU and on 2 GPUs, in one run.
+
+    python benchmarks/scaling.py --out /tmp/crb-bench/scaling --json benchmarks/results/scaling.json
+    python benchmarks/scaling.py --out /tmp/crb-bench/scaling-check --tiny     # CPU: 1 and 2 processes (gloo)
+
+Each recipe runs as benchmarks/frontier.py's crb side (the same random-weight Mistral-7B and StarCoder2-3B shapes,
+8 full ctx-8192 rows per optimizer step, every "auto" left to the plan) twice: one process on GPU 0, then
+`accelerate launch --multi_gpu --num_processes 2` on GPUs 0 and 1 (on CPU, --tiny: torchrun with 2 processes).
+The effective batch stays 8 rows: each of 2 processes takes 4. tokens/s counts every process's tokens (crb logs
+the step's tokens summed over processes). Writes OUT/scaling.json: metrics.<recipe> = {gpus_1_tokens_per_s,
+gpus_2_tokens_per_s, speedup}, and each side's losses, chosen configuration and peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import frontier  # benchmarks/ is on sys.path
+
+
+def launcher(processes: int, tiny: bool, port: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable]
+    if tiny:  # Accelerate starts one process on a CPU; torchrun starts several (gloo)
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(port)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(port)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--recipes", default="language,code")
+    p.add_argument("--ctx", type=int, default=None)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--models", default="/tmp/crb-bench/models")
+    p.add_argument("--json", default=None, help="also write scaling.json here")
+    args = p.parse_args(argv)
+    args.ctx = args.ctx or (256 if args.tiny else 8192)
+    args.recipes, args.crb_set, args.data = args.recipes.split(","), [], "full"
+    frontier.build_models(args)
+    out = Path(args.out)
+    metrics, sides = {}, {}
+    for i, recipe in enumerate(args.recipes):
+        runs = {}
+        for n in (1, 2):
+            gpus = None if args.tiny else ",".join(str(g) for g in range(n))
+            runs[n] = frontier.crb_side(args, recipe, "whole", gpus, out / recipe / f"gpus{n}",
+                                        launcher(n, args.tiny, 29550 + 2 * i + n))
+            rate = runs[n]["tokens_per_s"] or 0
+            print(f"{recipe}, {n} GPU(s): {runs[n]['status']}, {rate:,.0f} tokens/s", flush=True)
+        one, two = runs[1]["tokens_per_s"], runs[2]["tokens_per_s"]
+        metrics[recipe] = {"gpus_1_tokens_per_s": one, "gpus_2_tokens_per_s": two,
+                           "speedup": two / one if one and two else None}
+        sides[recipe] = {f"gpus_{n}": {k: r.get(k) for k in ("status", "note", "tokens_per_s", "step_s", "peak_gib",
+                                                             "losses", "chosen", "wall_s")} for n, r in runs.items()}
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": frontier_device(args),
+              "config": {"rows_per_step": frontier.ROWS_PER_STEP, "ctx": args.ctx, "steps": args.steps,
+                         "warmup": args.warmup, "tiny": args.tiny}, "metrics": metrics, "sides": sides}
+    text = json.dumps(result, indent=1)
+    (out / "scaling.json").write_text(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(f"\n{'recipe':10} {'1 GPU tok/s':>12} {'2 GPUs tok/s':>13} {'speed-up':>9}")
+    for recipe, m in metrics.items():
+        one, two, up = m["gpus_1_tokens_per_s"], m["gpus_2_tokens_per_s"], m["speedup"]
+        print(f"{recipe:10} {one or 0:>12,.0f} {two or 0:>13,.0f} {f'{up:.2f}x' if up else '-':>9}")
+    return 0 if all(m["speedup"] for m in metrics.values()) else 1
+
+
+def frontier_device(args: argparse.Namespace) -> str:
+    import torch
+
+    return "CPU (--tiny: paths only)" if args.tiny or not torch.cuda.is_available() else \
+        f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,3 +88,59 @@ def test_signal_finishes_the_step_checkpoints_and_resume_completes(chat_recipe, 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {ckpt} at step {STOP}" in resumed.stdout + resumed.stderr
     assert logged_steps(out) == list(range(1, 13))  # no step lost or repeated
+
+
+# Two processes (torchrun, gloo): each writes its PID after logging step STOP; rank 0 then waits for GO, so the
+# signal to rank 1 arrives while rank 0 holds the run at step STOP.
+HOOKED_RANKS = f"""
+import os, sys, time
+from pathlib import Path
+import crb.engine.loop as loop
+from crb.run import main
+folder, stop_at = Path(sys.argv.pop(1)), int(sys.argv.pop(1))
+write = loop.MetricsLog.write
+def _write(self, row):
+    write(self, row)
+    if row.get("step") == stop_at and "loss" in row:
+        (folder / f"pid-{{os.environ['RANK']}}").write_text(str(os.getpid()))
+        deadline = time.time() + {WAIT_S}
+        while os.environ["RANK"] == "0" and not (folder / "go").exists() and time.time() < deadline:
+            time.sleep(0.01)
+loop.MetricsLog.write = _write
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(chat_recipe, tmp_path):
+    """SIGTERM to rank 1 alone: the signal is summed over the processes at the next step's start, so both finish
+    that step, write one complete checkpoint and stop; --resume (2 processes again) completes the run."""
+    out, folder = tmp_path / "run", tmp_path / "sync"
+    folder.mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+    sets = ["--set", "train.log_every=1", "--set", "train.save_every=1000", "--set", f"output.dir='{out}'",
+            "--set", "method.lora.dropout=0.0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*torchrun, "--no-python", sys.executable, "-c", HOOKED_RANKS, str(folder), str(STOP),
+                             str(chat_recipe), "--set", "train.max_steps=400", *sets],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + WAIT_S
+    while not (folder / "pid-0").exists() or not (folder / "pid-1").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.kill(int((folder / "pid-1").read_text()), signal.SIGTERM)
+    time.sleep(0.5)
+    (folder / "go").touch()
+    _, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode != 0  # torchrun reports the workers' exit (128 + SIGTERM)
+    assert "crb: stopped: SIGTERM after step" in err, err[-2000:]
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and not list((out / "checkpoints").glob(".tmp-*"))
+    stopped_at = json.loads((ckpts[0] / "crb_state.json").read_text())["step"]
+    assert stopped_at in (STOP, STOP + 1)  # rank 1 saw the signal before or after it sent step STOP + 1's counts
+    assert logged_steps(out) == list(range(1, stopped_at + 1))
+
+    resumed = subprocess.run([*torchrun, "-m", "crb.run", str(chat_recipe), "--set", "train.max_steps=8", *sets,
+                              "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert logged_steps(out) == list(range(1, 9))  # no step lost or repeated

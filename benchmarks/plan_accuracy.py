@@ -76,8 +76,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
     t, d, m = args.tiny, args.out / "data", args.models
     out = []
 
-    def row(recipe: str, label: str, sets: list[str], env: dict | None = None, stage: str | None = None) -> None:
-        out.append({"recipe": recipe, "setting": label, "sets": sets, "env": env or {}, "stage": stage})
+    def row(recipe: str, label: str, sets: list[str], env: dict | None = None, stage: str | None = None,
+            gpus: int = 1) -> None:
+        out.append({"recipe": recipe, "setting": label, "sets": sets, "env": env or {}, "stage": stage, "gpus": gpus})
 
     if "language" in args.only or "8gb" in args.only or "clara" in args.only:
         build("mistral", m / "mistral", args)
@@ -114,6 +115,18 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 if not re.search(args.match, f"{name} / 8 GB cap, ctx {c},"):
                     continue
                 row(name, f"8 GB cap, ctx {c}, micro-batch 1", text_sets(args, m / model, c, 1, name), cap)
+    if "2gpu" in args.only:  # per-GPU peaks of 2 processes (plain data parallel, and the 7B fully fine-tuned)
+        build("mistral", m / "mistral", args)
+        ctx = 128 if t else 8192
+        sets = [x for x in text_sets(args, m / "mistral", ctx, 4, "language") if not x.startswith("train.batch_size")]
+        row("language", f"2 GPUs, ctx {ctx}, micro-batch 4", [*sets, "train.batch_size=8"], gpus=2)
+        ctx = 128 if t else 4096
+        full = [x for x in text_sets(args, m / "mistral", ctx, 1, "language") if not x.startswith("train.batch_size")]
+        full += ["train.batch_size=2", 'method.name="full"', 'train.optimizer="adamw"',
+                 "train.gradient_checkpointing=true"]
+        for profile in ("zero2", "zero3", "zero3-offload"):
+            row("language", f"2 GPUs, full fine-tune, ctx {ctx}, {profile}", [*full, f'hardware.profile="{profile}"'],
+                gpus=2)
     del d
     return out
 
@@ -177,10 +190,10 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     sets = [*r["sets"], *args.sets, f"output.dir={q(str(run_dir))}"]
     flags = [x for s in sets for x in ("--set", s)]
     env = {**os.environ, **r["env"], "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.perf_counter()
-    planned = subprocess.run([sys.executable, "-m", "crb.cli", "plan", recipe, *flags, "--json"], cwd=ROOT, env=env,
-                             capture_output=True, text=True)
-    result = {k: r[k] for k in ("recipe", "setting")} | {"env": r["env"]}
+    t0, gpus = time.perf_counter(), r.get("gpus", 1)
+    planned = subprocess.run([sys.executable, "-m", "crb.cli", "plan", recipe, *flags, "--gpus", str(gpus), "--json"],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    result = {k: r[k] for k in ("recipe", "setting")} | {"env": r["env"], "gpus": gpus}
     if planned.returncode:
         return result | {"status": "plan failed", "note": planned.stderr.strip().splitlines()[-1:]}
     p = json.loads(planned.stdout)
@@ -189,6 +202,9 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     os.environ.update(r["env"])
     try:
         runner = ([str(ROOT / "benchmarks" / "memory_peak.py")] if args.peaks else ["-m", "crb.run"])
+        if gpus > 1:  # rank 0 logs its own GPU's peak
+            runner = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+                      "--main_process_port", "29580", *runner]
         peak_json = ["--json", str(run_dir / "peak.json")] if args.peaks else []
         rc, wall = language.run_logged([sys.executable, *runner, recipe, *flags, *peak_json,
                                         *(["--stage", r["stage"]] if r["stage"] else [])],
@@ -240,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description="crb plan's predicted peak GPU memory against measured runs")
     p.add_argument("--out", required=True)
-    p.add_argument("--only", default="language,code,translation,retrieval,clara,8gb")
+    p.add_argument("--only", default="language,code,translation,retrieval,clara,8gb",
+                   help="row groups; also 2gpu (per-GPU peaks of 2 processes: run on a machine with 2 GPUs)")
     p.add_argument("--models", default=None, help="model dirs (default /tmp/crb-bench/plan-models[-tiny])")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and lengths: runs every path on CPU")
     p.add_argument("--json", default=None)

@@ -486,8 +486,8 @@ def test_plan_meets_the_measured_peak(shapes, row):
     planned again by today's code with that run's configuration: the plan's allocator part is within 5 % of the
     measured torch.cuda.max_memory_allocated; a run that ran out of memory is one the plan says does not fit.
     The prediction is recomputed, never read from the file."""
-    gib = float(row["env"].get("CRB_GPU_MEMORY_GB", ACCURACY["device_gib"]))
-    hw = Hardware(gpus=[Gpu(ACCURACY["device"], gib, gib, (9, 0))], bf16=True, ram_gib=1000, processes=1)
+    gib, n = float(row["env"].get("CRB_GPU_MEMORY_GB", ACCURACY["device_gib"])), row.get("gpus", 1)
+    hw = Hardware(gpus=[Gpu(ACCURACY["device"], gib, gib, (9, 0))] * n, bf16=True, ram_gib=1000, processes=n)
     model = RECIPES[row["recipe"]]
     r = recipes.load(ROOT / "recipes" / f"{row['recipe']}.toml", [f"model.name={shapes[model]}", *replayed_config(row)],
                      stage="compression" if row["recipe"] == "clara" else None)

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from crb.data import DataReport, _make_row
 from crb.data.chatml import chat_template
-from crb.data.reader import Record, read_jsonl
+from crb.data.reader import Record, read_records
 from crb.errors import CrbError, DataError
 from crb.recipe.schema import Recipe
 from crb.tasks import get_task
@@ -45,7 +45,7 @@ def _key(fields: dict[str, list[str]], norm: bool) -> str:
 
 
 def _records(files: list[str]) -> list[Record | DataError]:
-    return [r for f in files for r in read_jsonl(f)]
+    return [r for f in files for r in read_records(f)]
 
 
 # ---------------------------------------------------------------- inspect
@@ -164,18 +164,18 @@ def check(recipe: Recipe) -> CheckResult:
 
 
 def clean(recipe: Recipe, out: Path) -> dict[str, int]:
-    """Cleaned copies of the training files in `out` (same names): records that do not parse, have an
+    """Cleaned JSONL copies of the training sources in `out` (same stems, .jsonl): records that do not parse, have an
     empty field, or duplicate an earlier one (near duplicates included) dropped; text repaired by ftfy."""
     from ftfy import fix_text
 
     out.mkdir(parents=True, exist_ok=True)
     counts, seen, task = Counter(), set(), get_task(recipe.data.format)
     for file in recipe.data.train:
-        target = out / Path(file).name
+        target = out / (Path(file).stem + ".jsonl")  # every source kind is written out as JSONL
         if target.resolve() == Path(file).resolve():
             raise CrbError(f"crb data clean: --out {out} would overwrite {file}")
         kept = []
-        for rec in read_jsonl(file):
+        for rec in read_records(file):
             if isinstance(rec, DataError):
                 counts["dropped: malformed"] += 1
                 continue

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from crb.data import retrieval
 from crb.data.chatml import chat_template
 from crb.data.packing import Doc, one_per_row, pack, pack_groups
-from crb.data.reader import Record, file_sha256, read_jsonl
+from crb.data.reader import Record, read_records, source_sha256
 from crb.errors import DataError
 from crb.recipe.schema import ClaraConfig, DataConfig, uses
 from crb.units import IGNORE
@@ -90,7 +90,7 @@ def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
     items, wheres = [], []
     seen: dict = {}  # what the format's check_row remembers of the rows before
     for file in files:
-        for rec in read_jsonl(file):
+        for rec in read_records(file):
             try:
                 if isinstance(rec, DataError):
                     raise rec
@@ -207,7 +207,7 @@ def validate(cfg: DataConfig, clara_cfg: ClaraConfig | None = None, *, task: For
     for split, files in (("train", cfg.train), ("eval", cfg.eval), ("corpus", corpus)):
         for file in files:
             v.files += 1
-            for rec in read_jsonl(file):
+            for rec in read_records(file):
                 v.records += 1
                 try:
                     if isinstance(rec, DataError):
@@ -234,7 +234,7 @@ def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: st
     if clara_cfg is not None:
         h.update(json.dumps({k: v for k, v in dataclasses.asdict(clara_cfg).items() if k != "init_from"}).encode())
     for file in [*cfg.train, *cfg.eval]:
-        h.update(file_sha256(file).encode())
+        h.update(source_sha256(file).encode())
     section = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "train", "eval")}
     h.update(json.dumps([section, seed if cfg.eval_split else 0], sort_keys=True).encode())
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()

@@ -1,4 +1,5 @@
-"""JSON Lines reading with file:line errors; malformed records stop or are skipped and counted."""
+"""Record reading: JSON Lines with file:line errors; JSON, parquet, CSV, Arrow files and `Dataset.save_to_disk`
+folders through `datasets`, with SOURCE:row N errors. Malformed records stop or are skipped and counted."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from crb.errors import DataError
+from crb.recipe.schema import DATA_SUFFIXES
 
 
 def file_sha256(path: str | Path) -> str:
@@ -33,9 +35,65 @@ class Record:
     data: dict[str, Any]
     file: str
     line: int
+    unit: str = ""  # "row " for the rows of a table source: "file.parquet:row 3"
 
     def where(self) -> str:
-        return f"{self.file}:{self.line}"
+        return f"{self.file}:{self.unit}{self.line}"
+
+
+TABLE_KINDS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+SOURCE_KINDS = (*DATA_SUFFIXES, "a Dataset.save_to_disk folder")
+
+
+def source_kind(path: str | Path) -> str | None:
+    """'jsonl', 'json', 'parquet', 'csv', 'arrow' or 'disk' (a save_to_disk folder); None: not a data source."""
+    path = Path(path)
+    if path.is_dir():
+        return "disk" if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() else None
+    suffix = path.suffix.lower()
+    return "jsonl" if suffix == ".jsonl" else TABLE_KINDS.get(suffix)
+
+
+def source_sha256(path: str | Path) -> str:
+    """A file's sha256; a save_to_disk folder's: the sha256 of its files' names and sha256s."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    parts = [f"{f.relative_to(path)}:{file_sha256(f)}" for f in sorted(path.rglob("*")) if f.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def read_records(path: str | Path) -> Iterator[Record | DataError]:
+    """Any source kind's records: JSONL by line (read_jsonl), the others by 1-based row through `datasets`."""
+    kind = source_kind(path)
+    if kind == "jsonl":
+        yield from read_jsonl(path)
+        return
+    if kind is None:
+        raise DataError(f"{path}: not a data source (expected one of {', '.join(SOURCE_KINDS)})")
+    yield from _read_table(Path(path), kind)
+
+
+def _read_table(path: Path, kind: str) -> Iterator[Record | DataError]:
+    import datasets
+
+    try:
+        if kind == "disk":
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                raise DataError(f"{path}: a DatasetDict folder (splits {', '.join(ds)}); name one split's folder")
+        elif kind == "arrow":
+            ds = datasets.Dataset.from_file(str(path))
+        else:
+            ds = datasets.Dataset.from_dict({}) if path.stat().st_size == 0 else \
+                datasets.load_dataset(kind, data_files=str(path), split="train")
+    except DataError:
+        raise
+    except Exception as e:  # a file datasets cannot read: one line naming it
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"{path}: cannot read as {kind}: {type(e).__name__}: {first}") from None
+    for no, data in enumerate(ds, 1):
+        yield Record(dict(data), str(path), no, "row ")
 
 
 def read_jsonl(path: str | Path) -> Iterator[Record | DataError]:

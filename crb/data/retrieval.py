@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from crb.data.reader import read_jsonl
+from crb.data.reader import read_records
 from crb.errors import DataError
 
 
@@ -71,7 +71,7 @@ def corpus(files: list[str], rows: list[dict[str, np.ndarray]]) -> list[str]:
         for text in r["texts"][1:]:
             seen[str(text)] = None
     for file in files:
-        for rec in read_jsonl(file):
+        for rec in read_records(file):
             if isinstance(rec, DataError):
                 raise rec
             seen[check_document(rec.data, rec.where())] = None

@@ -12,7 +12,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from crb.data.reader import file_sha256
+from crb.data.reader import file_sha256, source_sha256
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
 from crb.tasks import TASKS
@@ -45,7 +45,7 @@ def make(r: recipes.Recipe) -> dict:
     files = [*r.data.train, *r.data.eval, *r.data.corpus]
     return {"recipe_toml": recipes.dumps(r), "source": r.source, "stage": r.stage, "packages": versions(),
             "model": {"name": r.model.name, "revision": model_revision(r)},
-            "data": {f: file_sha256(f) for f in files}}
+            "data": {f: source_sha256(f) for f in files}}
 
 
 def write(r: recipes.Recipe, path: Path) -> Path:
@@ -76,7 +76,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> tuple[recipes.
     r.source = str(path)
     now = make(r)
     for file, digest in locked["data"].items():
-        got = now["data"].get(file) or (file_sha256(file) if Path(file).is_file() else "missing")
+        got = now["data"].get(file) or (source_sha256(file) if Path(file).exists() else "missing")
         if got != digest:
             raise CrbError(f"{path}: data drift: {file} sha256 was {digest[:12]}..., is {got[:12]}...")
     if now["model"] != locked["model"]:

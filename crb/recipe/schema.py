@@ -115,15 +115,19 @@ class MethodConfig:
     lora: LoraConfig = doc("[method.lora]: adapter shape for lora/qlora.", factory=LoraConfig)
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # with save_to_disk folders: data sources
+
+
 @dataclass(kw_only=True)
 class DataConfig:
-    train: list[str] = doc("JSONL files of training records.")
+    train: list[str] = doc(
+        "Training record sources: .jsonl, .json, .parquet, .csv, .arrow files or Dataset.save_to_disk folders.")
     format: Literal["chatml", "text", "translation", "retrieval", "clara"] = doc(
         "chatml: records with `messages`; text: records with `text` (raw documents); translation: "
         "`source_lang, target_lang, source_text, target_text` (seq2seq); retrieval: `instruction, query, "
         "positive, negative` (contrastive embeddings; negative optional, a string or a list); clara: stage 1 "
         "`data_type, question[], answers[], docs[]`, stages 2-3 `question, docs[], answer, pos_index[]`.")
-    eval: list[str] = doc("JSONL files held out for evaluation.", factory=list)
+    eval: list[str] = doc("Record sources held out for evaluation (the kinds `train` takes).", factory=list)
     eval_split: float = doc("Fraction of train held out for eval when `eval` is empty.", 0.0)
     max_length: int = doc("Tokens per row (context length).", 2048)
     packing: bool = doc("Pack documents into max_length rows, attention confined per document.", False)
@@ -695,8 +699,11 @@ def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
         files = getattr(r.data, key)
         for i, name in enumerate(files):
             p = local(f"data.{key}", name)
-            if not p.is_file():
+            if not p.exists():
                 raise RecipeError(_where_key(f"data.{key}", origins) + f"data.{key}[{i}]: file not found: {p}")
+            if not (p.is_dir() or p.suffix.lower() in DATA_SUFFIXES):
+                raise RecipeError(_where_key(f"data.{key}", origins) + f"data.{key}[{i}]: not a data source: {p} "
+                                  f"(expected {', '.join(DATA_SUFFIXES)} or a Dataset.save_to_disk folder)")
             files[i] = str(p.resolve())
     r.output.dir = str(local("output.dir", r.output.dir).resolve())
     if "data.cache_dir" in origins and sources.is_fetched(origins["data.cache_dir"]):  # writes under the cwd only

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from crb.data import Row, retrieval
 from crb.data.collate import Batcher, retrieval_batcher
-from crb.data.reader import Record, read_jsonl
+from crb.data.reader import Record, read_records
 from crb.recipe.schema import Bad, ClaraConfig, DataConfig, Recipe
 from crb.tasks.base import Loader, Metric, Task, strings
 
@@ -111,7 +111,7 @@ def search(model: torch.nn.Module, recipe: dict, query: str, k: int = 3) -> str:
     rows = []
     for file in [*recipe["data"]["train"], *recipe["data"].get("eval", [])]:
         rows += [retrieval.row(retrieval.check_triple(r.data, r.where()), retrieval.instruction_of(r.data))
-                 for r in read_jsonl(file) if not isinstance(r, Exception)]
+                 for r in read_records(file) if not isinstance(r, Exception)]
     corpus = retrieval.corpus(recipe["data"].get("corpus", []), rows)
     _, query_prompt = retrieval.anchors(rows[:1])  # the training data's instruction, as training used it
     document_prompt = retrieval.prompt(recipe["data"].get("document_instruction", ""))

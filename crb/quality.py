@@ -44,8 +44,8 @@ def _key(fields: dict[str, list[str]], norm: bool) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def _records(files: list[str]) -> list[Record | DataError]:
-    return [r for f in files for r in read_records(f)]
+def _records(files: list[str], columns: dict[str, str]) -> list[Record | DataError]:
+    return [r for f in files for r in read_records(f, columns)]
 
 
 # ---------------------------------------------------------------- inspect
@@ -57,7 +57,7 @@ def inspect(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict:
     cfg, task = recipe.data, get_task(recipe.data.format)
     template = chat_template(tokenizer, cfg.chat_template)
     lengths, read, bad = [], [], 0
-    for rec in _records([*cfg.train, *cfg.eval]):
+    for rec in _records([*cfg.train, *cfg.eval], cfg.columns):
         if isinstance(rec, DataError):
             bad += 1
             continue
@@ -127,7 +127,7 @@ def check(recipe: Recipe) -> CheckResult:
     cfg, res, task = recipe.data, CheckResult(), get_task(recipe.data.format)
     seen: dict[tuple[bool, str], str] = {}  # (near?, key) -> first train file:line
     for split, files in (("train", cfg.train), ("eval", cfg.eval)):
-        for rec in _records(files):
+        for rec in _records(files, recipe.data.columns):
             if isinstance(rec, DataError):
                 res.findings.append(Finding("error", str(rec).split(": ", 1)[0], str(rec).split(": ", 1)[-1]))
                 continue
@@ -175,7 +175,7 @@ def clean(recipe: Recipe, out: Path) -> dict[str, int]:
         if target.resolve() == Path(file).resolve():
             raise CrbError(f"crb data clean: --out {out} would overwrite {file}")
         kept = []
-        for rec in read_records(file):
+        for rec in read_records(file, recipe.data.columns):
             if isinstance(rec, DataError):
                 counts["dropped: malformed"] += 1
                 continue

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from crb.data import retrieval
 from crb.data.chatml import chat_template
 from crb.data.packing import Doc, one_per_row, pack, pack_groups
-from crb.data.reader import Record, read_records, source_sha256
+from crb.data.reader import Record, mix, read_records, source_sha256
 from crb.errors import DataError
 from crb.recipe.schema import ClaraConfig, DataConfig, uses
 from crb.units import IGNORE
@@ -85,12 +85,21 @@ def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
 
 
 def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-          report: DataReport, task: Format, clara_cfg: ClaraConfig | None = None) -> tuple[list, list[str]]:
-    """The usable records as items, and each one's file:line."""
+          report: DataReport, task: Format, clara_cfg: ClaraConfig | None = None,
+          weights: list[float] | None = None, seed: int = 0) -> tuple[list, list[str]]:
+    """The usable records as items, and each one's file:line; each file's mixed by its weight (data.weights)."""
+    if weights:
+        items, wheres = [], []
+        for file, weight in zip(files, weights, strict=True):
+            got = list(zip(*_read([file], cfg, tokenizer, template, report, task, clara_cfg), strict=True))
+            mixed = mix(got, weight, seed, Path(file).name)
+            items += [item for item, _ in mixed]
+            wheres += [where for _, where in mixed]
+        return items, wheres
     items, wheres = [], []
     seen: dict = {}  # what the format's check_row remembers of the rows before
     for file in files:
-        for rec in read_records(file):
+        for rec in read_records(file, cfg.columns):
             try:
                 if isinstance(rec, DataError):
                     raise rec
@@ -145,7 +154,7 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
     if cache.is_file():
         return _load_cache(cache)
     report = DataReport()
-    docs, wheres = _read(cfg.train, cfg, tokenizer, template, report, task, clara_cfg)
+    docs, wheres = _read(cfg.train, cfg, tokenizer, template, report, task, clara_cfg, cfg.weights, seed)
     if cfg.eval:
         eval_docs, eval_wheres = _read(cfg.eval, cfg, tokenizer, template, report, task, clara_cfg)
     elif cfg.eval_split > 0:
@@ -207,7 +216,7 @@ def validate(cfg: DataConfig, clara_cfg: ClaraConfig | None = None, *, task: For
     for split, files in (("train", cfg.train), ("eval", cfg.eval), ("corpus", corpus)):
         for file in files:
             v.files += 1
-            for rec in read_records(file):
+            for rec in read_records(file, cfg.columns):
                 v.records += 1
                 try:
                     if isinstance(rec, DataError):

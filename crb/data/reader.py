@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from crb.errors import DataError
 from crb.recipe.schema import DATA_SUFFIXES
 
@@ -63,15 +65,29 @@ def source_sha256(path: str | Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def read_records(path: str | Path) -> Iterator[Record | DataError]:
-    """Any source kind's records: JSONL by line (read_jsonl), the others by 1-based row through `datasets`."""
+def read_records(path: str | Path, columns: dict[str, str] | None = None) -> Iterator[Record | DataError]:
+    """Any source kind's records: JSONL by line (read_jsonl), the others by 1-based row through `datasets`;
+    `columns` (crb field -> source column, data.columns) renames each record's keys."""
     kind = source_kind(path)
-    if kind == "jsonl":
-        yield from read_jsonl(path)
-        return
     if kind is None:
         raise DataError(f"{path}: not a data source (expected one of {', '.join(SOURCE_KINDS)})")
-    yield from _read_table(Path(path), kind)
+    records = read_jsonl(path) if kind == "jsonl" else _read_table(Path(path), kind)
+    rename = {column: field for field, column in (columns or {}).items()}
+    for rec in records:
+        if rename and isinstance(rec, Record):
+            rec.data = {rename.get(k, k): v for k, v in rec.data.items()}
+        yield rec
+
+
+def mix(items: list, weight: float, seed: int, name: str) -> list:
+    """A source's items under its mixing weight: int(weight) full copies, then a seeded, in-order sample of the
+    fraction left; the sample depends on the seed and the source's name only, not on the other sources."""
+    whole, frac = divmod(weight, 1.0)
+    out = items * int(whole)
+    if frac:
+        rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")])
+        out += [items[i] for i in sorted(rng.permutation(len(items))[:round(len(items) * frac)])]
+    return out
 
 
 def _read_table(path: Path, kind: str) -> Iterator[Record | DataError]:

@@ -115,6 +115,12 @@ class MethodConfig:
     lora: LoraConfig = doc("[method.lora]: adapter shape for lora/qlora.", factory=LoraConfig)
 
 
+FORMAT_FIELDS = {  # the record fields of each data format: the targets data.columns may name
+    "chatml": {"messages"}, "text": {"text"},
+    "translation": {"source_lang", "target_lang", "source_text", "target_text"},
+    "retrieval": {"instruction", "query", "positive", "negative"},
+    "clara": {"data_type", "question", "answers", "docs", "answer", "pos_index"},
+}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # with save_to_disk folders: data sources
 
 
@@ -154,6 +160,12 @@ class DataConfig:
     corpus: list[str] = doc(
         "retrieval: JSONL files of `text` documents that join the eval corpus (besides every positive and "
         "negative in the data).", factory=list)
+    columns: dict[str, str] = doc(
+        "crb field -> the sources' column of it, e.g. { messages = \"conversation\" }: renamed in every record "
+        "(train and eval) before the format's checks see it.", factory=dict)
+    weights: list[float] = doc(
+        "Mixing weight of each `train` source (empty: 1 each): 2 repeats a source twice, 0.5 keeps a seeded half "
+        "of it (in file order); rows stay in source order.", factory=list)
     cache_dir: str = doc("Where tokenized data is cached (by data hash + tokenizer + data section).",
                          "~/.cache/crb")
 
@@ -642,6 +654,15 @@ def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskR
             raise bad(f"method.trainable[{i}]", f"invalid regular expression ({e})", pattern) from None
     if not r.data.train:
         raise bad("data.train", "expected at least one file", [])
+    fields = FORMAT_FIELDS[r.data.format] | ({"text"} if r.data.corpus else set())
+    for target in r.data.columns:
+        if target not in fields:
+            raise bad(f"data.columns.{target}", f"not a field of format {r.data.format} (its fields: "
+                      f"{', '.join(sorted(fields))}){did_you_mean(target, fields)}", r.data.columns[target])
+    if r.data.weights and len(r.data.weights) != len(r.data.train):
+        raise bad("data.weights", f"expected one weight per data.train source ({len(r.data.train)})", r.data.weights)
+    if any(not w >= 0 for w in r.data.weights):
+        raise bad("data.weights", "expected weights >= 0", r.data.weights)
     if r.data.eval and r.data.eval_split:
         raise bad("data.eval_split", "expected 0 when data.eval lists files", r.data.eval_split)
     _check_languages(r, origins, bad)

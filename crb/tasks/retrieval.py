@@ -111,7 +111,7 @@ def search(model: torch.nn.Module, recipe: dict, query: str, k: int = 3) -> str:
     rows = []
     for file in [*recipe["data"]["train"], *recipe["data"].get("eval", [])]:
         rows += [retrieval.row(retrieval.check_triple(r.data, r.where()), retrieval.instruction_of(r.data))
-                 for r in read_records(file) if not isinstance(r, Exception)]
+                 for r in read_records(file, recipe["data"].get("columns")) if not isinstance(r, Exception)]
     corpus = retrieval.corpus(recipe["data"].get("corpus", []), rows)
     _, query_prompt = retrieval.anchors(rows[:1])  # the training data's instruction, as training used it
     document_prompt = retrieval.prompt(recipe["data"].get("document_instruction", ""))

@@ -11,7 +11,8 @@ import datasets
 import pytest
 
 from crb.cli import main as cli
-from crb.data import prepare
+from crb.data import DataReport, _read, prepare
+from crb.data.chatml import chat_template
 from crb.errors import DataError, RecipeError
 from crb.recipe.schema import load
 from crb.tasks import get_task
@@ -110,3 +111,36 @@ def test_lock_hashes_a_folder_by_its_files(tmp_path):
     datasets.Dataset.from_list(TEXTS[:5]).save_to_disk(str(tmp_path / "other"))
     assert source_sha256(tmp_path / "other") != before
     assert source_sha256(path) == before
+
+
+def test_columns_map_source_columns_to_fields(tmp_path, tiny_model, tiny_tokenizer):
+    want = rows(tmp_path, tiny_model, write_source(tmp_path, "jsonl", TEXTS), tiny_tokenizer)
+    path = write_source(tmp_path, "parquet", [{"body": r["text"]} for r in TEXTS])
+    r = load(recipe(tmp_path, tiny_model, path, 'columns = { text = "body" }'))
+    train_rows, _, _ = prepare(r.data, tiny_tokenizer, 0, task=get_task("text"))
+    assert [list(row["input_ids"]) for row in train_rows] == want
+    with pytest.raises(RecipeError, match=r"data\.columns\.txt: not a field of format text.*did you mean 'text'"):
+        load(recipe(tmp_path, tiny_model, path, 'columns = { txt = "body" }'))
+
+
+def test_weights_repeat_subsample_and_keep_order(tmp_path, tiny_model, tiny_tokenizer):
+    a = write_source(tmp_path, "jsonl", TEXTS[:6])
+    b = write_source(tmp_path, "parquet", TEXTS[6:])
+    c = write_source(tmp_path, "csv", TEXTS[:4])
+
+    def wheres(train: str, weights: str) -> list[str]:
+        r = load(recipe(tmp_path, tiny_model, a, f"weights = {weights}"), [f"data.train={train}"])
+        _, where = _read(r.data.train, r.data, tiny_tokenizer, chat_template(tiny_tokenizer, "chatml"),
+                         DataReport(), get_task("text"), None, r.data.weights, 0)
+        return where
+
+    two = wheres(f'["{a}", "{b}"]', "[2.0, 0.5]")
+    assert len(two) == 6 * 2 + 3
+    assert two[:12] == [f"{a}:{i}" for i in range(1, 7)] * 2
+    sampled = two[12:]
+    assert sampled == sorted(sampled, key=lambda w: int(w.rsplit(" ", 1)[1]))  # in file order
+    three = wheres(f'["{a}", "{b}", "{c}"]', "[2.0, 0.5, 1.0]")
+    assert three[:15] == two  # a third source leaves the others' rows as they were
+    assert len(three) == 15 + 4
+    with pytest.raises(RecipeError, match=r"data\.weights: expected one weight per data\.train source"):
+        load(recipe(tmp_path, tiny_model, a, "weights = [1.0, 2.0]"))

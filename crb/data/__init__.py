@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from crb.data import retrieval
 from crb.data.chatml import chat_template
 from crb.data.packing import Doc, one_per_row, pack, pack_groups
-from crb.data.reader import Record, mix, read_records, source_sha256
+from crb.data.reader import Record, mix, read_records, source_kind, source_sha256
 from crb.errors import DataError
 from crb.recipe.schema import ClaraConfig, DataConfig, uses
 from crb.units import IGNORE
@@ -151,7 +151,8 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
     template = chat_template(tokenizer, cfg.chat_template)
     key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if uses(cfg.format, "clara") else None)
     cache = Path(cfg.cache_dir).expanduser() / f"{key}.npz"
-    if cache.is_file():
+    cacheable = "unpinned" not in {source_sha256(f) for f in [*cfg.train, *cfg.eval]}  # an unpinned Hub dataset
+    if cacheable and cache.is_file():
         return _load_cache(cache)
     report = DataReport()
     docs, wheres = _read(cfg.train, cfg, tokenizer, template, report, task, clara_cfg, cfg.weights, seed)
@@ -172,7 +173,8 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
     if "input_ids" in train[0]:
         report.train_tokens = int(sum(len(r["input_ids"]) for r in train))
         report.target_tokens = int(sum((r["labels"][task.label_shift:] != IGNORE).sum() for r in train))
-    _save_cache(cache, train, evals, report)
+    if cacheable:
+        _save_cache(cache, train, evals, report)
     return train, evals, report
 
 
@@ -244,6 +246,8 @@ def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: st
         h.update(json.dumps({k: v for k, v in dataclasses.asdict(clara_cfg).items() if k != "init_from"}).encode())
     for file in [*cfg.train, *cfg.eval]:
         h.update(source_sha256(file).encode())
+        if source_kind(file) == "hub":  # its dataset and split besides the revision
+            h.update(file.encode())
     section = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "train", "eval")}
     h.update(json.dumps([section, seed if cfg.eval_split else 0], sort_keys=True).encode())
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()

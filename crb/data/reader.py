@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from crb.errors import DataError
-from crb.recipe.schema import DATA_SUFFIXES
+from crb.recipe.schema import DATA_SUFFIXES, HUB_DATASETS
 
 
 def file_sha256(path: str | Path) -> str:
@@ -49,6 +49,8 @@ SOURCE_KINDS = (*DATA_SUFFIXES, "a Dataset.save_to_disk folder")
 
 def source_kind(path: str | Path) -> str | None:
     """'jsonl', 'json', 'parquet', 'csv', 'arrow' or 'disk' (a save_to_disk folder); None: not a data source."""
+    if str(path).startswith(HUB_DATASETS):
+        return "hub"
     path = Path(path)
     if path.is_dir():
         return "disk" if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() else None
@@ -57,12 +59,24 @@ def source_kind(path: str | Path) -> str | None:
 
 
 def source_sha256(path: str | Path) -> str:
-    """A file's sha256; a save_to_disk folder's: the sha256 of its files' names and sha256s."""
+    """A file's sha256; a save_to_disk folder's: the sha256 of its files' names and sha256s; a Hub dataset's:
+    'revision:REV' (or 'unpinned')."""
+    if source_kind(path) == "hub":
+        rev = parse_hub(str(path))[1]
+        return f"revision:{rev}" if rev else "unpinned"
     path = Path(path)
     if not path.is_dir():
         return file_sha256(path)
     parts = [f"{f.relative_to(path)}:{file_sha256(f)}" for f in sorted(path.rglob("*")) if f.is_file()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def parse_hub(source: str) -> tuple[str, str | None, str]:
+    """hf://datasets/owner/name[@revision][:split] -> (owner/name, revision or None, split, default train)."""
+    rest = source.removeprefix(HUB_DATASETS)
+    rest, _, split = rest.partition(":")
+    name, _, rev = rest.partition("@")
+    return name, rev or None, split or "train"
 
 
 def read_records(path: str | Path, columns: dict[str, str] | None = None) -> Iterator[Record | DataError]:
@@ -71,7 +85,7 @@ def read_records(path: str | Path, columns: dict[str, str] | None = None) -> Ite
     kind = source_kind(path)
     if kind is None:
         raise DataError(f"{path}: not a data source (expected one of {', '.join(SOURCE_KINDS)})")
-    records = read_jsonl(path) if kind == "jsonl" else _read_table(Path(path), kind)
+    records = read_jsonl(path) if kind == "jsonl" else _read_table(path, kind)
     rename = {column: field for field, column in (columns or {}).items()}
     for rec in records:
         if rename and isinstance(rec, Record):
@@ -90,18 +104,21 @@ def mix(items: list, weight: float, seed: int, name: str) -> list:
     return out
 
 
-def _read_table(path: Path, kind: str) -> Iterator[Record | DataError]:
+def _read_table(path: str | Path, kind: str) -> Iterator[Record | DataError]:
     import datasets
 
     try:
-        if kind == "disk":
+        if kind == "hub":
+            name, rev, split = parse_hub(str(path))
+            ds = datasets.load_dataset(name, revision=rev, split=split)
+        elif kind == "disk":
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 raise DataError(f"{path}: a DatasetDict folder (splits {', '.join(ds)}); name one split's folder")
         elif kind == "arrow":
             ds = datasets.Dataset.from_file(str(path))
         else:
-            ds = datasets.Dataset.from_dict({}) if path.stat().st_size == 0 else \
+            ds = datasets.Dataset.from_dict({}) if Path(path).stat().st_size == 0 else \
                 datasets.load_dataset(kind, data_files=str(path), split="train")
     except DataError:
         raise

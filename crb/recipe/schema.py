@@ -121,6 +121,7 @@ FORMAT_FIELDS = {  # the record fields of each data format: the targets data.col
     "retrieval": {"instruction", "query", "positive", "negative"},
     "clara": {"data_type", "question", "answers", "docs", "answer", "pos_index"},
 }
+HUB_DATASETS = "hf://datasets/"  # a Hub dataset source: hf://datasets/owner/name@revision:split
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # with save_to_disk folders: data sources
 
 
@@ -719,6 +720,14 @@ def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
     for key in ("train", "eval", "corpus"):
         files = getattr(r.data, key)
         for i, name in enumerate(files):
+            if name.startswith(HUB_DATASETS):  # hf://datasets/owner/name[@revision][:split]: pinned in shared recipes
+                if "@" not in name:
+                    why = f"data.{key}[{i}]: {name} names no revision (hf://datasets/owner/name@revision[:split])"
+                    origin = origins.get(f"data.{key}", base)
+                    if sources.is_fetched(origin):
+                        raise RecipeError(_where_key(f"data.{key}", origins) + why + ": a fetched recipe must pin it")
+                    warnings.warn(_where_key(f"data.{key}", origins) + why + ": not cached", CrbWarning, 2)
+                continue
             p = local(f"data.{key}", name)
             if not p.exists():
                 raise RecipeError(_where_key(f"data.{key}", origins) + f"data.{key}[{i}]: file not found: {p}")

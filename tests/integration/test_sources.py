@@ -144,3 +144,31 @@ def test_weights_repeat_subsample_and_keep_order(tmp_path, tiny_model, tiny_toke
     assert len(three) == 15 + 4
     with pytest.raises(RecipeError, match=r"data\.weights: expected one weight per data\.train source"):
         load(recipe(tmp_path, tiny_model, a, "weights = [1.0, 2.0]"))
+
+
+def test_hub_dataset_pinned_and_stubbed(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    want = rows(tmp_path, tiny_model, write_source(tmp_path, "jsonl", TEXTS), tiny_tokenizer)
+    calls = []
+
+    def load_dataset(name, revision=None, split=None, **_kwargs):  # the Hub, offline
+        calls.append((name, revision, split))
+        if split != "train":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\'].')
+        return datasets.Dataset.from_list(TEXTS)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    source = "hf://datasets/acme/texts@0123abc:train"
+    assert rows(tmp_path, tiny_model, source, tiny_tokenizer) == want
+    assert calls == [("acme/texts", "0123abc", "train")]
+    from crb.data.reader import source_sha256
+
+    assert source_sha256(source) == "revision:0123abc"
+    with pytest.raises(DataError, match=r"hf://datasets/acme/texts@0123abc:test: cannot read.*Unknown split"):
+        rows(tmp_path, tiny_model, "hf://datasets/acme/texts@0123abc:test", tiny_tokenizer)
+    with pytest.warns(UserWarning, match="names no revision"):
+        load(recipe(tmp_path, tiny_model, "hf://datasets/acme/texts"))
+    monkeypatch.setenv("CRB_CACHE", str(tmp_path / "crb-cache"))  # a recipe in crb's cache: a fetched one
+    fetched = tmp_path / "crb-cache" / "recipes"
+    fetched.mkdir(parents=True)
+    with pytest.raises(RecipeError, match=r"data\.train\[0\]: hf://datasets/acme/texts names no revision.*must pin"):
+        load(recipe(fetched, tiny_model, "hf://datasets/acme/texts"))

@@ -128,7 +128,8 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # with save_t
 @dataclass(kw_only=True)
 class DataConfig:
     train: list[str] = doc(
-        "Training record sources: .jsonl, .json, .parquet, .csv, .arrow files or Dataset.save_to_disk folders.")
+        "Training record sources: .jsonl, .json, .parquet, .csv, .arrow files, Dataset.save_to_disk folders or "
+        "hf://datasets/owner/name@revision:split (docs/data.md).")
     format: Literal["chatml", "text", "translation", "retrieval", "clara"] = doc(
         "chatml: records with `messages`; text: records with `text` (raw documents); translation: "
         "`source_lang, target_lang, source_text, target_text` (seq2seq); retrieval: `instruction, query, "

@@ -10,25 +10,22 @@ import torch.nn.functional as F
 
 
 class SharedDropout(torch.nn.Module):
-    """Dropout that returns the same dropped tensor while it is called with the same input object; the parent
-    module's forward hooks forget it, so nothing outlives the parent's call."""
+    """Dropout that returns the same dropped tensor while it is called again with the same input object. The
+    model's SharedDropouts hold one (input, dropped copy) pair between them, so at most one pair outlives the
+    call it was made in (also when checkpointing stops a recomputation early), and the model's forward hook
+    drops it."""
 
-    def __init__(self, p: float, weight: torch.Tensor) -> None:
+    def __init__(self, p: float, weight: torch.Tensor, slot: dict) -> None:
         super().__init__()
-        self.p = p
+        self.p, self.slot = p, slot
         object.__setattr__(self, "weight", weight)  # the adapters' dtype outside autocast; not a submodule
-        self.forget()
-
-    def forget(self, *_: object) -> None:
-        self.key: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.key is not x:
+        if self.slot.get("owner") is not self or self.slot.get("input") is not x:
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
-            self.key, self.out = x, F.dropout(x, self.p, self.training).to(dtype)
-        return self.out
+            self.slot.update(owner=self, input=x, out=F.dropout(x, self.p, self.training).to(dtype))
+        return self.slot["out"]
 
 
 def share_dropouts(model: torch.nn.Module) -> int:
@@ -36,22 +33,20 @@ def share_dropouts(model: torch.nn.Module) -> int:
     one. Layers without dropout (p = 0: peft's Identity, no copy kept) are left alone."""
     from peft.tuners.lora import LoraLayer
 
+    slot: dict = {}
     shared = 0
     for parent in model.modules():
         layers = [m for m in parent.children() if isinstance(m, LoraLayer)]
-        if len(layers) < 2:  # a lone adapter has nothing to share with
-            continue
         groups: dict[str, SharedDropout] = {}
-        for layer in layers:
+        for layer in layers if len(layers) > 1 else ():  # a lone adapter has nothing to share with
             for name, drop in layer.lora_dropout.items():
                 if not isinstance(drop, torch.nn.Dropout) or drop.p == 0:
                     continue
                 if name not in groups:
-                    groups[name] = SharedDropout(drop.p, layer.lora_A[name].weight)
+                    groups[name] = SharedDropout(drop.p, layer.lora_A[name].weight, slot)
                 layer.lora_dropout[name] = groups[name]
                 layer.cast_input_dtype_enabled = False  # the input stays the same tensor; SharedDropout casts
                 shared += 1
-        for group in groups.values():
-            parent.register_forward_pre_hook(group.forget)
-            parent.register_forward_hook(group.forget)
+    if shared:
+        model.register_forward_hook(lambda *_: slot.clear())
     return shared

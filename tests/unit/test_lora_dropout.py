@@ -104,9 +104,19 @@ def test_the_dropped_copy_is_in_the_adapters_dtype():
         assert adapter_inputs(model, ids)["q_proj"].dtype == torch.bfloat16
 
 
-def test_nothing_outlives_the_parent_call():
+def test_nothing_outlives_the_forward():
+    """The SharedDropouts of a model hold one (input, dropped copy) pair between them, dropped after the forward;
+    a forward stopped early (as checkpointing's recomputation stops) leaves that one pair, never one per layer."""
     model = lora_model(0.2, True)
     model(input_ids=torch.randint(0, 64, (1, 8)))
     drops = {id(m): m for m in model.modules() if isinstance(m, SharedDropout)}
     assert len(drops) == 2 * 2  # self_attn and mlp of each layer
-    assert all(m.key is None and m.out is None for m in drops.values())
+    slots = {id(m.slot): m.slot for m in drops.values()}
+    assert len(slots) == 1 and not next(iter(slots.values()))
+    layers = model.base_model.model.model.layers
+    hidden = torch.randn(1, 8, 32)
+    for layer in layers:  # each layer's attention projections, as a recomputation that stops inside the layer
+        attn = layer.self_attn
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj(hidden)
+    assert len(slots[next(iter(slots))]) == 3 and slots[next(iter(slots))]["input"] is hidden

@@ -120,3 +120,23 @@ def test_nothing_outlives_the_forward():
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             proj(hidden)
     assert len(slots[next(iter(slots))]) == 3 and slots[next(iter(slots))]["input"] is hidden
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_recompute_the_shared_masks(reentrant):
+    """Checkpointing recomputes each layer in backward (non-reentrant: stopping early, once the saved tensors are
+    back); the recomputation draws the forward's shared masks, so the gradients are those of the plain model."""
+    ids = torch.randint(0, 64, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = lora_model(0.3, True)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        torch.manual_seed(1)
+        model(input_ids=ids).logits.pow(2).mean().backward()
+        grads.append({n: w.grad for n, w in model.named_parameters() if w.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n])

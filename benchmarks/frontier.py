@@ -285,7 +285,7 @@ def _chosen(c: dict) -> dict | None:
     if not p:
         return None
     return {k: p.get(k) for k in ("profile", "micro_batch", "checkpointed_layers", "layers", "offload_activations",
-                                  "kernels", "compile", "attention", "plan_gib")}
+                                  "kernels", "compile", "attention", "plan_gib", "shared_dropout")}
 
 
 def table(summary: dict) -> str:

@@ -180,7 +180,7 @@ def clara_sets(args: argparse.Namespace, model: Path, micro: int) -> list[str]:
 
 MACHINE_KEYS = {"model.name", "data.train", "data.cache_dir", "output.dir"}  # paths on the measuring machine
 CHOSEN = ("profile", "micro_batch", "checkpointed_layers", "layers", "offload_activations", "kernels", "compile",
-          "attention")
+          "attention", "shared_dropout")
 
 
 def measure(args: argparse.Namespace, r: dict, i: int) -> dict:

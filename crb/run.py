@@ -170,7 +170,7 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, dat
              "gradient_checkpointing": recipe.train.gradient_checkpointing, "checkpointed_layers":
                  p.notes["checkpointed_layers"], "layers": p.notes["layers"], "choices": choices,
              "offload_activations": recipe.train.offload_activations, "kernels": recipe.train.kernels,
-             "compile": recipe.train.compile,
+             "compile": recipe.train.compile, "shared_dropout": recipe.method.lora.shared_dropout,
              "attention": recipe.model.attn_implementation,
              "plan_gib": round(p.total / GIB, 3), "capacity_gib": p.capacity and round(p.capacity / GIB, 3),
              "profiles_gib": {k: round(v / GIB, 3) for k, v in p.profiles.items()}}, indent=1))

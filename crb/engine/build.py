@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerB
 from crb.data.chatml import chat_template
 from crb.engine import hub
 from crb.engine.kernels import apply_kernels, resolve_attention
+from crb.engine.lora_dropout import share_dropouts
 from crb.errors import CrbError
 from crb.recipe.schema import Recipe
 from crb.tasks import get_task
@@ -213,6 +214,8 @@ def build_clara(base: torch.nn.Module, recipe: Recipe, checkpointed_layers: int 
         model = get_peft_model(base, config, adapter_name="encoder")
         for name in adapters[1:]:
             model.add_adapter(name, config)
+    if lora.shared_dropout:
+        share_dropouts(model)
     for n, p in model.named_parameters():  # every adapter of the stage trains
         p.requires_grad = any(f".{a}." in n for a in adapters) and "lora_" in n
     clara = Clara(model, mem_ids, added, adapters, c.top_k if c.phase != "compression" else 1, c.temperature)
@@ -272,7 +275,10 @@ def add_lora(model: torch.nn.Module, recipe: Recipe, task_type: str) -> torch.nn
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, bias=lora.bias,
                         modules_to_save=lora.modules_to_save or None, task_type=task_type)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if lora.shared_dropout:
+        share_dropouts(model)
+    return model
 
 
 def freeze(model: torch.nn.Module, patterns: list[str]) -> None:

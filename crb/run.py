@@ -110,7 +110,8 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     check_finite(accelerator, model, final, out)
     artifact = save_final(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:
-        summary = {"final": final, "data": report.__dict__, "trainable_params": trainable, "total_params": total,
+        data = {k: v for k, v in report.__dict__.items() if k != "train_sources"}  # one per row: read when needed
+        summary = {"final": final, "data": data, "trainable_params": trainable, "total_params": total,
                    "profile": profile,
                    "artifact": str(artifact)}
         (out / "run.json").write_text(json.dumps(summary, indent=1))

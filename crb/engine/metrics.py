@@ -18,4 +18,4 @@ def task_metrics(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train_rows:
     if not eval_rows:
         return []
     rows = eval_rows[: recipe.eval.max_samples or None]
-    return get_task(recipe.data.format).metrics(recipe, tokenizer, rows, [*train_rows, *eval_rows])
+    return get_task(recipe.data.format).metrics(recipe, tokenizer, rows, train_rows + eval_rows)

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,7 +75,11 @@ class DataReport:
 
 class Format(Protocol):
     """What the preparation below asks of a data format: crb.tasks.Task is one (its methods say what each does).
-    The data layer does not import the agents: the caller passes the recipe's in (crb.tasks.prepare)."""
+    The data layer does not import the agents: the caller passes the recipe's in (crb.tasks.prepare).
+
+    check, make_row, truncate and labels run in the tokenizing worker processes (picklable, no shared state);
+    check_row runs afterwards in the main process, in file order, on the prepared row (its columns read when
+    asked for); packable documents (causal LM) have no checks across rows."""
 
     packable: bool
     label_shift: int
@@ -91,7 +95,8 @@ class Format(Protocol):
 
     def labels(self, item: Row | Doc) -> Any: ...
 
-    def check_row(self, row: Row, where: str, seen: dict, clara_cfg: ClaraConfig | None) -> None: ...
+    def check_row(self, row: Mapping[str, np.ndarray], where: str, seen: dict, clara_cfg: ClaraConfig | None
+                  ) -> None: ...
 
 
 def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clara_cfg: ClaraConfig | None = None, *,
@@ -202,16 +207,15 @@ def _usable(docs: Docs, start: int, end: int, cfg: DataConfig, report: DataRepor
     """Documents start..end that make rows, the policies applied in file order (so the first error stops): a
     malformed record (data.bad_records), one in a direction not trained, over-long (data.overlong), no target."""
     status, truncated = docs.column("status")[start:end].tolist(), docs.column("truncated")[start:end].tolist()
-    rows = None if task.packable else Rows(docs, np.arange(len(docs)), np.arange(len(docs) + 1), False)
     kept = []
     for j, s, cut in zip(range(start, end), status, truncated, strict=True):
         if s == BLANK:
             continue
         report.records += s != READ_ERROR
         error = docs.text("error", j) if s in (READ_ERROR, BAD) else None
-        if rows is not None and s in MADE:  # checks across rows (packable documents have none), in file order
+        if not task.packable and s in MADE:  # checks across rows, in file order (a format reads what it needs)
             try:
-                task.check_row(rows[j], docs.text("where", j), seen, clara_cfg)
+                task.check_row(docs.row(j), docs.text("where", j), seen, clara_cfg)
             except DataError as e:
                 error = str(e)
         if error is not None:

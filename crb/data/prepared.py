@@ -12,7 +12,7 @@ packing group concatenated when the row is read."""
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -198,6 +198,7 @@ class Docs:
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._chunks: dict[str, list[tuple[np.ndarray, Any]]] = {}
         self._lengths: dict[str, np.ndarray] = {}
+        self._small: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -213,10 +214,14 @@ class Docs:
                                   else c.values.to_numpy()) for c in chunks]
         return self._chunks[key]
 
-    def get(self, key: str, j: int) -> np.ndarray:
+    def _at(self, j: int) -> tuple[int, int]:
+        """(chunk, row in it) of document j."""
         c = int(np.searchsorted(self.starts, j, "right")) - 1
+        return c, int(j - self.starts[c])
+
+    def get(self, key: str, j: int) -> np.ndarray:
+        c, local = self._at(j)
         offsets, values = self._columns(key)[c]
-        local = j - self.starts[c]
         part = values[offsets[local]: offsets[local + 1]]
         return part.astype(np.int64) if isinstance(part, np.ndarray) else np.asarray(part.to_pylist(), str)
 
@@ -227,10 +232,34 @@ class Docs:
         return self._lengths[key]
 
     def column(self, name: str) -> np.ndarray:
-        return self.table.column(name).to_numpy()
+        """A small column (status, tokens, ...) whole."""
+        if name not in self._small:
+            self._small[name] = self.table.column(name).to_numpy()
+        return self._small[name]
 
     def text(self, name: str, j: int) -> str | None:
-        return self.table.column(name)[j].as_py()
+        c, local = self._at(j)
+        return self.table.column(name).chunk(c)[local].as_py()
+
+    def row(self, j: int) -> Mapping[str, np.ndarray]:
+        """Document j's row, each column read when asked for."""
+        return _LazyRow(self, j)
+
+
+class _LazyRow(Mapping[str, np.ndarray]):
+    def __init__(self, docs: Docs, j: int) -> None:
+        self.docs, self.j = docs, j
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.docs.keys:
+            raise KeyError(key)
+        return self.docs.get(key, self.j)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.docs.keys)
+
+    def __len__(self) -> int:
+        return len(self.docs.keys)
 
 
 class Rows(Sequence[Row]):

@@ -1,5 +1,7 @@
-"""Data: read the recipe's files, tokenize by format (its task, passed in), apply the over-length policy, split
-off eval, pack or not; cached by data hash + tokenizer + data section."""
+"""Data: read the recipe's files, tokenize by format (its task, passed in) in worker processes, apply the
+malformed-record and over-length policies in file order, split off eval, pack or not; the result is a folder of
+memory-mapped Arrow documents and row indices (crb.data.prepared), cached by data hash + tokenizer + data
+section."""
 
 from __future__ import annotations
 
@@ -173,19 +175,19 @@ def _prepare(folder: Path, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
     if not len(train):
         raise DataError(f"{cfg.train[0]}: no usable training records ({report.summary()})")
     tokens = docs.column("tokens")
-    for name, index in (("train", train), ("eval", evals)):
+    n_rows = {}
+    for name, index in (("train", train), ("eval", evals)):  # row g: documents index[offsets[g]:offsets[g + 1]]
         packed = task.packable and cfg.packing
         offsets = pack_offsets(tokens[index], cfg.max_length) if packed else np.arange(len(index) + 1)
         np.save(folder / f"{name}.index.npy", index.astype(np.int64))
         np.save(folder / f"{name}.offsets.npy", offsets.astype(np.int64))
-    report.train_rows = len(np.load(folder / "train.offsets.npy")) - 1
-    report.eval_rows = len(np.load(folder / "eval.offsets.npy")) - 1
+        n_rows[name] = len(offsets) - 1
+    report.train_rows, report.eval_rows = n_rows["train"], n_rows["eval"]
     if "input_ids" in docs.keys:
         report.train_tokens = int(tokens[train].sum())
         report.target_tokens = int(docs.column("targets")[train].sum())
-    counted = {k: v for k, v in dataclasses.asdict(dataclasses.replace(report, train_sources=[])).items()
-               if k != "train_sources"}
-    (folder / REPORT).write_text(json.dumps(counted))
+    saved = {f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "train_sources"}
+    (folder / REPORT).write_text(json.dumps(saved))
 
 
 def _split(docs: Docs, files: list[str], spans: list[tuple[int, int]], cfg: DataConfig, report: DataReport,

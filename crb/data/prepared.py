@@ -113,7 +113,7 @@ class Tokenize:
                 error = (f"{where}: {length} tokens > data.max_length {cfg.max_length} "
                          "(set data.overlong = \"truncate\" or \"drop\")")
         labels = task.labels(item)
-        if status == OK and labels is not None and all(t == IGNORE for t in labels[1:]):  # nothing left to learn
+        if status == OK and labels is not None and not (np.asarray(labels[1:]) != IGNORE).any():  # nothing to learn
             status = NO_TARGET
         row = {"input_ids": np.asarray(item[0]), "labels": np.asarray(item[1])} if task.packable else item
         return status, error, row, truncated

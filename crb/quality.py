@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from crb.data import DataReport, _make_row
 from crb.data.chatml import chat_template
 from crb.data.reader import Record, read_records
 from crb.errors import CrbError, DataError
@@ -62,7 +61,8 @@ def inspect(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict:
             bad += 1
             continue
         try:
-            made = _make_row(rec, cfg, tokenizer, template, DataReport(), task, recipe.clara)
+            made = task.make_row(task.check(rec, cfg, recipe.clara), rec.where(), cfg, tokenizer, template,
+                                 recipe.clara)
         except DataError:
             bad += 1
             continue

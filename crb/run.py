@@ -64,7 +64,9 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     if capped:
         say(f"crb: GPU memory capped at {capped:.1f} GiB (CRB_GPU_MEMORY_GB)")
     tokenizer = build_tokenizer(recipe)
-    with state.main_process_first():
+    # The first process prepares; then the first of each node (its cache folder may not be shared); the others
+    # memory-map the cache they wrote (every process passes the same two barriers).
+    with state.main_process_first(), state.local_main_process_first():
         train_rows, eval_rows, report = prepare(recipe.data, tokenizer, recipe.train.seed, recipe.clara)
     say(f"crb: data: {report.summary()}")
     profile, plugin, trainable = choose_profile(recipe, hw, out, data_facts(train_rows + eval_rows,
@@ -110,7 +112,8 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     check_finite(accelerator, model, final, out)
     artifact = save_final(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:
-        summary = {"final": final, "data": report.__dict__, "trainable_params": trainable, "total_params": total,
+        data = {k: v for k, v in report.__dict__.items() if k != "train_sources"}  # one per row: read when needed
+        summary = {"final": final, "data": data, "trainable_params": trainable, "total_params": total,
                    "profile": profile,
                    "artifact": str(artifact)}
         (out / "run.json").write_text(json.dumps(summary, indent=1))

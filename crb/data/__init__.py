@@ -1,12 +1,18 @@
-"""Data: read the recipe's files, tokenize by format (its task, passed in), apply the over-length policy, split
-off eval, pack or not; cached by data hash + tokenizer + data section."""
+"""Data: read the recipe's files, tokenize by format (its task, passed in) in worker processes, apply the
+malformed-record and over-length policies in file order, split off eval, pack or not; the result is a folder of
+memory-mapped Arrow documents and row indices (crb.data.prepared), cached by data hash + tokenizer + data
+section."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,14 +22,30 @@ from transformers import PreTrainedTokenizerBase
 
 from crb.data import retrieval
 from crb.data.chatml import chat_template
-from crb.data.packing import Doc, one_per_row, pack, pack_groups
+from crb.data.packing import Doc
+from crb.data.prepared import (
+    BAD,
+    BATCH,
+    BLANK,
+    MADE,
+    NO_TARGET,
+    OTHER,
+    OVERLONG,
+    READ_ERROR,
+    Docs,
+    Rows,
+    Tokenize,
+    open_table,
+    pack_offsets,
+    write_raw,
+)
 from crb.data.reader import Record, mix, read_records, source_kind, source_sha256
 from crb.errors import DataError
 from crb.recipe.schema import ClaraConfig, DataConfig, uses
-from crb.units import IGNORE
 
 Row = dict[str, np.ndarray]
-CACHE_VERSION = "4"  # 4: stage 2 reads the gold candidates and the first others
+CACHE_VERSION = "5"  # 5: a folder of memory-mapped Arrow documents and row indices (crb.data.prepared)
+REPORT = "report.json"  # written last: a folder with it is complete
 
 
 @dataclass
@@ -39,7 +61,7 @@ class DataReport:
     train_tokens: int = 0
     target_tokens: int = 0
     first_bad: list[str] = field(default_factory=list)
-    train_sources: list[str] = field(default_factory=list)  # per train row: the file:line of its records
+    train_sources: Sequence[str] = field(default_factory=list)  # per train row: the file:line of its records (lazy)
 
     def summary(self) -> str:
         tokens = f" ({self.train_tokens:,} tokens, {self.target_tokens:,} trained on)" if self.train_tokens else ""
@@ -55,7 +77,11 @@ class DataReport:
 
 class Format(Protocol):
     """What the preparation below asks of a data format: crb.tasks.Task is one (its methods say what each does).
-    The data layer does not import the agents: the caller passes the recipe's in (crb.tasks.prepare)."""
+    The data layer does not import the agents: the caller passes the recipe's in (crb.tasks.prepare).
+
+    check, make_row, truncate and labels run in the tokenizing worker processes (picklable, no shared state);
+    check_row runs afterwards in the main process, in file order, on the prepared row (its columns read when
+    asked for); packable documents (causal LM) have no checks across rows."""
 
     packable: bool
     label_shift: int
@@ -71,111 +97,163 @@ class Format(Protocol):
 
     def labels(self, item: Row | Doc) -> Any: ...
 
-    def check_row(self, row: Row, where: str, seen: dict, clara_cfg: ClaraConfig | None) -> None: ...
-
-
-def _make_row(rec: Record, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-              report: DataReport, task: Format, clara_cfg: ClaraConfig | None = None
-              ) -> tuple[Row | Doc, int] | None:
-    """One record in its format's shape, with its length in tokens (None: a record the recipe does not train)."""
-    made = task.make_row(task.check(rec, cfg, clara_cfg), rec.where(), cfg, tokenizer, template, clara_cfg)
-    if made is None:
-        report.other_directions += 1
-    return made
-
-
-def _read(files: list[str], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str,
-          report: DataReport, task: Format, clara_cfg: ClaraConfig | None = None,
-          weights: list[float] | None = None, seed: int = 0) -> tuple[list, list[str]]:
-    """The usable records as items, and each one's file:line; each file's mixed by its weight (data.weights)."""
-    if weights:
-        items, wheres = [], []
-        for file, weight in zip(files, weights, strict=True):
-            got = list(zip(*_read([file], cfg, tokenizer, template, report, task, clara_cfg), strict=True))
-            mixed = mix(got, weight, seed, Path(file).name)
-            items += [item for item, _ in mixed]
-            wheres += [where for _, where in mixed]
-        return items, wheres
-    items, wheres = [], []
-    seen: dict = {}  # what the format's check_row remembers of the rows before
-    for file in files:
-        for rec in read_records(file, cfg.columns):
-            try:
-                if isinstance(rec, DataError):
-                    raise rec
-                report.records += 1
-                made = _make_row(rec, cfg, tokenizer, template, report, task, clara_cfg)
-                if made:
-                    task.check_row(made[0], rec.where(), seen, clara_cfg)
-            except DataError as e:
-                if cfg.bad_records == "error":
-                    raise
-                report.bad_skipped += 1
-                report.first_bad = report.first_bad or [str(e)]
-                continue
-            if made is None:
-                continue
-            item, length = made
-            if length > cfg.max_length:
-                if cfg.overlong == "error":
-                    raise DataError(f"{rec.where()}: {length} tokens > data.max_length {cfg.max_length} "
-                                    "(set data.overlong = \"truncate\" or \"drop\")")
-                if cfg.overlong == "drop":
-                    report.dropped_overlong += 1
-                    continue
-                item = task.truncate(item, cfg.max_length)
-                report.truncated += 1
-            labels = task.labels(item)
-            if labels is not None and all(t == IGNORE for t in labels[1:]):  # nothing left to learn (cut)
-                report.dropped_no_target += 1
-                continue
-            items.append(item)
-            wheres.append(rec.where())
-    return items, wheres
-
-
-def _rows(items: list, wheres: list[str], cfg: DataConfig, task: Format) -> tuple[list[Row], list[str]]:
-    """Rows, and for each the file:line of the records in it."""
-    if not task.packable:
-        return items, wheres  # already rows
-    if not cfg.packing:
-        return one_per_row(items), wheres
-    groups = pack_groups([len(ids) for ids, _ in items], cfg.max_length)
-    return pack(items, cfg.max_length), [", ".join(wheres[i] for i in g) for g in groups]
+    def check_row(self, row: Mapping[str, np.ndarray], where: str, seen: dict, clara_cfg: ClaraConfig | None
+                  ) -> None: ...
 
 
 def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clara_cfg: ClaraConfig | None = None, *,
-            task: Format) -> tuple[list[Row], list[Row], DataReport]:
-    """(train rows, eval rows, report) of data in format `task`, from the cache when the same data was prepared
-    before."""
+            task: Format) -> tuple[Rows, Rows, DataReport]:
+    """(train rows, eval rows, report) of data in format `task`, memory-mapped from the cache when the same data
+    was prepared before (crb.data.prepared)."""
     template = chat_template(tokenizer, cfg.chat_template)
     key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if uses(cfg.format, "clara") else None)
-    cache = Path(cfg.cache_dir).expanduser() / f"{key}.npz"
+    root = Path(cfg.cache_dir).expanduser()
+    entry = root / key
     cacheable = "unpinned" not in {source_sha256(f) for f in [*cfg.train, *cfg.eval]}  # an unpinned Hub dataset
-    if cacheable and cache.is_file():
-        return _load_cache(cache)
+    if cacheable and (entry / REPORT).is_file():
+        return _load(entry, task)
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{key}.tmp", dir=root))
+    work.chmod(0o755)
+    try:
+        _prepare(work, cfg, tokenizer, template, seed, clara_cfg, task)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not cacheable:  # this run's alone
+        atexit.register(shutil.rmtree, work, True)
+        return _load(work, task)
+    try:
+        os.replace(work, entry)  # whole or not at all
+    except OSError:  # another run prepared the same data first
+        shutil.rmtree(work, ignore_errors=True)
+        if not (entry / REPORT).is_file():
+            raise
+    return _load(entry, task)
+
+
+def _prepare(folder: Path, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: str, seed: int,
+             clara_cfg: ClaraConfig | None, task: Format) -> None:
+    """Tokenize every source into `folder` (datasets.map, batched, in worker processes), then, reading only the
+    small columns, apply the policies in file order, mix, split off eval and pack: row indices beside the table."""
+    import datasets
+
+    files = [*cfg.train, *cfg.eval]
+    counts = write_raw(files, folder / "raw.arrow")
+    if not sum(counts):
+        raise DataError(f"{cfg.train[0]}: no usable training records ({DataReport().summary()})")
+    raw = datasets.Dataset.from_file(str(folder / "raw.arrow"))
+    tokenize = Tokenize(files, cfg, tokenizer, template, task, clara_cfg)
+    tokenize.probe(raw.data.table, len(tokenizer))
+    procs = num_proc(cfg.num_proc, raw.num_rows)
+    quiet = datasets.utils.logging.is_progress_bar_enabled() and raw.num_rows < 10 * BATCH
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        raw.map(tokenize, batched=True, batch_size=BATCH, num_proc=procs if procs > 1 else None,
+                remove_columns=raw.column_names, cache_file_name=str(folder / "docs.arrow"),
+                new_fingerprint=folder.name, load_from_cache_file=False, desc="crb: tokenizing")
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    del raw
+    (folder / "raw.arrow").unlink()
+    docs = Docs(open_table(folder))
     report = DataReport()
-    docs, wheres = _read(cfg.train, cfg, tokenizer, template, report, task, clara_cfg, cfg.weights, seed)
+    ends = np.cumsum(counts).tolist()
+    spans = list(zip([0, *ends[:-1]], ends, strict=True))
+    train = _split(docs, files[:len(cfg.train)], spans[:len(cfg.train)], cfg, report, task, clara_cfg,
+                   cfg.weights, seed)
     if cfg.eval:
-        eval_docs, eval_wheres = _read(cfg.eval, cfg, tokenizer, template, report, task, clara_cfg)
+        evals = _split(docs, cfg.eval, spans[len(cfg.train):], cfg, report, task, clara_cfg)
     elif cfg.eval_split > 0:
-        order = np.random.default_rng(seed).permutation(len(docs))
-        n_eval = max(1, round(len(docs) * cfg.eval_split))
-        held, kept = sorted(order[:n_eval]), sorted(order[n_eval:])
-        eval_docs, eval_wheres = [docs[i] for i in held], [wheres[i] for i in held]
-        docs, wheres = [docs[i] for i in kept], [wheres[i] for i in kept]
+        order = np.random.default_rng(seed).permutation(len(train))
+        n_eval = max(1, round(len(train) * cfg.eval_split))
+        train, evals = train[np.sort(order[n_eval:])], train[np.sort(order[:n_eval])]
     else:
-        eval_docs, eval_wheres = [], []
-    if not docs:
+        evals = np.zeros(0, np.int64)
+    if not len(train):
         raise DataError(f"{cfg.train[0]}: no usable training records ({report.summary()})")
-    (train, report.train_sources), (evals, _) = _rows(docs, wheres, cfg, task), _rows(eval_docs, eval_wheres, cfg, task)
-    report.train_rows, report.eval_rows = len(train), len(evals)
-    if "input_ids" in train[0]:
-        report.train_tokens = int(sum(len(r["input_ids"]) for r in train))
-        report.target_tokens = int(sum((r["labels"][task.label_shift:] != IGNORE).sum() for r in train))
-    if cacheable:
-        _save_cache(cache, train, evals, report)
+    tokens = docs.column("tokens")
+    n_rows = {}
+    for name, index in (("train", train), ("eval", evals)):  # row g: documents index[offsets[g]:offsets[g + 1]]
+        packed = task.packable and cfg.packing
+        offsets = pack_offsets(tokens[index], cfg.max_length) if packed else np.arange(len(index) + 1)
+        np.save(folder / f"{name}.index.npy", index.astype(np.int64))
+        np.save(folder / f"{name}.offsets.npy", offsets.astype(np.int64))
+        n_rows[name] = len(offsets) - 1
+    report.train_rows, report.eval_rows = n_rows["train"], n_rows["eval"]
+    if "input_ids" in docs.keys:
+        report.train_tokens = int(tokens[train].sum())
+        report.target_tokens = int(docs.column("targets")[train].sum())
+    saved = {f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "train_sources"}
+    (folder / REPORT).write_text(json.dumps(saved))
+
+
+def _split(docs: Docs, files: list[str], spans: list[tuple[int, int]], cfg: DataConfig, report: DataReport,
+           task: Format, clara_cfg: ClaraConfig | None, weights: list[float] | None = None, seed: int = 0
+           ) -> np.ndarray:
+    """The usable documents of a split's sources, in order; each source mixed by its weight (data.weights)."""
+    if weights:
+        out: list[int] = []
+        for file, span, weight in zip(files, spans, weights, strict=True):
+            out += mix(_usable(docs, *span, cfg, report, task, clara_cfg, {}), weight, seed, Path(file).name)
+        return np.asarray(out, np.int64)
+    seen: dict = {}  # what the format's check_row remembers of the rows before
+    return np.asarray([j for span in spans for j in _usable(docs, *span, cfg, report, task, clara_cfg, seen)],
+                      np.int64)
+
+
+def _usable(docs: Docs, start: int, end: int, cfg: DataConfig, report: DataReport, task: Format,
+            clara_cfg: ClaraConfig | None, seen: dict) -> list[int]:
+    """Documents start..end that make rows, the policies applied in file order (so the first error stops): a
+    malformed record (data.bad_records), one in a direction not trained, over-long (data.overlong), no target."""
+    status, truncated = docs.column("status")[start:end].tolist(), docs.column("truncated")[start:end].tolist()
+    kept = []
+    for j, s, cut in zip(range(start, end), status, truncated, strict=True):
+        if s == BLANK:
+            continue
+        report.records += s != READ_ERROR
+        error = docs.text("error", j) if s in (READ_ERROR, BAD) else None
+        if not task.packable and s in MADE:  # checks across rows, in file order (a format reads what it needs)
+            try:
+                task.check_row(docs.row(j), docs.text("where", j), seen, clara_cfg)
+            except DataError as e:
+                error = str(e)
+        if error is not None:
+            if cfg.bad_records == "error":
+                raise DataError(error)
+            report.bad_skipped += 1
+            report.first_bad = report.first_bad or [error]
+        elif s == OTHER:
+            report.other_directions += 1
+        elif s == OVERLONG:
+            if cfg.overlong == "error":
+                raise DataError(docs.text("error", j))
+            report.dropped_overlong += 1
+        else:
+            report.truncated += cut
+            if s == NO_TARGET:
+                report.dropped_no_target += 1
+            else:
+                kept.append(j)
+    return kept
+
+
+def _load(folder: Path, task: Format) -> tuple[Rows, Rows, DataReport]:
+    docs = Docs(open_table(folder))
+    train, evals = (Rows(docs, np.load(folder / f"{name}.index.npy", mmap_mode="r"),
+                         np.load(folder / f"{name}.offsets.npy"), task.packable) for name in ("train", "eval"))
+    report = DataReport(**json.loads((folder / REPORT).read_text()))
+    report.train_sources = train.sources
     return train, evals, report
+
+
+def num_proc(setting: int | str, records: int) -> int:
+    """Worker processes for `records` records: data.num_proc, "auto" = the CPUs (at most 8), one for small data;
+    never more than there are batches."""
+    procs = (min(8, len(os.sched_getaffinity(0))) if records >= 5 * BATCH else 1) if setting == "auto" else setting
+    return max(1, min(int(procs), -(-records // BATCH)))
 
 
 SHOWN = 10  # the malformed records `crb validate` lists
@@ -248,44 +326,10 @@ def _cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: st
         h.update(source_sha256(file).encode())
         if source_kind(file) == "hub":  # its dataset and split besides the revision
             h.update(file.encode())
-    section = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "train", "eval")}
+    section = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "train", "eval", "num_proc")}
     h.update(json.dumps([section, seed if cfg.eval_split else 0], sort_keys=True).encode())
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
     h.update(hashlib.sha256(vocab).digest())
     h.update(json.dumps([type(tokenizer).__name__, template, tokenizer.bos_token, tokenizer.eos_token,
                          tokenizer("a b")["input_ids"]]).encode())
     return h.hexdigest()[:24]
-
-
-def _flatten(rows: list[Row], prefix: str) -> dict[str, np.ndarray]:
-    """Rows (dicts of 1-d arrays, ids or texts) as one concatenated array + lengths per key."""
-    out: dict[str, np.ndarray] = {}
-    for k in (rows[0] if rows else {}):
-        out[f"{prefix}.{k}.len"] = np.asarray([len(r[k]) for r in rows], np.int64)
-        out[f"{prefix}.{k}"] = np.concatenate([r[k] for r in rows])
-    return out
-
-
-def _unflatten(arrays: dict[str, np.ndarray], prefix: str) -> list[Row]:
-    keys = [k.split(".")[1] for k in arrays if k.startswith(prefix + ".") and k.endswith(".len")]
-    columns = {}
-    for k in keys:
-        ends = np.cumsum(arrays[f"{prefix}.{k}.len"])
-        columns[k] = np.split(arrays[f"{prefix}.{k}"], ends[:-1]) if len(ends) else []
-    n = len(next(iter(columns.values()))) if columns else 0
-    return [{k: columns[k][i] for k in keys} for i in range(n)]
-
-
-def _save_cache(path: Path, train: list[Row], evals: list[Row], report: DataReport) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    meta = np.frombuffer(json.dumps(dataclasses.asdict(report)).encode(), np.uint8)
-    np.savez(tmp, **_flatten(train, "train"), **_flatten(evals, "eval"), report=meta)
-    os.replace(tmp, path)
-
-
-def _load_cache(path: Path) -> tuple[list[Row], list[Row], DataReport]:
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    report = DataReport(**json.loads(arrays.pop("report").tobytes()))
-    return _unflatten(arrays, "train"), _unflatten(arrays, "eval"), report

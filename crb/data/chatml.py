@@ -6,6 +6,7 @@ the rendering, so any template that writes the content verbatim works."""
 
 from __future__ import annotations
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from crb.errors import DataError
@@ -78,8 +79,8 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
         cursor = end
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    labels = [IGNORE] * len(ids)
-    for i, (s, e) in enumerate(enc["offset_mapping"]):
-        if any(s < span_end and e > span_start for span_start, span_end in spans):
-            labels[i] = ids[i]
-    return ids, labels
+    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    learned = np.zeros(len(ids), bool)  # a token overlapping an assistant span
+    for span_start, span_end in spans:
+        learned |= (offsets[:, 0] < span_end) & (offsets[:, 1] > span_start)
+    return ids, np.where(learned, ids, IGNORE).tolist()

@@ -134,19 +134,23 @@ def read_jsonl(path: str | Path) -> Iterator[Record | DataError]:
     path = Path(path)
     with open(path, "rb") as f:
         for no, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield DataError(f"{path}:{no}: invalid UTF-8 at byte {e.start}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield DataError(f"{path}:{no}: bad JSON: {e.msg} (column {e.colno})")
-                continue
-            if not isinstance(data, dict):
-                yield DataError(f"{path}:{no}: expected a JSON object, got {type(data).__name__}")
-                continue
-            yield Record(data, str(path), no)
+            got = parse_line(raw, str(path), no)
+            if got is not None:
+                yield got
+
+
+def parse_line(raw: bytes, path: str, no: int) -> Record | DataError | None:
+    """Line `no` of a JSONL file as a Record, a DataError naming it, or None for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(f"{path}:{no}: invalid UTF-8 at byte {e.start}")
+    if not text.strip():
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        return DataError(f"{path}:{no}: bad JSON: {e.msg} (column {e.colno})")
+    if not isinstance(data, dict):
+        return DataError(f"{path}:{no}: expected a JSON object, got {type(data).__name__}")
+    return Record(data, path, no)

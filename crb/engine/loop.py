@@ -75,8 +75,8 @@ class Training:
     losses: list[tuple[str, LossFn, float, dict]]
     batcher: Batcher
     sched: Schedule
-    train_rows: list[Row]
-    eval_rows: list[Row]
+    train_rows: Sequence[Row]
+    eval_rows: Sequence[Row]
     out_dir: Path
     metrics: MetricsLog
     task_metrics: Sequence[Metric] = ()
@@ -112,7 +112,7 @@ class Training:
 
 
 def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
-          losses: list[tuple[str, LossFn, float, dict]], train_rows: list[Row], eval_rows: list[Row],
+          losses: list[tuple[str, LossFn, float, dict]], train_rows: Sequence[Row], eval_rows: Sequence[Row],
           batcher: Batcher, sched: Schedule, out_dir: Path, resume: Path | None = None,
           task_metrics: Sequence[Metric] = (), row_sources: Sequence[str] = ()) -> dict:
     """Run the optimizer steps of `sched`; returns the final metrics (and `baseline`: step 0's eval)."""
@@ -386,7 +386,7 @@ def non_finite(acc: Accelerator, step_loss: torch.Tensor, grad_norm: torch.Tenso
 
 
 def skip_bad_step(acc: Accelerator, metrics: MetricsLog, done: int, rows: list[int], bad: int, limit: int,
-                  ckpt_root: Path, row_sources: list[str] = ()) -> None:
+                  ckpt_root: Path, row_sources: Sequence[str] = ()) -> None:
     """Log a skipped step (its rows' records by file:line); past train.max_bad_steps, stop with the last good
     checkpoint named."""
     records = [row_sources[i] for i in rows] if len(row_sources) else [f"row {i}" for i in rows]
@@ -410,7 +410,7 @@ def stopped(acc: Accelerator, root: Path, done: int, start: int, state: dict, si
     return Stopped(f"{name} after step {done}: checkpoint {path}; continue with --resume", signum or signal.SIGTERM)
 
 
-def evaluate(acc: Accelerator, model: torch.nn.Module, total_loss: Callable, rows: list[Row], micro: int,
+def evaluate(acc: Accelerator, model: torch.nn.Module, total_loss: Callable, rows: Sequence[Row], micro: int,
              batcher: Batcher) -> float:
     """Mean loss per item (target token, or query) over the eval rows, split across processes."""
     mine = rows[acc.process_index:: acc.num_processes]

@@ -5,6 +5,8 @@ CLaRa stage 3's recall@k of the gold documents. Each metric takes the model bein
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerBase
 
 from crb.recipe.schema import Recipe
@@ -13,9 +15,10 @@ from crb.tasks import Metric, get_task
 __all__ = ["Metric", "task_metrics"]
 
 
-def task_metrics(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train_rows: list, eval_rows: list) -> list[Metric]:
+def task_metrics(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train_rows: Sequence, eval_rows: Sequence
+                 ) -> list[Metric]:
     """The recipe's task's metrics on the held-out rows (the first eval.max_samples); none without eval rows."""
     if not eval_rows:
         return []
     rows = eval_rows[: recipe.eval.max_samples or None]
-    return get_task(recipe.data.format).metrics(recipe, tokenizer, rows, [*train_rows, *eval_rows])
+    return get_task(recipe.data.format).metrics(recipe, tokenizer, rows, train_rows + eval_rows)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from crb.data.prepared import Rows
 from crb.engine.build import checkpointed, n_blocks
 from crb.engine.hardware import Hardware
 from crb.engine.profiles import PROFILES, Profile, choose
@@ -167,6 +168,8 @@ def data_facts(rows: list[dict], fmt: str) -> DataFacts | None:
     keys = get_task(fmt).token_keys
     if not rows or not keys:  # rows of texts (retrieval), tokenized batch by batch
         return None
+    if isinstance(rows, Rows):  # prepared rows: their lengths without reading them
+        return DataFacts(max(int(rows.lengths(k).max()) for k in keys), rows.packed)
     longest = max(len(r[k]) for r in rows for k in keys)
     packed = any("position_ids" in r and bool((r["position_ids"][1:] == 0).any()) for r in rows)
     return DataFacts(longest, packed)

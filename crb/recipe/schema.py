@@ -173,6 +173,9 @@ class DataConfig:
         "of it (in file order); rows stay in source order.", factory=list)
     cache_dir: str = doc("Where tokenized data is cached (by data hash + tokenizer + data section).",
                          "~/.cache/crb")
+    num_proc: int | Literal["auto"] = doc(
+        'Processes that tokenize the records (datasets.map); "auto" = the CPUs, at most 8 (one for fewer than '
+        "5,000 records). The rows are the same whatever the count.", "auto")
 
 
 @dataclass(kw_only=True)
@@ -642,6 +645,8 @@ def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskR
     if type(r.train.gradient_checkpointing) is int and r.train.gradient_checkpointing < 0:
         raise bad("train.gradient_checkpointing", "expected true, false, \"auto\" or a number of layers >= 0",
                   r.train.gradient_checkpointing)
+    if r.data.num_proc != "auto" and not r.data.num_proc > 0:
+        raise bad("data.num_proc", "expected \"auto\" or a number of processes > 0", r.data.num_proc)
     if r.train.micro_batch != "auto" and not r.train.micro_batch > 0:
         raise bad("train.micro_batch", "expected a value > 0", r.train.micro_batch)
     if r.train.micro_batch != "auto" and r.train.batch_size % r.train.micro_batch:

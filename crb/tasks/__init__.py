@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from crb import data
-from crb.data import DataReport, Row
+from crb.data import DataReport, Rows
 from crb.data.reader import Record
 from crb.errors import RecipeError
 from crb.recipe.schema import ClaraConfig, DataConfig, did_you_mean
@@ -30,7 +30,7 @@ def get_task(fmt: str) -> Task:
 
 
 def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clara_cfg: ClaraConfig | None = None
-            ) -> tuple[list[Row], list[Row], DataReport]:
+            ) -> tuple[Rows, Rows, DataReport]:
     """The recipe's rows (crb.data.prepare), made by its format's task."""
     return data.prepare(cfg, tokenizer, seed, clara_cfg, task=get_task(cfg.format))
 

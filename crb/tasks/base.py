@@ -77,7 +77,8 @@ class Task:
         return None
 
     def check_row(self, row: Row, where: str, seen: dict, clara_cfg: ClaraConfig | None) -> None:
-        """A DataError for a row at odds with the rows read before it (`seen`: what this read remembers)."""
+        """A DataError for a row at odds with the rows read before it (`seen`: what this read remembers). Runs in
+        file order once the records are tokenized, on rows that are not packable documents."""
 
     # ---------------------------------------------------------------- data checks (crb data inspect | check | clean)
 

@@ -94,3 +94,29 @@ def test_two_machines_of_one_process_match_one_process(chat_recipe, tmp_path):
     b = load_file(two / "final_adapter/adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_one_process_tokenizes_the_others_memory_map(chat_recipe, tmp_path):
+    """Issue 19: under torchrun the first process prepares the data; the second waits and reads its cache."""
+    marks = tmp_path / "tokenized-by"
+    script = tmp_path / "counted_run.py"
+    script.write_text(f"""
+import os, sys
+import crb.data.prepared as prepared
+tokenize = prepared.Tokenize.__call__
+def counted(self, batch):
+    with open({str(marks)!r}, "a") as f:
+        f.write(os.environ["RANK"] + "\\n")
+    return tokenize(self, batch)
+prepared.Tokenize.__call__ = counted
+from crb.run import main
+sys.exit(main())
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), str(chat_recipe), "--set", "train.max_steps=1", "--set", f"output.dir='{tmp_path / 'o'}'"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marks.read_text().split() == ["0"]  # one batch of 64 records, tokenized by rank 0 alone
+    assert len(list((tmp_path / "cache").iterdir())) == 1

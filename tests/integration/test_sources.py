@@ -11,8 +11,7 @@ import datasets
 import pytest
 
 from crb.cli import main as cli
-from crb.data import DataReport, _read, prepare
-from crb.data.chatml import chat_template
+from crb.data import prepare
 from crb.errors import DataError, RecipeError
 from crb.recipe.schema import load
 from crb.tasks import get_task
@@ -130,9 +129,8 @@ def test_weights_repeat_subsample_and_keep_order(tmp_path, tiny_model, tiny_toke
 
     def wheres(train: str, weights: str) -> list[str]:
         r = load(recipe(tmp_path, tiny_model, a, f"weights = {weights}"), [f"data.train={train}"])
-        _, where = _read(r.data.train, r.data, tiny_tokenizer, chat_template(tiny_tokenizer, "chatml"),
-                         DataReport(), get_task("text"), None, r.data.weights, 0)
-        return where
+        _, _, report = prepare(r.data, tiny_tokenizer, 0, task=get_task("text"))
+        return list(report.train_sources)  # one record per row (no packing)
 
     two = wheres(f'["{a}", "{b}"]', "[2.0, 0.5]")
     assert len(two) == 6 * 2 + 3

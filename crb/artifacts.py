@@ -29,9 +29,7 @@ def load_result(out: Path, dtype: torch.dtype | str = torch.float32):
     recipe = _resolved(out)
     task = get_task(recipe["data"]["format"])
     if task.kind == "embedding":
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(out / "final_model"), device="cpu")
+        model = task.encoder(str(out / "final_model"), device="cpu")
         return model.eval(), model.tokenizer, recipe
     if task.kind == "clara":
         return *_rebuilt(out), recipe

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 DEMO_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 # What each demo asks its result afterwards.
 DEMO_PROMPTS = {"retrieval": "waterproof boots for hiking in the rain",
+                "reranker": "waterproof boots for hiking in the rain",
                 "language": "Do you have the navy suit in size 40?",
                 "translation": "Do you have this shirt in size medium?",
                 "code": "def total_price("}  # and "clara": its demo answers its own held-out questions
@@ -284,8 +285,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(load_recipe(path, args.overrides).output.dir)
     before, after = final.get("baseline", {}), final
     print(f"\ncrb demo ({args.agent}): held-out metrics, before training -> after (result in {out})")
+    width = max([10, *map(len, before)])  # the reranker's retrieval_ndcg@10 is longer
     for key, value in before.items():
-        print(f"  {key:<10} {value:8.4f} -> {after.get(key, float('nan')):8.4f}")
+        print(f"  {key:<{width}} {value:8.4f} -> {after.get(key, float('nan')):8.4f}")
     prompt = DEMO_PROMPTS[args.agent]
     target = "fra_Latn" if args.agent == "translation" else None
     print(f"\n{prompt}{f' -> {target}' if target else ''}:\n{verify(out, prompt, 40, target)}")

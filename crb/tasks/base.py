@@ -100,6 +100,13 @@ class Task:
         """Tokens the tokenizer gains for this agent."""
         return []
 
+    def encoder(self, name: str, **kwargs: Any) -> torch.nn.Module:
+        """An embedding agent's sentence-transformers model, from a hub id or folder: the base to train (crb's build)
+        or a run's final_model/ (crb verify); `kwargs`: the library's own (device, revision, model_kwargs, ...)."""
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(name, **kwargs)
+
     def batcher(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> Batcher:
         """How rows become batches, and what a batch counts."""
         raise NotImplementedError

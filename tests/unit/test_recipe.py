@@ -345,7 +345,8 @@ def test_unknown_loss_suggests_the_nearest(write):
 
 def test_unknown_loss_without_a_near_one_lists_the_known(write):
     path = write(BASE + LOSSES.format(name="dpo"))
-    known = "causal_lm, seq2seq, mnrl, cached_mnrl, clara_generation, clara_mse"
+    known = ("causal_lm, seq2seq, mnrl, cached_mnrl, clara_generation, clara_mse, rerank_mnrl, rerank_bce, "
+             "rerank_lambda")
     assert error(path) == f"{path}:20: losses[1].name: unknown loss 'dpo' (known: {known})"
 
 

@@ -50,7 +50,7 @@ def test_an_unknown_format_names_the_nearest():
     with pytest.raises(RecipeError, match=r"^data\.format: unknown format 'chat' \(did you mean 'chatml'\?\)$"):
         get_task("chat")
     with pytest.raises(RecipeError, match=r"unknown format 'dpo' \(known: chatml, text, translation, retrieval, "
-                                          r"clara\)"):
+                                          r"clara, rerank\)"):
         get_task("dpo")
     assert get_task("clara") is TASKS["clara"]
 

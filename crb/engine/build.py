@@ -276,7 +276,7 @@ def add_lora(model: torch.nn.Module, recipe: Recipe, task_type: str) -> torch.nn
                         modules_to_save=lora.modules_to_save or None, task_type=task_type)
     model = get_peft_model(model, config)
     if lora.shared_dropout:
-        share_dropouts(model)
+        share_dropouts(model, skip_checkpointed=recipe.train.compiled)
     return model
 
 

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerB
 from crb.data.chatml import chat_template
 from crb.engine import hub
 from crb.engine.kernels import apply_kernels, resolve_attention
-from crb.engine.lora_dropout import share_dropouts
+from crb.engine.lora_dropout import share_dropouts, shares
 from crb.errors import CrbError
 from crb.recipe.schema import Recipe
 from crb.tasks import get_task
@@ -214,7 +214,7 @@ def build_clara(base: torch.nn.Module, recipe: Recipe, checkpointed_layers: int 
         model = get_peft_model(base, config, adapter_name="encoder")
         for name in adapters[1:]:
             model.add_adapter(name, config)
-    if lora.shared_dropout:
+    if shares(recipe, checkpointed_layers):
         share_dropouts(model)
     for n, p in model.named_parameters():  # every adapter of the stage trains
         p.requires_grad = any(f".{a}." in n for a in adapters) and "lora_" in n
@@ -275,8 +275,8 @@ def add_lora(model: torch.nn.Module, recipe: Recipe, task_type: str) -> torch.nn
                         target_modules=lora.target_modules, bias=lora.bias,
                         modules_to_save=lora.modules_to_save or None, task_type=task_type)
     model = get_peft_model(model, config)
-    if lora.shared_dropout:
-        share_dropouts(model, skip_checkpointed=recipe.train.compiled)
+    if shares(recipe, checkpointed(recipe, n_blocks(model))):
+        share_dropouts(model)
     return model
 
 

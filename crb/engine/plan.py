@@ -16,6 +16,7 @@ import torch
 from crb.data.prepared import Rows
 from crb.engine.build import checkpointed, n_blocks
 from crb.engine.hardware import Hardware
+from crb.engine.lora_dropout import shares
 from crb.engine.profiles import PROFILES, Profile, choose
 from crb.recipe.schema import Recipe
 from crb.tasks import get_task
@@ -267,14 +268,13 @@ def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
     return (kernels or recipe.train.kernels) in ("liger", "cce") and get_task(recipe.data.format).kernels != "none"
 
 
-def layer_bytes(recipe: Recipe, s: Shape, recomputed: bool = False) -> float:
+def layer_bytes(recipe: Recipe, s: Shape) -> float:
     """Activation bytes one layer saves for backward, per token. LoRA layers keep each adapter's
     dropped-out input too. Calibrated on measured peaks (docs/plan.md): Mistral-7B LoRA 258 kB/token
     (H100), 212 kB with liger's fused norms and SwiGLU, StarCoder2-3B QLoRA 163 kB (H200); T5 blocks
     from a trace of their saved tensors (benchmarks/layer_trace.py). Attention by SDPA/flash keeps no
     sequence-squared term; eager attention, and T5's (its position bias sends SDPA to the math path),
-    keep the scores. A `recomputed` (checkpointed) layer that is compiled keeps peft's dropout per adapter
-    (build.add_lora)."""
+    keep the scores."""
     lora, compiled = recipe.method.name in ("lora", "qlora"), recipe.train.compiled
     if compiled and s.model_type == "t5":
         h, i = T5_COMPILED_LAYER
@@ -285,7 +285,7 @@ def layer_bytes(recipe: Recipe, s: Shape, recomputed: bool = False) -> float:
         h, i = LIGER_LORA_LAYER
     if not s.gated:  # no gate projection and no product to keep
         i -= 2
-    if lora and recipe.method.lora.dropout > 0 and recipe.method.lora.shared_dropout and not (compiled and recomputed):
+    if lora and shares(recipe, checkpointed(recipe, s.blocks)):
         h -= (3 if s.gated else 2) * DROPPED_COPY
     if s.fused_norm and lora:  # a bf16 stream into LayerNorm: autocast's fp32 output feeds the adapters' dropouts
         h += 0.7
@@ -316,7 +316,7 @@ def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str
     every = s.tokens * s.layers  # token-layers of one micro-batch
     checkpoints = share * every * s.hidden * (4 if fp32_stream else HALF)
     kept = (1 - share) * every * layer_bytes(recipe, s)
-    recomputed = s.pass_tokens * layer_bytes(recipe, s, recomputed=True) if k else 0.0
+    recomputed = s.pass_tokens * layer_bytes(recipe, s) if k else 0.0
     out: dict[str, float] = {}
     if k == s.blocks and recipe.train.offload_activations is True:
         out["activation checkpoints (offloaded to pinned CPU memory)"] = 0.0

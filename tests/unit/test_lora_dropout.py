@@ -141,19 +141,3 @@ def test_checkpointed_layers_recompute_the_shared_masks(reentrant):
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n])
 
-
-def test_compiled_runs_leave_checkpointed_layers_their_own_dropouts():
-    """skip_checkpointed (what build.add_lora passes when the layers are compiled): the layers that checkpointing
-    recomputes keep peft's dropout per adapter; the layers kept whole share."""
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2)
-    model = MistralForCausalLM(config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.model.layers[1].gradient_checkpointing = False  # the first layer checkpointed, the second kept whole
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
-    assert share_dropouts(model, skip_checkpointed=True) == 7  # the second layer's: q, k, v, o and gate, up, down
-    layers = model.base_model.model.model.layers
-    assert not isinstance(layers[0].self_attn.q_proj.lora_dropout["default"], SharedDropout)
-    attn = layers[1].self_attn
-    assert attn.q_proj.lora_dropout["default"] is attn.k_proj.lora_dropout["default"]

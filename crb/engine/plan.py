@@ -236,7 +236,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         grads = _buckets(profile) * HALF  # reduced in buckets, then to CPU
         c["optimizer states"] = 0.0
     else:
-        grads = s.trainable * (4 / shard if ds else 4)
+        grads = s.trainable * (4 / shard if ds else 4) + _buckets(profile) * HALF  # ZeRO-1/2: + its buckets
         c[PAGED if paged else "optimizer states"] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
     if s.embedding_trains:  # fp32 rows beside the frozen embedding: weights, gradient, two AdamW states
         n_mem = recipe.clara.memory_tokens

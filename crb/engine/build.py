@@ -10,7 +10,7 @@ import re
 
 import torch
 from accelerate import PartialState
-from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase, get_scheduler
+from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from crb.data.chatml import chat_template
 from crb.engine import hub
@@ -318,6 +318,8 @@ def warmup_steps(recipe: Recipe, total_steps: int) -> int:
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):
+    from transformers import get_scheduler  # late: it imports transformers' trainer (and peft), 2 s of every start
+
     return get_scheduler(recipe.train.scheduler, optimizer, num_warmup_steps=warmup_steps(recipe, total_steps),
                          num_training_steps=total_steps)
 

@@ -60,6 +60,14 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def subsample(src: Path, dest: Path, n: int, seed: int = 0) -> Path:
+    """n lines of the JSONL file `src`, drawn at random (seeded), written to `dest`."""
+    lines = src.read_text().splitlines()
+    random.Random(seed).shuffle(lines)
+    dest.write_text("\n".join(lines[:n]) + "\n")
+    return dest
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

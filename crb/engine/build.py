@@ -108,7 +108,7 @@ def build_model(recipe: Recipe, mixed: str, device: torch.device) -> torch.nn.Mo
         if method.name in ("lora", "qlora", "freeze"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that wants grad
     if method.name in ("lora", "qlora"):
-        model = add_lora(model, recipe, "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM")
+        model = add_lora(model, recipe, "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM", layers)
     elif method.name == "freeze":
         freeze(model, method.trainable)
     if recipe.train.compiled:  # "auto" is resolved by the plan before a run builds
@@ -267,7 +267,7 @@ def quant_config(recipe: Recipe, mixed: str) -> BitsAndBytesConfig:
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
 
 
-def add_lora(model: torch.nn.Module, recipe: Recipe, task_type: str) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, recipe: Recipe, task_type: str, checkpointed_layers: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = recipe.method.lora
@@ -275,7 +275,7 @@ def add_lora(model: torch.nn.Module, recipe: Recipe, task_type: str) -> torch.nn
                         target_modules=lora.target_modules, bias=lora.bias,
                         modules_to_save=lora.modules_to_save or None, task_type=task_type)
     model = get_peft_model(model, config)
-    if shares(recipe, checkpointed(recipe, n_blocks(model))):
+    if shares(recipe, checkpointed_layers):
         share_dropouts(model)
     return model
 

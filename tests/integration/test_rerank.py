@@ -5,7 +5,6 @@ for CPU: the reranking records made from the shipped retail search data."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from crb.recipe import schema as recipes
 from crb.run import make_batcher, run
 from crb.tasks import TASKS, prepare
 from crb.tasks.rerank import CANDIDATES, check_record
-from tests.conftest import DEMO_DATA, write_jsonl, write_recipe
+from tests.conftest import DEMO_DATA, subsample, write_jsonl, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,13 +51,6 @@ options = {{ num_negatives = 2 }}
 [output]
 dir = "{tmp_path / 'out'}"
 """)
-
-
-def _first(src: Path, dest: Path, n: int, seed: int = 0) -> Path:
-    lines = src.read_text().splitlines()
-    random.Random(seed).shuffle(lines)
-    dest.write_text("\n".join(lines[:n]) + "\n")
-    return dest
 
 
 def test_record_shapes_and_errors():
@@ -123,8 +115,8 @@ def test_training_lifts_the_reranking_of_the_retrievers_top_20(tmp_path, minilm)
     Retrieval's own figures do not move; the reranker's rise with training (its score head starts random)."""
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    train = _first(DEMO_DATA / "retail_rerank_train.jsonl", tmp_path / "train.jsonl", 200)
-    evals = _first(DEMO_DATA / "retail_rerank_eval.jsonl", tmp_path / "eval.jsonl", 20)
+    train = subsample(DEMO_DATA / "retail_rerank_train.jsonl", tmp_path / "train.jsonl", 200)
+    evals = subsample(DEMO_DATA / "retail_rerank_eval.jsonl", tmp_path / "eval.jsonl", 20)
     corpus = DEMO_DATA / "retail_search_corpus.jsonl"
     path = rerank_recipe(tmp_path, minilm, train, evals, f'retriever = "{minilm}"\ncorpus = ["{corpus}"]')
     final = run(str(path), ["train.max_steps=15", "train.lr=2e-4"])

@@ -17,14 +17,7 @@ from crb.errors import DataError
 from crb.recipe import schema as recipes
 from crb.run import make_batcher, run
 from crb.tasks import prepare
-from tests.conftest import CLARA_SLICE, DEMO_DATA, retrieval_recipe_text, write_jsonl, write_recipe
-
-
-def _subsample(src: Path, dest: Path, n: int, seed: int = 0) -> Path:
-    lines = src.read_text().splitlines()
-    random.Random(seed).shuffle(lines)
-    dest.write_text("\n".join(lines[:n]) + "\n")
-    return dest
+from tests.conftest import CLARA_SLICE, DEMO_DATA, retrieval_recipe_text, subsample, write_jsonl, write_recipe
 
 
 def test_record_shapes_and_errors():
@@ -93,7 +86,7 @@ def test_cached_loss_equals_plain_loss(tmp_path, minilm):
     """GradCache changes memory, not maths: one step of each gives the same loss and weights."""
     import shutil
 
-    train = _subsample(DEMO_DATA / "retail_search_train.jsonl", tmp_path / "t.jsonl", 16)
+    train = subsample(DEMO_DATA / "retail_search_train.jsonl", tmp_path / "t.jsonl", 16)
     model = shutil.copytree(minilm, tmp_path / "minilm")  # without dropout, so both runs see the same network
     config = json.loads((model / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -119,8 +112,8 @@ def test_cached_loss_equals_plain_loss(tmp_path, minilm):
 def test_finetuning_raises_ndcg_on_held_out_retail_queries(tmp_path, minilm):
     from sentence_transformers import SentenceTransformer
 
-    train = _subsample(DEMO_DATA / "retail_search_train.jsonl", tmp_path / "train.jsonl", 320)
-    evals = _subsample(DEMO_DATA / "retail_search_eval.jsonl", tmp_path / "eval.jsonl", 100)
+    train = subsample(DEMO_DATA / "retail_search_train.jsonl", tmp_path / "train.jsonl", 320)
+    evals = subsample(DEMO_DATA / "retail_search_eval.jsonl", tmp_path / "eval.jsonl", 100)
     path = write_recipe(tmp_path / "r.toml", retrieval_recipe_text(tmp_path, minilm, train, evals,
                                                                    DEMO_DATA / "retail_search_corpus.jsonl"))
     final = run(str(path))

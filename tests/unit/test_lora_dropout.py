@@ -150,7 +150,7 @@ def test_compiled_layers_with_checkpointing_keep_a_dropout_per_adapter(tmp_path,
     one there measured 0.4 GiB more and ran out of memory at 8 GiB); eager or uncheckpointed layers share."""
     from pathlib import Path
 
-    from crb.engine.build import add_lora
+    from crb.engine.build import add_lora, checkpointed
     from crb.recipe.schema import load
 
     root = Path(__file__).resolve().parents[2]
@@ -160,6 +160,6 @@ def test_compiled_layers_with_checkpointing_keep_a_dropout_per_adapter(tmp_path,
     recipe = load(root / "recipes" / "language.toml", [f"model.name='{tmp_path}'", 'method.name="lora"',
                                                       f"train.compile={str(compiled).lower()}", 'train.kernels="none"',
                                                       f"train.gradient_checkpointing={checkpointing}"])
-    model = add_lora(MistralForCausalLM(config), recipe, "CAUSAL_LM")
+    model = add_lora(MistralForCausalLM(config), recipe, "CAUSAL_LM", checkpointed(recipe, 2))
     attn = model.base_model.model.model.layers[0].self_attn
     assert isinstance(attn.q_proj.lora_dropout["default"], SharedDropout) is shared

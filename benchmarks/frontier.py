@@ -104,7 +104,7 @@ def crb_side(args: argparse.Namespace, recipe: str, cap: str, gpu: int | str | N
     sets = [f"model.name={q(str(a.model_dir))}", f"data.train=[{q(str(text_file))}]", 'data.format="text"',
             "data.packing=true", f"data.max_length={args.ctx}", "data.eval_split=0",
             f"data.cache_dir={q(str(out / 'crb-cache'))}", f"train.batch_size={ROWS_PER_STEP}",
-            f"train.max_steps={args.warmup + args.steps}", "train.save_every=1000000", "train.report_to=[]",
+            f"train.max_steps={args.warmup + args.steps}", "train.keep_checkpoints=0", "train.report_to=[]",
             f"output.dir={q(str(out / 'crb'))}", *args.crb_set]
     cmd = (launcher or [sys.executable]) + ["-m", "crb.run", str(a.recipe)] + [x for s in sets for x in ("--set", s)]
     rc, wall = run(cmd, out / "crb.log", env_for(gpu, cap))

@@ -183,7 +183,7 @@ def crb_overrides(args: argparse.Namespace, text_file: Path) -> list[str]:
             "data.packing=true", f"data.max_length={args.ctx}", "data.eval_split=0",
             f"data.cache_dir={q(str(out / 'data' / 'crb-cache'))}", f"train.micro_batch={args.micro_batch}",
             f"train.batch_size={args.micro_batch * args.accum}", f"train.max_steps={args.warmup + args.steps}",
-            "train.save_every=1000000", "train.report_to=[]", f"output.dir={q(str(out / 'crb'))}"]
+            "train.keep_checkpoints=0", "train.report_to=[]", f"output.dir={q(str(out / 'crb'))}"]
 
 
 def run_crb(args: argparse.Namespace, text_file: Path, rows_file: Path) -> dict:

@@ -134,7 +134,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
 def common(args: argparse.Namespace, model: Path, micro: int, batch: int | None = None) -> list[str]:
     return [f"model.name={q(str(model))}", "data.eval_split=0", "data.eval=[]",
             f"data.cache_dir={q(str(args.out / 'data' / 'cache'))}", f"train.micro_batch={micro}",
-            f"train.batch_size={batch or micro}", "train.max_steps=3", "train.save_every=1000000",
+            f"train.batch_size={batch or micro}", "train.max_steps=3", "train.keep_checkpoints=0",
             "train.report_to=[]", "train.warmup_ratio=0.0"]
 
 

@@ -215,7 +215,7 @@ def crb_overrides(args: argparse.Namespace, side: str) -> list[str]:
             f"data.cache_dir={q(str(out / 'data' / 'crb-cache'))}", f"train.batch_size={batch}",
             f"train.micro_batch={batch}", f"train.max_steps={warmup + steps}", f"train.precision={q(args.precision)}",
             *([] if args.gradient_checkpointing else ["train.gradient_checkpointing=false"]),
-            "train.save_every=1000000", "train.report_to=[]", f"output.dir={q(str(out / side))}", loss,
+            "train.keep_checkpoints=0", "train.report_to=[]", f"output.dir={q(str(out / side))}", loss,
             *getattr(args, "crb_set", [])]
 
 

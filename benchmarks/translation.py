@@ -184,7 +184,7 @@ def crb_overrides(args: argparse.Namespace, text_file: Path) -> list[str]:
             "data.eval_split=0.0", f"data.max_length={args.max_length}", f"data.source_lang={q(SOURCE)}",
             f"data.cache_dir={q(str(out / 'data' / 'crb-cache'))}", f"train.batch_size={args.batch}",
             f"train.micro_batch={args.batch}", f"train.max_steps={args.warmup + args.steps}",
-            f"train.precision={q(args.precision)}", "train.save_every=1000000", "train.report_to=[]",
+            f"train.precision={q(args.precision)}", "train.keep_checkpoints=0", "train.report_to=[]",
             f"output.dir={q(str(out / 'crb'))}", *getattr(args, "crb_set", [])]
 
 

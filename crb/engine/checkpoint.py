@@ -43,7 +43,9 @@ def check_space(out: Path, need: float) -> None:
 def bytes_needed(t: TrainConfig, trainable: int, sched: Schedule) -> float:
     """Disk for the checkpoints this schedule writes (at most train.keep_checkpoints + 1 at once while a new one
     replaces the oldest; one more for a stop on a signal) and the final weights: fp32 weights and optimizer
-    states of the trainable parameters each."""
+    states of the trainable parameters each. keep_checkpoints 0: the final weights only."""
+    if not t.keep_checkpoints:
+        return trainable * 4
     saves = sched.total_steps // t.save_every if t.save_every else sched.total_steps // sched.steps_per_epoch
     at_once = min(saves + 1, t.keep_checkpoints + 1)
     return trainable * (at_once * (4 + t.optimizer_state_bytes) + 4)

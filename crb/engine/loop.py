@@ -267,7 +267,7 @@ def eval_and_save(tr: Training, done: int, data: Prefetch) -> dict:
     if tr.eval_rows and (due or done == sched.total_steps):
         data.wait()  # the tokenizer is not shared across threads
         ev = run_eval(tr, done)
-    if (t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end):
+    if t.keep_checkpoints and ((t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end)):
         checkpoint.save(tr.acc, tr.out_dir / "checkpoints", done,
                         {**tr.state((done - 1) // sched.steps_per_epoch),
                          "finite": checkpoint.weights_finite(tr.acc, tr.model)}, t.keep_checkpoints)
@@ -406,6 +406,9 @@ def stopped(acc: Accelerator, root: Path, done: int, start: int, state: dict, si
     name = signal.Signals(signum).name if signum else "a signal on another process"
     if done == start:
         return Stopped(f"{name} before step {done + 1} finished: nothing new to save", signum or signal.SIGTERM)
+    if not keep:
+        return Stopped(f"{name} after step {done}: train.keep_checkpoints = 0, so no checkpoint",
+                       signum or signal.SIGTERM)
     path = checkpoint.save(acc, root, done, state, keep)
     return Stopped(f"{name} after step {done}: checkpoint {path}; continue with --resume", signum or signal.SIGTERM)
 

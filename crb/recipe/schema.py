@@ -237,7 +237,8 @@ class TrainConfig:
     log_every: int = doc("Log metrics every N optimizer steps.", 1)
     eval_every: int = doc("Evaluate every N optimizer steps; 0 = at each epoch end.", 0)
     save_every: int = doc("Checkpoint every N optimizer steps; 0 = at each epoch end.", 0)
-    keep_checkpoints: int = doc("How many recent checkpoints to keep.", 2)
+    keep_checkpoints: int = doc("How many recent checkpoints to keep; 0 = none, on schedule or on a stop signal (only "
+                                "the final weights: benchmarks, short trials).", 2)
     trace_steps: int = doc(
         "Trace this many optimizer steps after the first with torch.profiler: OUTPUT/trace/kernels.txt (device "
         "time per kernel), kernels.json and a Chrome trace. 0 = off.", 0)
@@ -624,13 +625,14 @@ def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskR
     for key, value in [("train.lr", r.train.lr), ("train.batch_size", r.train.batch_size),
                        ("data.max_length", r.data.max_length),
                        ("method.lora.r", r.method.lora.r), ("method.lora.alpha", r.method.lora.alpha),
-                       ("train.log_every", r.train.log_every), ("train.keep_checkpoints", r.train.keep_checkpoints),
+                       ("train.log_every", r.train.log_every),
                        ("eval.batch_size", r.eval.batch_size), ("eval.max_new_tokens", r.eval.max_new_tokens),
                        ("eval.num_beams", r.eval.num_beams)]:
         if not value > 0:  # (nan too)
             raise bad(key, "expected a value > 0", value)
     for key, value in [("train.epochs", r.train.epochs), ("train.max_steps", r.train.max_steps),
                        ("train.eval_every", r.train.eval_every), ("train.save_every", r.train.save_every),
+                       ("train.keep_checkpoints", r.train.keep_checkpoints),
                        ("train.weight_decay", r.train.weight_decay), ("train.max_grad_norm", r.train.max_grad_norm),
                        ("eval.max_samples", r.eval.max_samples), ("data.hard_negatives", r.data.hard_negatives)]:
         if not value >= 0:

@@ -26,3 +26,18 @@ def test_bytes_needed_counts_the_checkpoints_the_schedule_writes(save_every, kee
 def test_8bit_optimizer_states_take_two_bytes():
     t = TrainConfig(save_every=1, keep_checkpoints=1, optimizer="paged_adamw_8bit")
     assert bytes_needed(t, PARAMS, Schedule(1, 1, 4, 4)) == PARAMS * (2 * 6 + 4)
+
+
+def test_no_checkpoints_need_room_for_the_final_weights_only():
+    t = TrainConfig(save_every=1, keep_checkpoints=0, optimizer="adamw")
+    assert bytes_needed(t, PARAMS, Schedule(1, 1, 4, 4)) == PARAMS * 4
+
+
+def test_a_stop_with_no_checkpoints_saves_nothing(tmp_path):
+    """keep_checkpoints = 0: a stop signal ends the run without writing (the accelerator is never asked)."""
+    import signal
+
+    from crb.engine.loop import stopped
+
+    s = stopped(None, tmp_path / "checkpoints", 3, 0, {}, signal.SIGTERM, 0)  # type: ignore[arg-type]
+    assert "no checkpoint" in str(s) and not (tmp_path / "checkpoints").exists()

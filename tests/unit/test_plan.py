@@ -510,9 +510,7 @@ def test_plan_meets_the_measured_peak(shapes, row):
 
 
 FRONTIER = json.loads((ROOT / "benchmarks" / "results" / "frontier.json").read_text())["metrics"]
-FRONTIER_OFF = {("code", "8.0"): "-9.5 %: measured at 9ea3d05, where the compiled layer kept whole shared its "
-                                 "dropout (0.4 to 0.6 GiB more beside checkpointed layers: why lora_dropout.shares "
-                                 "turns sharing off there); today's configuration is the plan_accuracy row (-1.1 %)."}
+FRONTIER_OFF: dict = {}  # (recipe, cap) -> why a frontier row misses, for a strict xfail
 
 
 def _frontier_rows() -> list:

@@ -160,6 +160,7 @@ def test_an_integer_is_a_float_where_a_float_is_due(write):
     ('format = "chatml"', 'format = "chatml"\neval = ["train.jsonl"]\neval_split = 0.1',
      "8: data.eval_split: expected 0 when data.eval lists files, got float 0.1"),
     ("lr = 1e-3", "epochs = 0", "9: train.epochs: expected epochs > 0 or max_steps > 0, got int 0"),
+    ("lr = 1e-3", "keep_checkpoints = -1", "9: train.keep_checkpoints: expected a value >= 0, got int -1"),
     ('format = "chatml"', 'format = "chatml"\nmax_length = 100000000',
      "7: data.max_length: expected a value in [1, 1.04858e+06], got int 100000000"),
 ])

@@ -26,7 +26,8 @@ CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspaces, measured order of 
 HALF = 2  # bf16/fp16 bytes
 LOGIT_BYTES = HALF + 4 + 4 + 4  # per vocabulary entry and token: bf16 logits, fp32 copy, log-softmax, gradient
 LIGER_LORA_LAYER = (8.4, 5)  # the same with liger's RMSNorm and SwiGLU (Mistral-7B QLoRA, H200, bf16 stream)
-PLAIN_MLP_BACKWARD = 22  # bytes per token and intermediate unit at a plain MLP's backward (H200, StarCoder2-3B)
+PLAIN_MLP_BACKWARD = 25.5  # bytes per token and intermediate unit at a plain MLP's backward (H200, StarCoder2-3B)
+GATED_MLP_BACKWARD = 2 * HALF  # a gated LoRA MLP's backward: the bf16 gradients of gate and up
 LORA_LAYER = (14, 5)  # saved bf16 tensors per token of one layer, in units of (hidden, intermediate), with RMSNorm,
 FULL_LAYER = (10, 4)  # for a gated MLP (gate, up, down); a plain one (fc, proj) keeps two fewer
 T5_LAYER, T5_SCORE_BYTES = (26, 8), 12  # fp32 residual and norms under autocast, gelu_new as eight ops, fp32 bias
@@ -39,11 +40,12 @@ COMPILED_LORA_LAYER, COMPILED_MLP_BACKWARD = 0.95, 0.75
 # q, k, v and one for gate, up: (3 if gated else 2) copies of DROPPED_COPY hidden units fewer than the constants
 # above count. Fitted on H200 frontier rows: language whole card 109.8 -> 91.9 GiB, code compiled 78.5 -> 70.1.
 DROPPED_COPY = 1.49
-COMPILED_FULL_LAYER = 0.935  # NLLB-600M full fine-tune, compiled (as CUDA graphs): 12.86 GiB at batch 16, 13.20 eager
+COMPILED_FULL_LAYER = 1.08  # NLLB-600M full fine-tune, compiled (as CUDA graphs): 10.93 and 12.86 GiB at batch 8, 16
 GATES = {"gate_proj", "gate_up_proj", "wi_0", "w1", "w3"}  # a gated MLP's gate (Llama/Mistral, Phi-3, T5 v1.1, Mixtral)
 CONTEXT = "CUDA context (outside torch's allocator)"
 COPIES = "bf16 copies of fp32 weights (autocast, kept for backward)"
 OVERLAP = "gradients not allocated yet at the loss's backward (the peak)"
+LATER = "LoRA gradients of checkpointed layers, allocated as their inputs are freed"
 FUSED = "fused linear + cross-entropy (logits in chunks, input gradient)"
 FUSED_BYTES = 12  # per hidden unit and token: a bf16 + fp32 logits chunk of ~tokens x hidden / vocab rows, grad_input
 LIGER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
@@ -227,7 +229,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         elif profile.zero_stage == 3:
             weights = weights / n_gpus + (s.params / s.layers) * HALF
         c["weights"] = weights
-    lora = method.name in ("lora", "qlora")
+    lora, k = method.name in ("lora", "qlora"), checkpointed(recipe, s.blocks)
     if lora:  # peft keeps adapters in fp32 (autocast_adapter_dtype)
         c["trainable parameters (LoRA, fp32)"] = s.trainable * (HALF if ds else 4)
     paged = t.optimizer.startswith("paged") and not ds
@@ -247,12 +249,20 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         head = s.vocab * s.hidden if s.logit_tokens else 0  # lm_head (a full model's; fp32 after fp16 k-bit prep)
         upcast = method.name == "qlora" and t.precision == "fp16"
         fp32_matmul = {"qlora": s.trainable + head * upcast, "lora": s.trainable}.get(method.name, s.linear + head)
-        backward[COPIES] = fp32_matmul * HALF
-    backward.update(activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4))
-    if backward_temporaries(s):
-        backward["backward temporaries (plain MLP, fp32)"] = backward_temporaries(s, t.compiled)
+        backward[COPIES] = fp32_matmul * HALF * (1 if not lora else (s.blocks - k + min(k, 1)) / s.blocks)
+    acts = activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4)
+    backward.update(acts)
+    on_gpu = sum(v for name, v in acts.items() if name.startswith("activation checkpoints"))
+    if lora and not ds and k:  # the checkpointed layers' LoRA gradients appear as the backward frees their inputs
+        backward[LATER] = -min(grads * k / s.blocks, on_gpu)
+    if backward_temporaries(s, lora):
+        backward["backward temporaries (gated MLP, bf16)" if s.gated else "backward temporaries (plain MLP, fp32)"] = \
+            backward_temporaries(s, lora, t.compiled)
     if s.logit_tokens and fused_loss(recipe):  # chunks of ~tokens x hidden / vocab: never all logits
         backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
+        if not lora and not ds:  # the peak is the loss's backward: of the weight gradients only the head's exists,
+            head = s.vocab * s.hidden * (4 + HALF)  # fp32, beside the fused kernel's bf16 one (NLLB: --peaks)
+            backward[OVERLAP] = -max(0.0, grads - head)
     elif s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
         backward["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
         if not ds:  # the peak is the loss's backward: no weight gradient is allocated yet
@@ -299,11 +309,14 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
     return per * (COMPILED_LORA_LAYER if compiled and lora and not liger else 1)  # liger's layers: as eager
 
 
-def backward_temporaries(s: Shape, compiled: bool = False) -> float:
-    """A plain (non-gated) MLP's backward under autocast holds about five fp32 intermediate-width tensors per
-    token at the peak, once per micro-batch (StarCoder2-3B QLoRA: 2.15 GiB per 8192-token row, H200, fitted
-    with the layer bytes on rows with 0, 15 and all 30 layers checkpointed)."""
-    return 0.0 if s.gated else s.pass_tokens * s.inter * PLAIN_MLP_BACKWARD * (COMPILED_MLP_BACKWARD if compiled else 1)
+def backward_temporaries(s: Shape, lora: bool, compiled: bool = False) -> float:
+    """An MLP's backward holds intermediate-width gradients at the peak, once per micro-batch: a plain MLP under
+    autocast about five fp32 tensors per token (StarCoder2-3B QLoRA: 2.15 GiB per 8192-token row, H200, fitted
+    with the layer bytes on rows with 0, 15 and all 30 layers checkpointed); a gated LoRA one the bf16 gradients
+    of gate and up (Mistral-7B; the T5 and full fine-tune layer constants include theirs)."""
+    if s.gated:
+        return s.pass_tokens * s.inter * GATED_MLP_BACKWARD if lora else 0.0
+    return s.pass_tokens * s.inter * PLAIN_MLP_BACKWARD * (COMPILED_MLP_BACKWARD if compiled else 1)
 
 
 def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str, float]:

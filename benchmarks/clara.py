@@ -48,6 +48,21 @@ def make_data(path: Path, rows: int, doc_words: int, answer_words: int, seed: in
                                 "docs": [text(doc_words)]}) + "\n")
 
 
+def make_stage23_data(path: Path, rows: int, n_docs: int, doc_words: int, answer_words: int, seed: int) -> None:
+    """Stage 2 and 3 records: a question, N candidate documents (the first one gold) and an answer."""
+    words = " ".join(_corpus(seed, 3000)).split()
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"question": text(12) + "?", "docs": [text(doc_words) for _ in range(n_docs)],
+                                "answer": text(answer_words), "pos_index": [0]}) + "\n")
+
+
 def run_side(args: argparse.Namespace, out: Path, model_dir: Path, name: str, batch: int, micro: str,
              steps: int, warmup: int) -> dict:
     """One crb run of stage 1: `steps` timed optimizer steps of `batch` records after `warmup` untimed ones."""

@@ -107,6 +107,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
     if "clara" in args.only:
         for micro in ([1, 2] if t else [2, 8]):
             row("clara", f"stage 1, micro-batch {micro}", clara_sets(args, m / "mistral", micro), stage="compression")
+        for phase, number in (("instruction", 2), ("end_to_end", 3)):  # each from a one-step stage 1 of its own
+            for micro in ([1, 2] if t else [2, 8]):
+                if re.search(args.match, label := f"stage {number}, micro-batch {micro}"):
+                    row("clara", label, clara23_sets(args, m / "mistral", micro, phase), stage=phase)
     if "8gb" in args.only:
         cap = {"CRB_GPU_MEMORY_GB": "8"}
         ctx = 128 if t else 8192
@@ -176,9 +180,26 @@ def clara_sets(args: argparse.Namespace, model: Path, micro: int) -> list[str]:
                                          'data.overlong="truncate"']
 
 
+def clara23_sets(args: argparse.Namespace, model: Path, micro: int, phase: str) -> list[str]:
+    """Stages 2 and 3 (N = 20 candidates, k = 5 read by the decoder): every document longer than the encoder reads,
+    every answer longer than the decoder's max_length. They start from the adapters of one stage-1 step."""
+    length = 384 if args.tiny else 1024
+    file = args.out / "data" / f"clara23-{micro}.jsonl"
+    if not file.is_file():
+        clara_bench.make_stage23_data(file, micro * 3, 20, doc_words=300, answer_words=length, seed=0)
+    init = args.out / "clara-init"
+    if not (init / "compression" / "final_adapter").is_dir():  # what stage 1 leaves for the next stage
+        stage1 = [*clara_sets(args, model, 1), "train.max_steps=1", f"output.dir={q(str(init))}"]
+        language.run_logged([sys.executable, "-m", "crb.run", str(ROOT / "recipes" / "clara.toml"),
+                             *[x for s in stage1 for x in ("--set", s)], "--stage", "compression"],
+                            args.out / "logs" / "clara-init.log", "clara-init")
+    return common(args, model, micro) + [f"data.train=[{q(str(file))}]", f"data.max_length={length}",
+                                         'data.overlong="truncate"', f"clara.init_from={q(str(init / 'compression'))}"]
+
+
 # ---------------------------------------------------------------- measuring a row
 
-MACHINE_KEYS = {"model.name", "data.train", "data.cache_dir", "output.dir"}  # paths on the measuring machine
+MACHINE_KEYS = {"model.name", "data.train", "data.cache_dir", "output.dir", "clara.init_from"}  # paths on the measuring machine
 CHOSEN = ("profile", "micro_batch", "checkpointed_layers", "layers", "offload_activations", "kernels", "compile",
           "attention", "shared_dropout")
 
@@ -222,6 +243,7 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     # as the run resolved it (so a CPU without liger or a GPU plans the same configuration).
     result["sets"] = [x for x in r["sets"] + args.sets if x.split("=", 1)[0] not in MACHINE_KEYS]
     result["chosen"] = {k: chosen.get(k) for k in CHOSEN}
+    result["stage"] = r["stage"]
     speed = [x["tokens_per_s"] for x in lines if "tokens_per_s" in x][1:]  # the first step warms up
     result |= {"run_profile": chosen.get("profile"), "steps": len([x for x in lines if "loss" in x]),
                "tokens_per_s": round(sum(speed) / len(speed)) if speed else None,

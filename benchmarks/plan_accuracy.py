@@ -199,7 +199,8 @@ def clara23_sets(args: argparse.Namespace, model: Path, micro: int, phase: str) 
 
 # ---------------------------------------------------------------- measuring a row
 
-MACHINE_KEYS = {"model.name", "data.train", "data.cache_dir", "output.dir", "clara.init_from"}  # paths on the measuring machine
+# paths on the measuring machine
+MACHINE_KEYS = {"model.name", "data.train", "data.cache_dir", "output.dir", "clara.init_from"}
 CHOSEN = ("profile", "micro_batch", "checkpointed_layers", "layers", "offload_activations", "kernels", "compile",
           "attention", "shared_dropout")
 

@@ -160,8 +160,9 @@ def cmd_recipes(_args: argparse.Namespace) -> None:
 
 def cmd_show(args: argparse.Namespace) -> None:
     from crb.recipe import schema as recipe
+    from crb.tasks import TASKS
 
-    print(recipe.dumps(load_recipe(args.recipe, args.overrides)), end="")
+    print(recipe.dumps(load_recipe(args.recipe, args.overrides), TASKS), end="")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:

@@ -34,9 +34,8 @@ from crb.engine.plan import DataFacts, auto_config, data_facts, plan
 from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
-from crb.losses import LOSSES
 from crb.recipe import schema as recipes
-from crb.tasks import TASKS, get_task, prepare
+from crb.tasks import LOSSES, TASKS, get_task, prepare
 from crb.units import GIB
 
 
@@ -91,7 +90,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     checkpoint.keep_trainable_only(accelerator)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.resolved.toml").write_text(recipes.dumps(recipe))
+        (out / "recipe.resolved.toml").write_text(recipes.dumps(recipe, TASKS))
         lock.write(recipe, out / "crb.lock.json")
 
     model = build_model(recipe, mixed, accelerator.device)
@@ -101,7 +100,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     scheduler = build_scheduler(recipe, optimizer, sched.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by the loop once per optimizer step
-    accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe)))
+    accelerator.init_trackers("crb", config=_flat(recipes.to_dict(recipe, TASKS)))
     losses = ([(x.name, LOSSES[x.name], x.weight, x.options) for x in recipe.losses]
               or [(name, LOSSES[name], 1.0, {}) for name in get_task(recipe.data.format).default_losses])
 

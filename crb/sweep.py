@@ -149,5 +149,5 @@ def sweep(recipe_path: str, overrides: list[str], grid: list[tuple[str, list]] |
     state["best"] = best
     state_file.write_text(json.dumps(state, indent=1))
     best_recipe = recipes.load(recipe_path, [*overrides, *_sets(best)], stage, TASKS)
-    (out / "best.toml").write_text(recipes.dumps(best_recipe))
+    (out / "best.toml").write_text(recipes.dumps(best_recipe, TASKS))
     return state

@@ -41,7 +41,7 @@ from crb.data.prepared import (
 )
 from crb.data.reader import Record, mix, read_records, source_kind, source_sha256
 from crb.errors import DataError
-from crb.recipe.schema import ClaraConfig, DataConfig, uses
+from crb.recipe.schema import ClaraConfig, DataConfig
 
 Row = dict[str, np.ndarray]
 CACHE_VERSION = "5"  # 5: a folder of memory-mapped Arrow documents and row indices (crb.data.prepared)
@@ -85,6 +85,7 @@ class Format(Protocol):
 
     packable: bool
     label_shift: int
+    keys: tuple[str, ...]  # the recipe keys only this format reads ([clara], data.corpus, ...)
 
     def check(self, rec: Record, cfg: DataConfig, clara_cfg: ClaraConfig | None) -> Any: ...
 
@@ -106,7 +107,7 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, clar
     """(train rows, eval rows, report) of data in format `task`, memory-mapped from the cache when the same data
     was prepared before (crb.data.prepared)."""
     template = chat_template(tokenizer, cfg.chat_template)
-    key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if uses(cfg.format, "clara") else None)
+    key = _cache_key(cfg, tokenizer, template, seed, clara_cfg if "clara" in task.keys else None)
     root = Path(cfg.cache_dir).expanduser()
     entry = root / key
     cacheable = "unpinned" not in {source_sha256(f) for f in [*cfg.train, *cfg.eval]}  # an unpinned Hub dataset
@@ -292,7 +293,7 @@ def validate(cfg: DataConfig, clara_cfg: ClaraConfig | None = None, *, task: For
     """Every record of the data files (train, eval, a retrieval corpus) through the checks training runs, short of
     those that need the tokenizer (token counts, language tokens, the chat template): no model or tokenizer loads."""
     v = Validation()
-    corpus = cfg.corpus if uses(cfg.format, "data.corpus") else []
+    corpus = cfg.corpus if "data.corpus" in task.keys else []
     for split, files in (("train", cfg.train), ("eval", cfg.eval), ("corpus", corpus)):
         for file in files:
             v.files += 1

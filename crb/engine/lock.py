@@ -43,7 +43,7 @@ def model_revision(r: recipes.Recipe) -> str:
 
 def make(r: recipes.Recipe) -> dict:
     files = [*r.data.train, *r.data.eval, *r.data.corpus]
-    return {"recipe_toml": recipes.dumps(r), "source": r.source, "stage": r.stage, "packages": versions(),
+    return {"recipe_toml": recipes.dumps(r, TASKS), "source": r.source, "stage": r.stage, "packages": versions(),
             "model": {"name": r.model.name, "revision": model_revision(r)},
             "data": {f: source_sha256(f) for f in files}}
 

@@ -42,20 +42,11 @@ LANGUAGES = (
     "zho_Hans", "zho_Hant", "jpn_Jpan", "kor_Hang", "arb_Arab", "por_Latn", "rus_Cyrl", "ita_Latn",
     "nld_Latn",
 )
-# Recipe keys and tables that only one data format reads (its agent's own, crb/tasks/<agent>.py); every other key
-# is read whatever the format. Set with another format, they are refused (USED_BY).
-FORMAT_KEYS = {
-    "clara": ("clara",),
-    "translation": ("data.languages", "data.source_lang", "data.target_langs", "eval.max_new_tokens",
-                    "eval.num_beams"),
-    "retrieval": ("data.hard_negatives", "data.corpus", "data.document_instruction"),
-    "rerank": ("data.hard_negatives", "data.corpus", "data.retriever"),
-}
 
-
-def uses(fmt: str, key: str) -> bool:
-    """Whether data format `fmt` reads recipe key or table `key` (FORMAT_KEYS)."""
-    owners = [f for f, keys in FORMAT_KEYS.items() if key in keys]
+def uses(fmt: str, key: str, tasks: Mapping[str, TaskRules] | None) -> bool:
+    """Whether data format `fmt` reads recipe key or table `key`: a key some agents own (their Task.keys) is read by
+    those only; every other key whatever the format (and every key when the agents are not given)."""
+    owners = [f for f, task in (tasks or {}).items() if key in task.keys]
     return not owners or fmt in owners
 
 
@@ -120,13 +111,6 @@ class MethodConfig:
     lora: LoraConfig = doc("[method.lora]: adapter shape for lora/qlora.", factory=LoraConfig)
 
 
-FORMAT_FIELDS = {  # the record fields of each data format: the targets data.columns may name
-    "chatml": {"messages"}, "text": {"text"},
-    "translation": {"source_lang", "target_lang", "source_text", "target_text"},
-    "retrieval": {"instruction", "query", "positive", "negative"},
-    "clara": {"data_type", "question", "answers", "docs", "answer", "pos_index"},
-    "rerank": {"query", "positive", "negatives"},
-}
 HUB_DATASETS = "hf://datasets/"  # a Hub dataset source: hf://datasets/owner/name@revision:split
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # with save_to_disk folders: data sources
 
@@ -136,8 +120,9 @@ class DataConfig:
     train: list[str] = doc(
         "Training record sources: .jsonl, .json, .parquet, .csv, .arrow files, Dataset.save_to_disk folders or "
         "hf://datasets/owner/name@revision:split (docs/data.md).")
-    format: Literal["chatml", "text", "translation", "retrieval", "clara", "rerank"] = doc(
-        "chatml: records with `messages`; text: records with `text` (raw documents); translation: "
+    format: str = doc(
+        "The agent, by its record format: a name in the agents' registry (crb.tasks.TASKS). chatml: records with "
+        "`messages`; text: records with `text` (raw documents); translation: "
         "`source_lang, target_lang, source_text, target_text` (seq2seq); retrieval: `instruction, query, "
         "positive, negative` (contrastive embeddings; negative optional, a string or a list); clara: stage 1 "
         "`data_type, question[], answers[], docs[]`, stages 2-3 `question, docs[], answer, pos_index[]`; rerank: "
@@ -347,9 +332,12 @@ Bad = Callable[[str, str, Any], RecipeError]  # bad(key, why, value): the file:l
 
 class TaskRules(Protocol):
     """What the recipe checks ask of an agent: crb.tasks.Task is one. The recipe layer cannot import the agents
-    (they import it), so `load`'s caller passes them in (`tasks=crb.tasks.TASKS`)."""
+    (they import it), so `load`'s caller passes them in (`tasks=crb.tasks.TASKS`): the format names, each one's
+    record fields, keys and losses come from there."""
 
     allowed_losses: tuple[str, ...]
+    fields: frozenset[str]
+    keys: tuple[str, ...]
 
     def check_recipe(self, recipe: Recipe, bad: Bad) -> None: ...
 
@@ -411,7 +399,7 @@ def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name:
     _check_values(recipe, stage_origins, tasks)
     _resolve_paths(recipe, path.parent, stage_origins)
     recipe.output.dir = str(Path(recipe.output.dir) / name)
-    if previous and uses(recipe.data.format, "clara") and not recipe.clara.init_from:
+    if previous and uses(recipe.data.format, "clara", tasks) and not recipe.clara.init_from:
         recipe.clara.init_from = str(Path(recipe.output.dir).parent / previous)
     return recipe
 
@@ -588,16 +576,20 @@ USED_BY: list[tuple[str, str, Any]] = [
     ("method.lora", "method.name", lambda r: r.method.name in ("lora", "qlora")),
     ("method.quant", "method.name", lambda r: r.method.name == "qlora"),
     ("method.trainable", "method.name", lambda r: r.method.name == "freeze"),
-    *[(key, "data.format", lambda r, key=key: uses(r.data.format, key)) for keys in FORMAT_KEYS.values()
-      for key in keys],
 ]
 
 
-def _check_unused(r: Recipe, origins: dict[str, Path]) -> None:
+def _used_by(tasks: Mapping[str, TaskRules] | None) -> list[tuple[str, str, Any]]:
+    """USED_BY and the keys each agent owns (Task.keys): set with another data format, they would be ignored."""
+    owned = dict.fromkeys(key for task in (tasks or {}).values() for key in task.keys)
+    return USED_BY + [(key, "data.format", lambda r, key=key: uses(r.data.format, key, tasks)) for key in owned]
+
+
+def _check_unused(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskRules] | None) -> None:
     """A table or key the chosen method or format does not use: an error where the same file sets both (or
     --set sets the table), a warning where the method or format comes from elsewhere (a --set or an extending
     recipe switching a base recipe's method is legitimate; the table is then ignored, said so)."""
-    for prefix, by, used in USED_BY:
+    for prefix, by, used in _used_by(tasks):
         if used(r):
             continue
         keys = sorted(k for k in origins if k == prefix or k.startswith(prefix + "."))
@@ -617,7 +609,7 @@ def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskR
     def bad(key: str, why: str, value: Any) -> RecipeError:
         return RecipeError(_where_key(key, origins) + f"{key}: {why}, got {_got(value)}")
 
-    _check_unused(r, origins)
+    _check_unused(r, origins, tasks)
     for i, loss in enumerate(r.losses):  # free-form options: numbers must still be numbers
         for name, value in loss.options.items():
             if isinstance(value, float) and not math.isfinite(value):
@@ -675,7 +667,11 @@ def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskR
             raise bad(f"method.trainable[{i}]", f"invalid regular expression ({e})", pattern) from None
     if not r.data.train:
         raise bad("data.train", "expected at least one file", [])
-    fields = FORMAT_FIELDS[r.data.format] | ({"text"} if r.data.corpus else set())
+    task = tasks.get(r.data.format) if tasks is not None else None
+    if tasks is not None and task is None:
+        raise bad("data.format", f"unknown format (known: {', '.join(tasks)})"
+                  f"{did_you_mean(r.data.format, tasks)}", r.data.format)
+    fields = (task.fields if task else set(r.data.columns)) | ({"text"} if r.data.corpus else set())
     for target in r.data.columns:
         if target not in fields:
             raise bad(f"data.columns.{target}", f"not a field of format {r.data.format} (its fields: "
@@ -690,16 +686,15 @@ def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskR
     gc = r.train.gradient_checkpointing
     if r.train.offload_activations is True and not (gc is True or gc == "auto"):
         raise bad("train.offload_activations", OFFLOAD_NEEDS, True)
-    task = tasks[r.data.format] if tasks is not None else None
-    if task is not None:
-        task.check_recipe(r, bad)
-    from crb.losses import LOSSES  # late: the registry imports torch
-
+    if task is None:
+        return
+    task.check_recipe(r, bad)
+    known = dict.fromkeys(name for t in tasks.values() for name in t.allowed_losses)  # type: ignore[union-attr]
     for i, loss in enumerate(r.losses):
-        if loss.name not in LOSSES:
+        if loss.name not in known:
             raise RecipeError(_where_key(f"losses[{i}].name", origins) + f"losses[{i}].name: unknown loss "
-                              f"'{loss.name}'" + did_you_mean(loss.name, LOSSES, f" (known: {', '.join(LOSSES)})"))
-        if task is not None and loss.name not in task.allowed_losses:
+                              f"'{loss.name}'" + did_you_mean(loss.name, known, f" (known: {', '.join(known)})"))
+        if loss.name not in task.allowed_losses:
             raise bad(f"losses[{i}].name", f"expected a loss for {r.data.format} data "
                       f"({', '.join(task.allowed_losses)})", loss.name)
 
@@ -880,8 +875,9 @@ def _key_parts(dotted: str) -> list[str]:
 # ---------------------------------------------------------------- output
 
 
-def to_dict(recipe: Recipe) -> dict:
-    """The resolved recipe as a plain dict (None values dropped: TOML has no null)."""
+def to_dict(recipe: Recipe, tasks: Mapping[str, TaskRules] | None = None) -> dict:
+    """The resolved recipe as a plain dict (None values dropped: TOML has no null; what the method and, given the
+    agents, the format ignore left out)."""
 
     def clean(v: Any) -> Any:
         if isinstance(v, dict):
@@ -892,14 +888,14 @@ def to_dict(recipe: Recipe) -> dict:
 
     d = clean(dataclasses.asdict(recipe))
     d.pop("extends", None)
-    for key, _, used in USED_BY:  # what the method and format ignore is left out, so the dump loads again
+    for key, _, used in _used_by(tasks):  # what the method and format ignore is left out, so the dump loads again
         if not used(recipe):
             *parents, last = key.split(".")
             functools.reduce(dict.__getitem__, parents, d).pop(last, None)
     return d
 
 
-def dumps(recipe: Recipe) -> str:
-    d = to_dict(recipe)
+def dumps(recipe: Recipe, tasks: Mapping[str, TaskRules] | None = None) -> str:
+    d = to_dict(recipe, tasks)
     source = d.pop("source", "")  # set by crb, not a recipe key: `crb show` output must load again
     return (f"# resolved from {source}\n" if source else "") + tomli_w.dumps(d)

@@ -16,10 +16,11 @@ from crb.recipe.schema import ClaraConfig, DataConfig, did_you_mean
 from crb.tasks import chat, clara, rerank, retrieval, text, translation
 from crb.tasks.base import Metric, Task
 
-__all__ = ["TASKS", "Metric", "Task", "check_record", "get_task", "prepare"]
+__all__ = ["LOSSES", "TASKS", "Metric", "Task", "check_record", "get_task", "prepare"]
 
 TASKS: dict[str, Task] = {t.format: t for t in (chat.TASK, text.TASK, translation.TASK, retrieval.TASK, clara.TASK,
                                                 rerank.TASK)}
+LOSSES = {name: loss for task in TASKS.values() for name, loss in task.losses.items()}  # every [[losses]] name
 
 
 def get_task(fmt: str) -> Task:

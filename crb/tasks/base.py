@@ -8,7 +8,7 @@ ones every agent writes; the others have the plain default."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,8 +30,10 @@ class Task:
     format: str  # the recipe's data.format
     kind: str  # the model family the engine builds and loads: causal, seq2seq, embedding or clara
     auto_class: type | None  # transformers' Auto class of its (base) model; None: a sentence-transformers encoder
-    default_losses: tuple[str, ...]  # the crb.losses a recipe without [[losses]] trains with (weight 1 each)
-    allowed_losses: tuple[str, ...]  # the losses that fit its batches
+    losses: Mapping[str, Callable]  # the losses that fit its batches, by the name [[losses]] gives (crb/losses/)
+    default_losses: tuple[str, ...]  # those a recipe without [[losses]] trains with (weight 1 each)
+    fields: frozenset[str]  # its record fields (what data.columns may map a source's columns to)
+    keys: tuple[str, ...] = ()  # recipe keys and tables only this agent reads (set with another format: refused)
     packable: bool = False  # rows are token documents that data.packing packs (and FlexAttention separates on CUDA)
     label_shift: int = 0  # 1: the labels are the input ids, which a causal LM predicts one token ahead
     whole_batch: bool = False  # its loss needs the whole batch in one pass (in-batch negatives): never accumulated
@@ -41,6 +43,10 @@ class Task:
     chat: bool = False  # its tokenizer renders chats (data.chat_template, saved with the result)
     trains_embedding_rows: bool = False  # some embedding rows train (CLaRa's memory tokens): no weight decay, planned
     token_keys: tuple[str, ...] = ("input_ids",)  # the row keys whose length is one pass's tokens; (): rows of texts
+
+    @property
+    def allowed_losses(self) -> tuple[str, ...]:
+        return tuple(self.losses)
 
     # ---------------------------------------------------------------- recipe
 

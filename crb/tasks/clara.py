@@ -19,7 +19,7 @@ from crb.data.clara_inputs import PARAPHRASE, decoder_ids, decoder_prompt_ids, d
 from crb.data.collate import Batcher, clara_batcher
 from crb.data.reader import Record
 from crb.errors import CrbError, DataError
-from crb.losses.clara import recall_at_k
+from crb.losses.clara import clara_generation, clara_mse_loss, recall_at_k
 from crb.recipe.schema import Bad, ClaraConfig, DataConfig, Recipe
 from crb.tasks.base import Loader, Metric, Task, strings
 
@@ -28,8 +28,10 @@ class Clara(Task):
     format = "clara"
     kind = "clara"
     auto_class = AutoModelForCausalLM  # the base; crb.engine.build wraps it (crb.models.clara)
+    losses = {"clara_generation": clara_generation, "clara_mse": clara_mse_loss}
     default_losses = ("clara_generation",)
-    allowed_losses = ("clara_generation", "clara_mse")
+    fields = frozenset({"data_type", "question", "answers", "docs", "answer", "pos_index"})
+    keys = ("clara",)
     chat = True  # not compiled: not measured
     trains_embedding_rows = True  # the memory tokens' rows (fp32)
     token_keys = ("dec_ids",)  # the decoder prompt (the encoder's documents are clara.doc_width each)

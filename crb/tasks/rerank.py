@@ -17,6 +17,7 @@ from crb.data import Row, retrieval
 from crb.data.collate import Batcher
 from crb.data.reader import Record, read_jsonl
 from crb.errors import CrbError, DataError, first_line
+from crb.losses.rerank import rerank_bce, rerank_lambda, rerank_mnrl
 from crb.recipe.schema import Bad, ClaraConfig, DataConfig, Recipe
 from crb.tasks.base import Loader, Metric, Task, strings
 
@@ -27,8 +28,10 @@ class Rerank(Task):
     format = "rerank"
     kind = "embedding"  # a sentence-transformers model, trained whole; `encoder` makes it a CrossEncoder
     auto_class = None
+    losses = {"rerank_mnrl": rerank_mnrl, "rerank_bce": rerank_bce, "rerank_lambda": rerank_lambda}
     default_losses = ("rerank_mnrl",)
-    allowed_losses = ("rerank_mnrl", "rerank_bce", "rerank_lambda")
+    fields = frozenset({"query", "positive", "negatives"})
+    keys = ("data.hard_negatives", "data.corpus", "data.retriever")
     token_keys = ()  # rows are texts, paired and tokenized by the model batch by batch
 
     def check_recipe(self, recipe: Recipe, bad: Bad) -> None:

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from crb.data import Row, retrieval
 from crb.data.collate import Batcher, retrieval_batcher
 from crb.data.reader import Record, read_records
+from crb.losses.contrastive import cached_mnrl, mnrl
 from crb.recipe.schema import Bad, ClaraConfig, DataConfig, Recipe
 from crb.tasks.base import Loader, Metric, Task, strings
 
@@ -21,8 +22,10 @@ class Retrieval(Task):
     format = "retrieval"
     kind = "embedding"
     auto_class = None
+    losses = {"mnrl": mnrl, "cached_mnrl": cached_mnrl}
     default_losses = ("mnrl",)
-    allowed_losses = ("mnrl", "cached_mnrl")
+    fields = frozenset({"instruction", "query", "positive", "negative"})
+    keys = ("data.hard_negatives", "data.corpus", "data.document_instruction")
     whole_batch = True
     compile = True  # Instructor-XL contrastive on an H200: 1.56x SentenceTransformerTrainer's speed compiled
     token_keys = ()  # rows are texts, tokenized batch by batch

@@ -14,6 +14,7 @@ from crb.data import Row, translation
 from crb.data.collate import Batcher, seq2seq_batcher
 from crb.data.reader import Record
 from crb.errors import CrbError
+from crb.losses.seq2seq import seq2seq
 from crb.recipe.schema import ClaraConfig, DataConfig, Recipe
 from crb.tasks.base import Loader, Metric, Task, strings
 
@@ -22,7 +23,10 @@ class Translation(Task):
     format = "translation"
     kind = "seq2seq"
     auto_class = AutoModelForSeq2SeqLM
-    default_losses = allowed_losses = ("seq2seq",)
+    losses = {"seq2seq": seq2seq}
+    default_losses = ("seq2seq",)
+    fields = frozenset({"source_lang", "target_lang", "source_text", "target_text"})
+    keys = ("data.languages", "data.source_lang", "data.target_langs", "eval.max_new_tokens", "eval.num_beams")
     offloadable = True
     kernels = "cce"  # liger's chunked loss is slower than the plain logits at NLLB's 256k vocabulary
     compile = "graphs"  # its step is bound by kernel launches: CUDA graphs 1.54x eager (H200)

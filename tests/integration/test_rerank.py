@@ -12,10 +12,9 @@ import torch
 
 from crb.artifacts import verify
 from crb.errors import DataError
-from crb.losses import LOSSES
 from crb.recipe import schema as recipes
 from crb.run import make_batcher, run
-from crb.tasks import TASKS, prepare
+from crb.tasks import LOSSES, TASKS, prepare
 from crb.tasks.rerank import CANDIDATES, check_record
 from tests.conftest import DEMO_DATA, subsample, write_jsonl, write_recipe
 

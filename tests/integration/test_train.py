@@ -301,7 +301,7 @@ def test_unwritable_or_full_output_dir_fails_before_training(chat_recipe, tmp_pa
 
 def nan_on(calls: set[int], monkeypatch) -> None:
     """The causal-LM loss turns NaN on the given (1-based) training calls (eval calls run without grad)."""
-    import crb.losses as losses_module
+    import crb.tasks as losses_module
 
     real, seen = losses_module.LOSSES["causal_lm"], [0]
 
@@ -347,7 +347,7 @@ def test_too_many_nan_steps_stop_with_the_last_good_checkpoint(chat_recipe, tmp_
 def test_diverged_weights_end_with_the_last_good_checkpoint_not_done(chat_recipe, tmp_path, monkeypatch, capsys):
     """Weights that turn inf mid-run (every later step skipped as non-finite) end the run with an error that
     names the newest checkpoint written while the weights were finite, and no final model."""
-    import crb.losses as losses_module
+    import crb.tasks as losses_module
 
     real, seen = losses_module.LOSSES["causal_lm"], [0]
 
@@ -372,7 +372,7 @@ def test_diverged_weights_end_with_the_last_good_checkpoint_not_done(chat_recipe
 
 def oom_above(rows: int, monkeypatch) -> None:
     """The causal-LM loss raises CUDA's out-of-memory error for training micro-batches of more than `rows`."""
-    import crb.losses as losses_module
+    import crb.tasks as losses_module
 
     real = losses_module.LOSSES["causal_lm"]
 

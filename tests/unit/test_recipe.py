@@ -10,7 +10,22 @@ import pytest
 
 from crb.cli import main
 from crb.errors import RecipeError
-from crb.recipe.schema import dumps, find_line, load, to_dict
+from crb.recipe import schema
+from crb.recipe.schema import Recipe, find_line
+from crb.tasks import TASKS
+
+
+def load(path: str | Path, overrides: list[str] | None = None, stage: str | None = None) -> Recipe:
+    """As every crb command loads a recipe: with the agents' own rules (formats, fields, keys, losses)."""
+    return schema.load(path, overrides, stage, TASKS)
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return schema.to_dict(recipe, TASKS)
+
+
+def dumps(recipe: Recipe) -> str:
+    return schema.dumps(recipe, TASKS)
 
 # Line numbers below refer to this text: 1 [model], 4 [data], 5 train, 6 format, 8 [train], 9 lr,
 # 10 batch_size, 11 micro_batch, 13 [output], 14 dir.

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from crb.errors import RecipeError
-from crb.losses import LOSSES
 from crb.recipe import schema
-from crb.tasks import TASKS, Task, get_task
+from crb.tasks import LOSSES, TASKS, Task, get_task
 
 CRB = Path(__file__).resolve().parents[2] / "crb"
 # The methods every agent writes (the others have a default in Task).
@@ -22,8 +21,29 @@ OWN = [name for name, f in vars(Task).items() if inspect.isfunction(f) and "rais
 
 
 def test_the_registry_holds_the_formats_the_recipe_names():
-    assert list(TASKS) == list(typing.get_args(typing.get_type_hints(schema.DataConfig)["format"]))
-    assert set(schema.FORMAT_KEYS) <= set(TASKS)
+    """The recipe layer names no format: data.format, each format's fields, keys and losses come from the
+    registry (adding an agent is one module and one line in crb.tasks)."""
+    assert typing.get_type_hints(schema.DataConfig)["format"] is str
+    assert not {"FORMAT_KEYS", "FORMAT_FIELDS"} & set(vars(schema))
+    assert set(LOSSES) == {name for task in TASKS.values() for name in task.allowed_losses}
+
+
+def test_a_new_agent_is_a_module_and_a_registry_line(tmp_path):
+    """An agent the schema has never heard of (here: text under another name, reading its own field) loads with
+    its format, fields and losses once it is in the registry, and is an unknown format with a hint before."""
+    from crb.errors import RecipeError
+
+    class Faq(type(TASKS["text"])):
+        format, field = "faq", "answer"
+
+    (tmp_path / "faq.jsonl").write_text('{"body": "Returns are free within 30 days."}\n')
+    path = tmp_path / "faq.toml"
+    path.write_text('[model]\nname = "m"\n[method]\nname = "lora"\n[data]\nformat = "faq"\ntrain = ["faq.jsonl"]\n'
+                    '[data.columns]\nanswer = "body"\n[[losses]]\nname = "causal_lm"\n[output]\ndir = "out"\n')
+    r = schema.load(path, tasks={**TASKS, "faq": Faq()})
+    assert (r.data.format, r.data.columns, r.losses[0].name) == ("faq", {"answer": "body"}, "causal_lm")
+    with pytest.raises(RecipeError, match=r"faq.toml:6: data.format: unknown format .*'faq'"):
+        schema.load(path, tasks=TASKS)
 
 
 @pytest.mark.parametrize("fmt", list(TASKS))

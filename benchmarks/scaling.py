@@ -11,6 +11,10 @@ The effective batch stays 8 rows: each of 2 processes takes 4. tokens/s counts e
 the step's tokens summed over processes). Writes OUT/scaling.json: metrics.<recipe> = {gpus_1_tokens_per_s,
 gpus_2_tokens_per_s, speedup}, and each side's losses, chosen configuration and peak.
 
+--sweep adds `crb sweep` of the code recipe (two learning rates, --steps steps each, 12.5 % of the rows held out
+for the eval that ranks them) with --parallel 1 and then --parallel 2 (a trial per GPU): metrics.sweep =
+{trials, serial_s, parallel_s, speedup}, wall time of the whole sweep command.
+
 --full-7b adds what outgrows a GPU: the Mistral-7B shape fully fine-tuned (fp32 master weights, AdamW, ctx 4096)
 on 2 GPUs, with the profile the plan picks for 2 GPUs and then forced to ZeRO-3 and to ZeRO-3 + CPU offload:
 metrics.full_7b.<profile> = {tokens_per_s, peak_gib} (peak per GPU, from rank 0).
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--models", default="/tmp/crb-bench/models")
     p.add_argument("--json", default=None, help="also write scaling.json here")
+    p.add_argument("--sweep", action="store_true", help="also crb sweep --parallel 1 against --parallel 2")
     p.add_argument("--full-7b", action="store_true", help="also the 7B full fine-tune on 2 GPUs (auto, zero3, "
                    "zero3-offload)")
     args = p.parse_args(argv)
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics, sides = {}, {}
     if args.full_7b:
         metrics["full_7b"], sides["full_7b"] = full_7b(args, out)
+    if args.sweep:
+        metrics["sweep"], sides["sweep"] = sweep(args, out)
     for i, recipe in enumerate(args.recipes):
         runs = {}
         for n in (1, 2):
@@ -80,14 +87,46 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(text)
     print(f"\n{'recipe':10} {'1 GPU tok/s':>12} {'2 GPUs tok/s':>13} {'speed-up':>9}")
     for recipe, m in metrics.items():
-        if recipe == "full_7b":
+        if recipe in ("full_7b", "sweep"):
             continue
         one, two, up = m["gpus_1_tokens_per_s"], m["gpus_2_tokens_per_s"], m["speedup"]
         print(f"{recipe:10} {one or 0:>12,.0f} {two or 0:>13,.0f} {f'{up:.2f}x' if up else '-':>9}")
     for profile, m in metrics.get("full_7b", {}).items():
         print(f"7B full fine-tune, 2 GPUs, {profile}: {m['tokens_per_s'] or 0:,.0f} tokens/s, "
               f"{m['peak_gib'] or 0:.1f} GiB per GPU")
+    if "sweep" in metrics:
+        m = metrics["sweep"]
+        print(f"crb sweep, {m['trials']} trials: {m['serial_s']:.0f} s one after another, {m['parallel_s']:.0f} s "
+              f"two at once ({m['speedup'] or 0:.2f}x)")
     return 0 if all(m.get("speedup") for m in metrics.values() if "speedup" in m) else 1
+
+
+def sweep(args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
+    """`crb sweep` of the code recipe over two learning rates, one trial after the other, then one per GPU."""
+    import time
+
+    frontier.build_models(argparse.Namespace(**{**vars(args), "recipes": ["code"]}))
+    text_file, _ = frontier.data(args, "code")
+    a = frontier.side_args(args, "code", out, frontier.ROWS_PER_STEP)
+    sets = [f"model.name={frontier.q(str(a.model_dir))}", f"data.train=[{frontier.q(str(text_file))}]",
+            'data.format="text"', "data.packing=true", f"data.max_length={args.ctx}", "data.eval_split=0.125",
+            "train.batch_size=4", "train.report_to=[]"]
+    runs = {}
+    for n in (1, 2):
+        folder = out / "sweep" / f"parallel{n}"
+        cmd = [sys.executable, "-m", "crb.cli", "sweep", str(a.recipe), "--grid", "train.lr=1e-4,2e-4", "--steps",
+               str(args.steps), "--parallel", str(n), "--out", str(folder), *[x for s in sets for x in ("--set", s)]]
+        t0 = time.perf_counter()
+        rc, _ = frontier.run(cmd, out / "sweep" / f"parallel{n}.log", frontier.env_for(None if n == 2 else 0,
+                                                                                        "whole"))
+        state = folder / "sweep.json"
+        trials = json.loads(state.read_text())["trials"] if state.is_file() else {}
+        runs[n] = {"rc": rc, "wall_s": time.perf_counter() - t0,
+                   "trials": {k: v.get("status") for k, v in trials.items()}}
+        print(f"sweep --parallel {n}: rc {rc}, {runs[n]['wall_s']:.0f} s, {runs[n]['trials']}", flush=True)
+    ok = all(r["rc"] == 0 and list(r["trials"].values()) == ["ok", "ok"] for r in runs.values())
+    one, two = runs[1]["wall_s"], runs[2]["wall_s"]
+    return {"trials": 2, "serial_s": one, "parallel_s": two, "speedup": one / two if ok else None}, runs
 
 
 def full_7b(args: argparse.Namespace, out: Path) -> tuple[dict, dict]:

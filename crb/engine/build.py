@@ -137,6 +137,9 @@ def prepare_kbit(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """peft's prepare_model_for_kbit_training without its fp32 copy of every non-quantized weight on bf16
     models: there the norms, embeddings and lm_head stay bf16, so the residual stream and its elementwise work
     stay bf16 (norm statistics and the loss are computed in fp32 all the same). fp16 models keep peft's upcast."""
+    for m in model.modules():  # bitsandbytes 0.50 repacks 4-bit weights for CPU inference at an eval's forward and
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # keeps that layout once training goes on: no gradient through
+            m.support_avx512bf16_for_cpu = False  # the base weights, and an in-place bias add fails. Never repack.
     if dtype != torch.bfloat16:
         from peft import prepare_model_for_kbit_training
 

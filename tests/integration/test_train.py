@@ -179,6 +179,31 @@ def test_qlora_quantizes_the_base_to_4_bits(chat_recipe, tiny_model):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_an_eval_forward_leaves_qlora_training_as_it_was(chat_recipe):
+    """bitsandbytes 0.50 repacks 4-bit weights for CPU inference at an eval's forward (where the CPU has AVX512-BF16)
+    and keeps that layout when training goes on: no gradient through the base weights. crb turns the repacking
+    off: the LoRA gradients of a training step after an eval equal those of the same step without it."""
+    from crb.engine.build import build_model
+    from crb.recipe import schema as recipes
+
+    r = recipes.load(chat_recipe, ["method.name='qlora'", "method.lora.dropout=0.0"])
+    ids = torch.randint(0, 300, (2, 24))
+    grads = []
+    for with_eval in (False, True):
+        torch.manual_seed(0)
+        model = build_model(r, "no", torch.device("cpu"))
+        if with_eval:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
 def test_qlora_with_paged_8bit_adamw_runs_on_cpu(chat_recipe, tmp_path):
     out = tmp_path / "q"
     final = run(str(chat_recipe), ["method.name='qlora'", "train.optimizer='paged_adamw_8bit'",

@@ -35,7 +35,7 @@ from crb.engine.profiles import PROFILES, deepspeed_plugin
 from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
-from crb.tasks import LOSSES, TASKS, get_task, prepare
+from crb.tasks import LOSSES, TASKS, get_task, prepare, stream
 from crb.units import GIB
 
 
@@ -65,11 +65,18 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     tokenizer = build_tokenizer(recipe)
     # The first process prepares; then the first of each node (its cache folder may not be shared); the others
     # memory-map the cache they wrote (every process passes the same two barriers).
+    streaming, t = recipe.data.streaming, recipe.train
     with state.main_process_first(), state.local_main_process_first():
-        train_rows, eval_rows, report = prepare(recipe.data, tokenizer, recipe.train.seed, recipe.clara)
-    say(f"crb: data: {report.summary()}")
-    profile, plugin, trainable = choose_profile(recipe, hw, out, data_facts(train_rows + eval_rows,
-                                                                           recipe.data.format))
+        if streaming:  # rows made as training reads them; every process reads the stream
+            train_rows, eval_rows, report = stream(recipe.data, tokenizer, t.seed, recipe.clara,
+                                                   t.max_steps * t.batch_size, keep=2 * t.batch_size)
+        else:
+            train_rows, eval_rows, report = prepare(recipe.data, tokenizer, t.seed, recipe.clara)
+    say(f"crb: data: {report.summary()}" if not streaming else
+        f"crb: data: streaming {', '.join(recipe.data.train)} ({t.max_steps} steps of {t.batch_size} rows); "
+        f"{len(eval_rows)} eval rows")
+    facts = None if streaming else data_facts(train_rows + eval_rows, recipe.data.format)
+    profile, plugin, trainable = choose_profile(recipe, hw, out, facts)
 
     set_seed(recipe.train.seed)
     mixed = resolve_precision(recipe.train.precision, state.device)
@@ -107,7 +114,7 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
     start = _resume_point(resume, out)
     final = train(recipe, accelerator, model, optimizer, scheduler, losses, train_rows, eval_rows,
                   make_batcher(recipe, tokenizer, accelerator.unwrap_model(model)), sched, out, start,
-                  task_metrics(recipe, tokenizer, train_rows, eval_rows), report.train_sources)
+                  task_metrics(recipe, tokenizer, [] if streaming else train_rows, eval_rows), report.train_sources)
     check_finite(accelerator, model, final, out)
     artifact = save_final(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:

@@ -43,7 +43,7 @@ def write_raw(files: list[str], path: Path) -> list[int]:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for fi, file in enumerate(files):
             n, batch = 0, []
-            for line, raw, pickled in _raw_records(file):
+            for line, raw, pickled in raw_records(file):
                 batch.append((fi, line, raw, pickled))
                 n += 1
                 if len(batch) == BATCH:
@@ -59,7 +59,7 @@ def _batch(rows: list[tuple], schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array(c) for c in zip(*rows, strict=True)], schema=schema)
 
 
-def _raw_records(file: str) -> Iterator[tuple[int, bytes, bool]]:
+def raw_records(file: str) -> Iterator[tuple[int, bytes, bool]]:
     if source_kind(file) == "jsonl":
         with open(file, "rb") as f:
             for no, raw in enumerate(f, 1):

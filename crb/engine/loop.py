@@ -101,14 +101,20 @@ class Training:
     def step_data(self, step: int) -> tuple[list[int], list[dict]]:
         """This process's training-row indices and micro-batches for optimizer step `step`."""
         epoch, in_epoch = divmod(step, self.sched.steps_per_epoch)
-        order = epoch_order(len(self.train_rows), self.recipe.train.seed, epoch)
+        n = len(self.train_rows)
+        order = np.arange(n) if getattr(self.train_rows, "in_order", False) else epoch_order(n, self.recipe.train.seed,
+                                                                                               epoch)
         mine = step_batches(order, in_epoch, self.recipe, self.sched, self.acc.num_processes, self.acc.process_index)
         return [int(i) for idx in mine for i in idx], [self.batcher.collate([self.train_rows[i] for i in idx])
                                                        for idx in mine]
 
-    def state(self, epoch: int) -> dict:
-        """What a checkpoint records beside the weights and optimizer."""
-        return {"epoch": epoch, "tokens": self.tokens_seen, "bad_steps": self.bad_steps}
+    def state(self, epoch: int, done: int) -> dict:
+        """What a checkpoint after `done` steps records beside the weights and optimizer (streamed rows: where the
+        next step's rows start reading)."""
+        st = {"epoch": epoch, "tokens": self.tokens_seen, "bad_steps": self.bad_steps}
+        if hasattr(self.train_rows, "position"):
+            st["stream"] = self.train_rows.position(done * self.recipe.train.batch_size)
+        return st
 
 
 def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
@@ -121,6 +127,8 @@ def train(recipe: Recipe, accelerator: Accelerator, model: torch.nn.Module, opti
         resumed = checkpoint.load(acc, resume)
         start = resumed["step"]
         acc.print(f"resumed from {resume} at step {start}")
+        if "stream" in resumed:  # streamed rows: read on from where the checkpoint's next step starts
+            train_rows.seek(start * recipe.train.batch_size, resumed["stream"])
     tr = Training(recipe, acc, model, optimizer, scheduler, losses, batcher, sched, train_rows, eval_rows, out_dir,
                   MetricsLog(out_dir / "metrics.jsonl", acc, keep_until=start), task_metrics, row_sources,
                   bad_steps=resumed.get("bad_steps", 0))
@@ -213,7 +221,7 @@ def step_counts(tr: Training, batches: list[dict], stop: StopRequest, step: int,
     targets, real_tokens, signals = tr.acc.reduce(counts, "sum").tolist()
     if signals:  # some process got SIGTERM/SIGINT: every one stops here, after a checkpoint
         data.close(cancel=True)
-        raise stopped(tr.acc, tr.out_dir / "checkpoints", step, start, tr.state(step // tr.sched.steps_per_epoch),
+        raise stopped(tr.acc, tr.out_dir / "checkpoints", step, start, tr.state(step // tr.sched.steps_per_epoch, step),
                       stop.signum, tr.recipe.train.keep_checkpoints)
     return targets, real_tokens
 
@@ -269,7 +277,7 @@ def eval_and_save(tr: Training, done: int, data: Prefetch) -> dict:
         ev = run_eval(tr, done)
     if t.keep_checkpoints and ((t.save_every and done % t.save_every == 0) or (not t.save_every and epoch_end)):
         checkpoint.save(tr.acc, tr.out_dir / "checkpoints", done,
-                        {**tr.state((done - 1) // sched.steps_per_epoch),
+                        {**tr.state((done - 1) // sched.steps_per_epoch, done),
                          "finite": checkpoint.weights_finite(tr.acc, tr.model)}, t.keep_checkpoints)
     return ev
 

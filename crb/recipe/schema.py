@@ -170,6 +170,11 @@ class DataConfig:
     num_proc: int | Literal["auto"] = doc(
         'Processes that tokenize the records (datasets.map); "auto" = the CPUs, at most 8 (one for fewer than '
         "5,000 records). The rows are the same whatever the count.", "auto")
+    streaming: bool = doc(
+        "Train from the `train` sources as a stream: rows are tokenized as training reads them, in source order "
+        "(packed in order; no shuffle), never prepared or cached whole, so memory and disk do not grow with the "
+        "corpus; the sources start again when they end. Needs train.max_steps; eval rows come from `eval`. A "
+        "checkpoint saves where reading is: --resume reads on from the same record.", False)
 
 
 @dataclass(kw_only=True)
@@ -676,6 +681,15 @@ def _check_values(r: Recipe, origins: dict[str, Path], tasks: Mapping[str, TaskR
         if target not in fields:
             raise bad(f"data.columns.{target}", f"not a field of format {r.data.format} (its fields: "
                       f"{', '.join(sorted(fields))}){did_you_mean(target, fields)}", r.data.columns[target])
+    if r.data.streaming:
+        for key, value, ok in (("train.max_steps", r.train.max_steps, r.train.max_steps > 0),
+                               ("data.eval_split", r.data.eval_split, not r.data.eval_split),
+                               ("data.weights", r.data.weights, not r.data.weights)):
+            if not ok:
+                why = {"train.max_steps": "expected > 0 with data.streaming (a stream has no length)",
+                       "data.eval_split": "expected 0 with data.streaming (eval rows come from data.eval)",
+                       "data.weights": "expected none with data.streaming (sources stream in order)"}[key]
+                raise bad(key, why, value)
     if r.data.weights and len(r.data.weights) != len(r.data.train):
         raise bad("data.weights", f"expected one weight per data.train source ({len(r.data.train)})", r.data.weights)
     if any(not w >= 0 for w in r.data.weights):

@@ -24,6 +24,7 @@ import json
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,13 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "clara.toml"
 
 
-def make_data(path: Path, rows: int, doc_words: int, answer_words: int, seed: int) -> None:
+def _words(seed: int) -> Callable[[int], str]:
+    """n seeded pseudo-words at each call."""
     words = " ".join(_corpus(seed, 3000)).split()
     rng = random.Random(seed)
+    return lambda n: " ".join(rng.choice(words) for _ in range(n))
 
-    def text(n: int) -> str:
-        return " ".join(rng.choice(words) for _ in range(n))
 
+def make_data(path: Path, rows: int, doc_words: int, answer_words: int, seed: int) -> None:
+    text = _words(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for _ in range(rows):
@@ -50,12 +53,7 @@ def make_data(path: Path, rows: int, doc_words: int, answer_words: int, seed: in
 
 def make_stage23_data(path: Path, rows: int, n_docs: int, doc_words: int, answer_words: int, seed: int) -> None:
     """Stage 2 and 3 records: a question, N candidate documents (the first one gold) and an answer."""
-    words = " ".join(_corpus(seed, 3000)).split()
-    rng = random.Random(seed)
-
-    def text(n: int) -> str:
-        return " ".join(rng.choice(words) for _ in range(n))
-
+    text = _words(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for _ in range(rows):

@@ -13,9 +13,15 @@ import pytest
 from crb.cli import main as cli
 from crb.data import prepare
 from crb.errors import DataError, RecipeError
-from crb.recipe.schema import load
-from crb.tasks import get_task
+from crb.recipe import schema
+from crb.tasks import TASKS, get_task
 from tests.conftest import chat_records, write_jsonl, write_recipe
+
+
+def load(path, overrides=None):
+    """As every crb command loads a recipe: with the agents' own rules (their fields for data.columns)."""
+    return schema.load(path, overrides, None, TASKS)
+
 
 TEXTS = [{"text": " ".join(m["content"] for m in r["messages"])} for r in chat_records(12)]
 

@@ -249,7 +249,8 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         head = s.vocab * s.hidden if s.logit_tokens else 0  # lm_head (a full model's; fp32 after fp16 k-bit prep)
         upcast = method.name == "qlora" and t.precision == "fp16"
         fp32_matmul = {"qlora": s.trainable + head * upcast, "lora": s.trainable}.get(method.name, s.linear + head)
-        backward[COPIES] = fp32_matmul * HALF * (1 if not lora else (s.blocks - k + min(k, 1)) / s.blocks)
+        live = 1 if not lora else (s.blocks - k + min(k, 1)) / s.blocks  # LoRA: kept layers' and the recomputed one's
+        backward[COPIES] = fp32_matmul * HALF * live
     acts = activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4)
     backward.update(acts)
     on_gpu = sum(v for name, v in acts.items() if name.startswith("activation checkpoints"))
@@ -261,8 +262,8 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     if s.logit_tokens and fused_loss(recipe):  # chunks of ~tokens x hidden / vocab: never all logits
         backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
         if not lora and not ds:  # the peak is the loss's backward: of the weight gradients only the head's exists,
-            head = s.vocab * s.hidden * (4 + HALF)  # fp32, beside the fused kernel's bf16 one (NLLB: --peaks)
-            backward[OVERLAP] = -max(0.0, grads - head)
+            head_grad = s.vocab * s.hidden * (4 + HALF)  # fp32, beside the fused kernel's bf16 one (NLLB: --peaks)
+            backward[OVERLAP] = -max(0.0, grads - head_grad)
     elif s.logit_tokens:  # bf16 logits, their fp32 copy, log-softmax and its gradient
         backward["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
         if not ds:  # the peak is the loss's backward: no weight gradient is allocated yet

@@ -74,24 +74,32 @@ def write_records(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"messages": msgs}) + "\n")
 
 
+def anon_pss(pid: int) -> int:
+    """Bytes of the process's PSS that are not file pages: what it holds itself (Pss_Anon + Pss_Shmem); the pages
+    of memory-mapped files (Arrow tables read) are page cache the kernel can drop."""
+    fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(fields.get(k, "0 kB").split()[0]) * 1024 for k in ("Pss_Anon", "Pss_Shmem"))
+
+
 def measure(cmd: list[str], hf_cache: Path) -> dict:
-    """Wall time and the peak summed PSS (shared pages split between the processes that map them, so the
-    workers' shared libraries and memory-mapped Arrow files count once) of the process and its children,
-    sampled every 100 ms."""
+    """Wall time and two peaks of the process and its children, sampled every 100 ms: summed PSS (shared pages
+    split between the processes that map them, so shared libraries and a file mapped by several count once;
+    memory-mapped files' pages count as they are read), and summed PSS without file pages (anonymous memory)."""
     shutil.rmtree(hf_cache, ignore_errors=True)  # an empty datasets cache: nothing prepared before is reused
     env = {**os.environ, "HF_DATASETS_CACHE": str(hf_cache)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, done = 0, threading.Event()
+    peak, anon, done = 0, 0, threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, anon
         top = psutil.Process(proc.pid)
         while not done.is_set():
             try:
-                pss = sum(p.memory_full_info().pss for p in [top, *top.children(recursive=True)])
-                peak = max(peak, pss)
-            except psutil.Error:
+                tree = [top, *top.children(recursive=True)]
+                peak = max(peak, sum(p.memory_full_info().pss for p in tree))
+                anon = max(anon, sum(anon_pss(p.pid) for p in tree))
+            except (psutil.Error, OSError):
                 pass
             time.sleep(0.1)
 
@@ -103,7 +111,8 @@ def measure(cmd: list[str], hf_cache: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:3])}... failed:\n{out[-3000:]}")
-    return {"s": round(wall, 1), "peak_gb": round(peak / 1e9, 2), "log": out.strip().splitlines()[-1:]}
+    return {"s": round(wall, 1), "peak_gb": round(peak / 1e9, 2), "anon_peak_gb": round(anon / 1e9, 2),
+            "log": out.strip().splitlines()[-1:]}
 
 
 def run(n: int, work: Path) -> dict:
@@ -120,7 +129,8 @@ def run(n: int, work: Path) -> dict:
     trl = measure([sys.executable, "-c", TRL, str(data), str(MODEL), str(work / "trl")], hf)
     return {"records": n, "jsonl_mb": round(data.stat().st_size / 1e6), "crb_s": crb["s"],
             "crb_peak_gb": crb["peak_gb"], "crb_cached_start_s": cached["s"], "crb_cached_peak_gb": cached["peak_gb"],
-            "trl_s": trl["s"], "trl_peak_gb": trl["peak_gb"], "crb_rows": crb["log"], "trl_rows": trl["log"]}
+            "trl_s": trl["s"], "trl_peak_gb": trl["peak_gb"], "crb_anon_peak_gb": crb["anon_peak_gb"],
+            "trl_anon_peak_gb": trl["anon_peak_gb"], "crb_rows": crb["log"], "trl_rows": trl["log"]}
 
 
 def main() -> int:
@@ -132,13 +142,14 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    print("| records | JSONL MB | crb s | crb peak GB | crb cached start s | TRL s | TRL peak GB |")
+    print("| records | JSONL MB | crb s | crb peak GB (anonymous) | crb cached start s | TRL s "
+          "| TRL peak GB (anonymous) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in map(int, args.records.split(",")):
         r = run(n, work)
         rows.append(r)
-        print(f"| {n:,} | {r['jsonl_mb']} | {r['crb_s']} | {r['crb_peak_gb']} | {r['crb_cached_start_s']} | "
-              f"{r['trl_s']} | {r['trl_peak_gb']} |", flush=True)
+        print(f"| {n:,} | {r['jsonl_mb']} | {r['crb_s']} | {r['crb_peak_gb']} ({r['crb_anon_peak_gb']}) | "
+              f"{r['crb_cached_start_s']} | {r['trl_s']} | {r['trl_peak_gb']} ({r['trl_anon_peak_gb']}) |", flush=True)
     if args.json:
         import platform
 

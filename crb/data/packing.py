@@ -7,8 +7,7 @@ no token learns to predict across a document boundary."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from itertools import chain
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -17,22 +16,25 @@ from crb.units import IGNORE
 Doc = tuple[list[int], list[int]]  # (input_ids, labels)
 
 
-def _doc_row(ids: list[int], labels: list[int]) -> tuple[list[int], list[int], list[int]]:
-    return ids, [IGNORE, *labels[1:]], list(range(len(ids)))
+def packed_row(docs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, np.ndarray]:
+    """Documents (input ids, labels) as one row: position ids restart at each document, whose first label is masked
+    (no token learns to predict across a document boundary)."""
+    ids = [np.asarray(i, np.int64) for i, _ in docs]
+    labels = [np.asarray(lab, np.int64).copy() for _, lab in docs]
+    for lab in labels:
+        lab[:1] = IGNORE
+    return {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels),
+            "position_ids": np.concatenate([np.arange(len(i), dtype=np.int64) for i in ids])}
 
 
 def one_per_row(docs: Iterable[Doc]) -> list[dict[str, np.ndarray]]:
-    return [_to_arrays(*_doc_row(ids, labels)) for ids, labels in docs]
+    return [packed_row([doc]) for doc in docs]
 
 
 def pack(docs: Iterable[Doc], max_length: int) -> list[dict[str, np.ndarray]]:
     """Greedy in-order packing: a document goes into the current row while it fits."""
     docs = list(docs)
-    rows = []
-    for group in pack_groups([len(ids) for ids, _ in docs], max_length):
-        parts = [_doc_row(*docs[i]) for i in group]
-        rows.append(_to_arrays(*(list(chain.from_iterable(p[k] for p in parts)) for k in range(3))))
-    return rows
+    return [packed_row([docs[i] for i in group]) for group in pack_groups([len(ids) for ids, _ in docs], max_length)]
 
 
 def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -47,8 +49,3 @@ def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
             groups.append([i])
             used = n
     return groups
-
-
-def _to_arrays(ids: list[int], labels: list[int], pos: list[int]) -> dict[str, np.ndarray]:
-    return {"input_ids": np.asarray(ids, np.int64), "labels": np.asarray(labels, np.int64),
-            "position_ids": np.asarray(pos, np.int64)}

@@ -20,6 +20,7 @@ from typing import Any, overload
 import numpy as np
 import pyarrow as pa
 
+from crb.data.packing import packed_row
 from crb.data.reader import Record, parse_line, read_records, source_kind
 from crb.errors import DataError
 from crb.units import IGNORE
@@ -287,12 +288,7 @@ class Rows(Sequence[Row]):
         members = self.index[self.offsets[g % len(self)]: self.offsets[g % len(self) + 1]]
         if not self.packable:
             return {k: self.docs.get(k, int(members[0])) for k in self.docs.keys}
-        ids = [self.docs.get("input_ids", int(j)) for j in members]
-        labels = [self.docs.get("labels", int(j)) for j in members]
-        for lab in labels:
-            lab[:1] = IGNORE  # no token learns to predict across a document boundary
-        return {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels),
-                "position_ids": np.concatenate([np.arange(len(i), dtype=np.int64) for i in ids])}
+        return packed_row([(self.docs.get("input_ids", int(j)), self.docs.get("labels", int(j))) for j in members])
 
     def __iter__(self) -> Iterator[Row]:
         return (self[g] for g in range(len(self)))

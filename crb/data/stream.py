@@ -13,10 +13,10 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from crb.data.chatml import chat_template
+from crb.data.packing import packed_row
 from crb.data.prepared import BAD, OK, OVERLONG, READ_ERROR, Tokenize, raw_records
 from crb.errors import DataError
 from crb.recipe.schema import ClaraConfig, DataConfig
-from crb.units import IGNORE
 
 Row = dict[str, np.ndarray]
 Position = tuple[int, int]  # (source, record): where reading starts
@@ -81,13 +81,7 @@ class Stream(Sequence[Row]):
             used += n
 
     def _row(self, docs: list[Row]) -> Row:
-        if not self.task.packable:
-            return docs[0]
-        labels = [np.array(d["labels"]) for d in docs]
-        for lab in labels:
-            lab[:1] = IGNORE  # no token learns to predict across a document boundary (as prepared rows)
-        return {"input_ids": np.concatenate([d["input_ids"] for d in docs]), "labels": np.concatenate(labels),
-                "position_ids": np.concatenate([np.arange(len(d["input_ids"]), dtype=np.int64) for d in docs])}
+        return packed_row([(d["input_ids"], d["labels"]) for d in docs]) if self.task.packable else docs[0]
 
     def _documents(self, position: Position) -> Iterator[tuple[Row, str, Position]]:
         """The usable documents from `position` on, the data policies applied in file order; round again at the

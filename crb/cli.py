@@ -16,13 +16,6 @@ if TYPE_CHECKING:
 
 DEMO_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 # What each demo asks its result afterwards.
-DEMO_PROMPTS = {"retrieval": "waterproof boots for hiking in the rain",
-                "reranker": "waterproof boots for hiking in the rain",
-                "language": "Do you have the navy suit in size 40?",
-                "translation": "Do you have this shirt in size medium?",
-                "code": "def total_price("}  # and "clara": its demo answers its own held-out questions
-
-
 def load_recipe(path: str | Path, overrides: list[str] | None, stage: str | None = None) -> Recipe:
     """A recipe, checked by the schema and by its data format's agent (crb.tasks: every command passes them)."""
     from crb.recipe import schema
@@ -255,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_verify)
     s = sub.add_parser("demo", help="train a CPU demo recipe (recipes/demo/), show held-out metrics before and "
                                     "after, and try the result")
-    s.add_argument("agent", nargs="?", default="retrieval", choices=sorted([*DEMO_PROMPTS, "clara"]),
+    s.add_argument("agent", nargs="?", default="retrieval", choices=sorted(p.stem for p in DEMO_RECIPES.glob("*.toml")),
                    help="which demo (default retrieval: fine-tunes the pretrained all-MiniLM-L6-v2)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=cmd_demo)
@@ -278,19 +271,21 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_demo(args: argparse.Namespace) -> None:
     from crb.artifacts import verify
     from crb.run import run
+    from crb.tasks import get_task
 
     path = DEMO_RECIPES / f"{args.agent}.toml"
-    if args.agent == "clara":
+    recipe = load_recipe(path, args.overrides)
+    task = get_task(recipe.data.format)
+    if task.kind == "clara":  # three stages; it answers its own held-out questions
         return demo_clara(path, args.overrides)
     final = run(str(path), args.overrides)
-    out = Path(load_recipe(path, args.overrides).output.dir)
+    out = Path(recipe.output.dir)
     before, after = final.get("baseline", {}), final
     print(f"\ncrb demo ({args.agent}): held-out metrics, before training -> after (result in {out})")
     width = max([10, *map(len, before)])  # the reranker's retrieval_ndcg@10 is longer
     for key, value in before.items():
         print(f"  {key:<{width}} {value:8.4f} -> {after.get(key, float('nan')):8.4f}")
-    prompt = DEMO_PROMPTS[args.agent]
-    target = "fra_Latn" if args.agent == "translation" else None
+    prompt, target = task.demo_prompt, task.demo_target
     print(f"\n{prompt}{f' -> {target}' if target else ''}:\n{verify(out, prompt, 40, target)}")
 
 

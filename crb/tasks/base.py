@@ -42,6 +42,8 @@ class Task:
     compile: bool | str = False  # what train.compile = "auto" takes on CUDA: True, "graphs" (measured faster there)
     chat: bool = False  # its tokenizer renders chats (data.chat_template, saved with the result)
     trains_embedding_rows: bool = False  # some embedding rows train (CLaRa's memory tokens): no weight decay, planned
+    demo_prompt: str = ""  # what `crb demo` asks the trained result, on the shipped retail demo data
+    demo_target: str | None = None  # and into which language (translation)
     token_keys: tuple[str, ...] = ("input_ids",)  # the row keys whose length is one pass's tokens; (): rows of texts
 
     @property

@@ -22,6 +22,7 @@ class Chat(Text):
     chat = True
     compile = False  # liger's kernels already fuse Mistral's elementwise work: 12,852 tokens/s compiled, 12,771 eager
     field = "messages"
+    demo_prompt = "Do you have the navy suit in size 40?"
 
     def check_field(self, value: object, where: str, name: str) -> Any:
         return check_messages(value, where)

@@ -30,6 +30,7 @@ class Rerank(Task):
     auto_class = None
     losses = {"rerank_mnrl": rerank_mnrl, "rerank_bce": rerank_bce, "rerank_lambda": rerank_lambda}
     default_losses = ("rerank_mnrl",)
+    demo_prompt = "waterproof boots for hiking in the rain"
     fields = frozenset({"query", "positive", "negatives"})
     keys = ("data.hard_negatives", "data.corpus", "data.retriever")
     token_keys = ()  # rows are texts, paired and tokenized by the model batch by batch

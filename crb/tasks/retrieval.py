@@ -24,6 +24,7 @@ class Retrieval(Task):
     auto_class = None
     losses = {"mnrl": mnrl, "cached_mnrl": cached_mnrl}
     default_losses = ("mnrl",)
+    demo_prompt = "waterproof boots for hiking in the rain"
     fields = frozenset({"instruction", "query", "positive", "negative"})
     keys = ("data.hard_negatives", "data.corpus", "data.document_instruction")
     whole_batch = True

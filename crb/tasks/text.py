@@ -30,6 +30,7 @@ class Text(Task):
     kernels = "liger"
     compile = True  # StarCoder2-3B QLoRA on an H200: 25,846 tokens/s compiled, 16,822 eager (1.54x)
     field = "text"  # the record's field when data.field is empty
+    demo_prompt = "def total_price("
 
     @property
     def fields(self) -> frozenset[str]:  # data.columns' targets: the record's one field

@@ -25,6 +25,7 @@ class Translation(Task):
     auto_class = AutoModelForSeq2SeqLM
     losses = {"seq2seq": seq2seq}
     default_losses = ("seq2seq",)
+    demo_prompt, demo_target = "Do you have this shirt in size medium?", "fra_Latn"
     fields = frozenset({"source_lang", "target_lang", "source_text", "target_text"})
     keys = ("data.languages", "data.source_lang", "data.target_langs", "eval.max_new_tokens", "eval.num_beams")
     offloadable = True

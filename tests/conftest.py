@@ -73,6 +73,20 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def hash_cache(tmp_path_factory):
+    """Data files' hashes kept for the test session only, not in the user's ~/.cache (runs started as subprocesses
+    inherit the folder)."""
+    import os
+
+    from crb.data import reader
+
+    folder = tmp_path_factory.mktemp("sha256")
+    os.environ["CRB_HASH_CACHE"] = str(folder)
+    reader.HASHES = folder
+    yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny Mistral and BPE tokenizer (no chat template) trained on the chat fixture's text."""

@@ -100,3 +100,26 @@ def test_each_train_row_knows_its_records(tmp_path, tiny_tokenizer):
     rows, _, report = prepare(packed, tiny_tokenizer, 0)
     assert len(rows) < 6 and len(report.train_sources) == len(rows)
     assert ", ".join(report.train_sources) == ", ".join(f"{f}:{i}" for i in range(1, 7))  # in order, each once
+
+
+def test_a_file_hash_is_kept_across_runs_until_the_file_changes(tmp_path, monkeypatch):
+    """Later runs read a data file's sha256 from the hash cache (keyed by path, size and mtime) instead of reading
+    the file again; a changed file is hashed again."""
+    import hashlib
+    import os
+
+    from crb.data import reader
+
+    monkeypatch.setattr(reader, "HASHES", tmp_path / "hashes")
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "one"}\n')
+    first = reader.file_sha256(data)
+    assert first == hashlib.sha256(data.read_bytes()).hexdigest()
+    (memo,) = (tmp_path / "hashes").iterdir()
+    memo.write_text("kept")  # what a new process finds: the file is not read again
+    reader._sha256.cache_clear()
+    assert reader.file_sha256(data) == "kept"
+    data.write_text('{"text": "two"}\n')
+    os.utime(data, ns=(1, 1))
+    reader._sha256.cache_clear()
+    assert reader.file_sha256(data) == hashlib.sha256(data.read_bytes()).hexdigest()

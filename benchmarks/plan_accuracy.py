@@ -213,8 +213,9 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     flags = [x for s in sets for x in ("--set", s)]
     env = {**os.environ, **r["env"], "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0, gpus = time.perf_counter(), r.get("gpus", 1)
-    planned = subprocess.run([sys.executable, "-m", "crb.cli", "plan", recipe, *flags, "--gpus", str(gpus), "--json"],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
+    stage = ["--stage", r["stage"]] if r["stage"] else []
+    planned = subprocess.run([sys.executable, "-m", "crb.cli", "plan", recipe, *flags, *stage, "--gpus", str(gpus),
+                              "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
     result = {k: r[k] for k in ("recipe", "setting")} | {"env": r["env"], "gpus": gpus}
     if planned.returncode:
         return result | {"status": "plan failed", "note": planned.stderr.strip().splitlines()[-1:]}
@@ -228,8 +229,7 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
             runner = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
                       "--main_process_port", "29580", *runner]
         peak_json = ["--json", str(run_dir / "peak.json")] if args.peaks else []
-        rc, wall = language.run_logged([sys.executable, *runner, recipe, *flags, *peak_json,
-                                        *(["--stage", r["stage"]] if r["stage"] else [])],
+        rc, wall = language.run_logged([sys.executable, *runner, recipe, *flags, *peak_json, *stage],
                                        args.out / "logs" / f"{i:02d}-{r['recipe']}.log", r["recipe"])
     finally:
         for k in r["env"]:

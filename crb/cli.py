@@ -159,14 +159,24 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
     from crb.engine import hardware, plan
 
-    r = load_recipe(args.recipe, args.overrides)
+    r = load_recipe(args.recipe, args.overrides, args.stage)
     hw = hardware.detect(args.gpu_memory)
     if args.gpus:  # plan for N processes of data parallel, one per GPU of this (or the --gpu-memory) card
         hw.processes, hw.gpus = args.gpus, hw.gpus[:1] * args.gpus
-    p = plan.plan(r, hw)
-    print(p.to_json() if args.json else p.table())
+    if args.stage or not r.stages:
+        p = plan.plan(r, hw)
+        print(p.to_json() if args.json else p.table())
+        return
+    plans = {s["name"]: plan.plan(load_recipe(args.recipe, args.overrides, s["name"]), hw) for s in r.stages}
+    if args.json:  # each stage's plan, by name
+        print(json.dumps({name: json.loads(p.to_json()) for name, p in plans.items()}, indent=1))
+        return
+    for name, p in plans.items():
+        print(f"stage {name}:\n{p.table()}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a card of this size")
     s.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="plan per GPU for N processes (data parallel; ZeRO shards over them); default: the launch's")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--stage", default=None, help="plan only this [[stages]] entry (default: each, in order)")
+    s.add_argument("--json", action="store_true", help="print JSON (with [[stages]] and no --stage: by stage name)")
     s.set_defaults(func=cmd_plan)
     s = with_recipe("lock", "pin the resolved recipe, package versions, model revision and data sha256 to a file")
     s.add_argument("--out", default=None, help="the lock file (default: RECIPE_NAME.lock.json here)")

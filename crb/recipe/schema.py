@@ -324,7 +324,8 @@ class Recipe:
     stages: list[dict[str, Any]] = doc(
         "[[stages]]: a `name` and the keys this stage sets over the rest of the recipe (e.g. `train.lr = 5e-6`). "
         "`crb run` runs them in order, each in output.dir/<name>, each CLaRa stage starting from the previous "
-        "one's adapters; `--stage NAME` runs one.", factory=list)
+        "one's adapters; `--stage NAME` runs one. A `--set` reaches every stage, over the stage's own keys.",
+        factory=list)
     stage: str = doc("Set by crb: the stage this recipe is (empty: no stages).", "")
     source: str = doc("Set by crb: the recipe file this was loaded from.", "")
 
@@ -350,9 +351,9 @@ class TaskRules(Protocol):
 def load(path: str | Path, overrides: list[str] | None = None, stage: str | None = None,
          tasks: Mapping[str, TaskRules] | None = None) -> Recipe:
     """Load `path`, follow `extends`, apply `--set key=value` overrides, validate. With [[stages]], every
-    stage is validated; `stage` picks one (its keys over the rest, its own output folder). `tasks`: the agents by
-    data format (crb.tasks.TASKS), whose own rules (losses, keys they cannot honour) are checked too; every crb
-    command passes them. Without, only what the schema itself declares is checked."""
+    stage is validated; `stage` picks one (its keys over the rest, the overrides over both; its own output folder).
+    `tasks`: the agents by data format (crb.tasks.TASKS), whose own rules (losses, keys they cannot honour) are
+    checked too; every crb command passes them. Without, only what the schema itself declares is checked."""
     path = sources.resolve(str(path))
     raw, origins = _load_tree(path, seen=())
     origins[""] = path  # the recipe as a whole (a missing table is reported here, not in a parent)
@@ -365,7 +366,7 @@ def load(path: str | Path, overrides: list[str] | None = None, stage: str | None
         raise RecipeError(f"{path}: --stage {stage}: no such stage (stages: {', '.join(names) or 'none'})")
     for i, name in enumerate(names):
         if stage is None or name == stage:
-            built = _stage_recipe(raw, origins, path, i, name, names[i - 1] if i else None, tasks)
+            built = _stage_recipe(raw, origins, path, i, name, names[i - 1] if i else None, tasks, overrides or [])
             if name == stage:
                 return built
     recipe = _build(Recipe, raw, "", origins)
@@ -389,8 +390,9 @@ def _stage_names(stages: Any, origins: dict[str, Path]) -> list[str]:
 
 
 def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name: str, previous: str | None,
-                  tasks: Mapping[str, TaskRules] | None) -> Recipe:
-    """The recipe of stage i: its keys over the rest; output in output.dir/<name>; a CLaRa stage after the
+                  tasks: Mapping[str, TaskRules] | None, overrides: list[str]) -> Recipe:
+    """The recipe of stage i: its keys over the rest, and the command line's `--set` over both (a sweep's
+    train.lr, a benchmark's data.train reach every stage); output in output.dir/<name>; a CLaRa stage after the
     first starts from the previous stage's output unless it names clara.init_from."""
     body = {k: v for k, v in raw["stages"][i].items() if k != "name"}
     merged = _merge({k: v for k, v in raw.items() if k != "stages"}, body)
@@ -399,6 +401,9 @@ def _stage_recipe(raw: dict, origins: dict[str, Path], path: Path, i: int, name:
         prefix = f"stages[{i}]."
         if key.startswith(prefix):
             stage_origins[key[len(prefix):]] = origin
+    for item in overrides:
+        if not item.strip().startswith("stages"):
+            _apply_override(merged, stage_origins, item)
     recipe = _build(Recipe, merged, "", stage_origins)
     recipe.source, recipe.stage = str(path), name
     _check_values(recipe, stage_origins, tasks)

@@ -7,7 +7,9 @@ its value before stage 3 and above chance (k / N)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from crb.run import run
 from tests.conftest import make_model_dir, write_jsonl, write_recipe
 from tests.integration.test_clara_retrieval import CODES, COLOURS, ITEMS, K, N, rounds, texts
 
+STEPS = [int(x) for x in os.environ.get("CLARA_STEPS", "500,300,300").split(",")]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
@@ -32,8 +35,22 @@ def stage1(n: int, seed: int) -> list[dict]:
     return out
 
 
+def base_model(path: Path) -> Path:
+    """A tiny random Mistral whose words are single tokens (a vocabulary of 600: the documents fit
+    clara.doc_max_length) and whose frozen LM head has the logit scale of a trained one (x 25: at the init's std
+    0.02 no hidden state can give a token more than ~2 nats over the rest, and the decoder never learns to read)."""
+    from transformers import AutoModelForCausalLM
+
+    make_model_dir(path, texts(), vocab=600)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(path)
+    return path
+
+
 def test_the_query_reasoner_learns_from_the_answer_loss(tmp_path):
-    model = make_model_dir(tmp_path / "model", texts(), vocab=300)
+    model = base_model(tmp_path / "model")
     first = write_jsonl(tmp_path / "stage1.jsonl", stage1(120, 0))
     train = write_jsonl(tmp_path / "train.jsonl", rounds(40, "which code has the {} ?", 2))
     held_out = write_jsonl(tmp_path / "eval.jsonl", rounds(2, "what code does the {} have ?", 1))
@@ -53,11 +70,11 @@ eval_split = 0.02
 max_length = 256
 cache_dir = "{tmp_path / 'cache'}"
 [clara]
-compress_rate = 4
+compress_rate = 1
 doc_max_length = 8
 top_k = {K}
 [train]
-max_steps = 1500
+max_steps = {STEPS[0]}
 lr = 3e-3
 batch_size = 32
 micro_batch = 32
@@ -78,15 +95,16 @@ clara.phase = "instruction"
 data.train = ["{train}"]
 data.eval = ["{held_out}"]
 data.eval_split = 0.0
-train.max_steps = 400
+train.max_steps = {STEPS[1]}
 [[stages]]
 name = "end_to_end"
 clara.phase = "end_to_end"
 data.train = ["{train}"]
 data.eval = ["{held_out}"]
 data.eval_split = 0.0
-train.max_steps = 300
-train.lr = 1e-3
+train.max_steps = {STEPS[2]}
+train.eval_every = 100
+train.lr = {os.environ.get("LR3", "1e-3")}
 losses = [{{ name = "clara_generation" }}]
 """)
     finals = run(str(path))

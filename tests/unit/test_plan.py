@@ -571,3 +571,20 @@ def test_compiled_layers_with_checkpointing_are_planned_with_a_dropout_per_adapt
                  ("train.compile=false", "train.gradient_checkpointing=29")):
         shared, own = per_token(*sets)
         assert own - shared > 2 * plans.DROPPED_COPY * plans.HALF * 3072 * 0.9, sets  # q, k, v: 2 copies fewer
+
+
+def test_plan_of_a_staged_recipe_plans_each_stage(shapes, capsys):
+    """`crb plan recipes/clara.toml`: one plan per stage, each with its own data shape (stage 2's encoder keeps
+    top_k documents' activations, stage 3's only the question's, its N candidates compressed without grad);
+    `--stage` plans one, the same as that stage's entry."""
+    base = ["plan", str(ROOT / "recipes" / "clara.toml"), "--set", f"model.name={shapes['mistral-7b']}",
+            "--set", "train.micro_batch=2", "--set", "train.gradient_checkpointing=false", "--gpu-memory", "139",
+            "--json"]
+    assert main(base) == 0
+    stages = json.loads(capsys.readouterr().out)
+    assert list(stages) == ["compression", "instruction", "end_to_end"]
+    acts = {name: next(v for k, v in p["components_gib"].items() if k.startswith("activations"))
+            for name, p in stages.items()}
+    assert acts["instruction"] > acts["end_to_end"] and acts["instruction"] > acts["compression"]
+    assert main([*base, "--stage", "end_to_end"]) == 0
+    assert json.loads(capsys.readouterr().out) == stages["end_to_end"]

@@ -491,3 +491,17 @@ def test_the_old_clara_stage_key_is_refused_with_its_new_name(tmp_path):
                     '[clara]\nstage = "instruction"\n')
     with pytest.raises(RecipeError, match=r"r\.toml:9: clara\.stage: unknown key \(did you mean 'clara\.phase'\?\)"):
         load(path)
+
+
+def test_the_command_line_wins_over_a_stage_s_own_keys(write, tmp_path):
+    """`--set` reaches every stage, over what a stage sets itself (a sweep's train.lr, a benchmark's data); a bad
+    value set that way is reported as --set's; the stage's other keys stay."""
+    (tmp_path / "other.jsonl").write_text((tmp_path / "train.jsonl").read_text())
+    path = write(BASE + '\n[[stages]]\nname = "one"\n\n[[stages]]\nname = "two"\ntrain.lr = 5e-6\n'
+                 'train.epochs = 3\ndata.train = ["other.jsonl"]\n')
+    assert load(path, stage="two").train.lr == 5e-6
+    two = load(path, ["train.lr=1e-3", f'data.train=["{tmp_path / "train.jsonl"}"]'], stage="two")
+    assert two.train.lr == 1e-3 and two.train.epochs == 3 and two.data.train == [str(tmp_path / "train.jsonl")]
+    assert load(path, ["train.lr=1e-3"], stage="one").train.lr == 1e-3
+    with pytest.raises(RecipeError, match=r"^--set.*train\.lr"):
+        load(path, ['train.lr="fast"'], stage="two")

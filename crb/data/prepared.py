@@ -37,15 +37,17 @@ BATCH = 1000  # records per map batch and per Arrow record batch
 
 
 def write_raw(files: list[str], path: Path) -> list[int]:
-    """Every source's records, as read, into one Arrow file: a JSONL line's bytes as they are (the workers parse
-    them), a table row pickled. Returns the records (and JSONL lines) per file."""
-    schema = pa.schema([("file", pa.int32()), ("line", pa.int64()), ("raw", pa.binary()), ("pickled", pa.bool_())])
+    """Every source's records, as read, into one small Arrow file: where a JSONL line's bytes are in its file (the
+    workers read their batches from the file itself: nothing of the corpus is memory-mapped or copied), a table
+    row pickled. Returns the records (and JSONL lines) per file."""
+    schema = pa.schema([("file", pa.int32()), ("line", pa.int64()), ("offset", pa.int64()), ("size", pa.int64()),
+                        ("raw", pa.binary()), ("pickled", pa.bool_())])
     counts = []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for fi, file in enumerate(files):
             n, batch = 0, []
-            for line, raw, pickled in raw_records(file):
-                batch.append((fi, line, raw, pickled))
+            for line, offset, size, raw, pickled in _located(file):
+                batch.append((fi, line, offset, size, raw, pickled))
                 n += 1
                 if len(batch) == BATCH:
                     writer.write_batch(_batch(batch, schema))
@@ -57,18 +59,57 @@ def write_raw(files: list[str], path: Path) -> list[int]:
 
 
 def _batch(rows: list[tuple], schema: pa.Schema) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([pa.array(c) for c in zip(*rows, strict=True)], schema=schema)
+    return pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(zip(*rows, strict=True), schema,
+                                                                          strict=True)], schema=schema)
+
+
+def _jsonl_lines(file: str) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, bytes) of each non-blank line."""
+    offset = 0
+    with open(file, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            if raw.strip():
+                yield no, offset, raw
+            offset += len(raw)
+
+
+def _located(file: str) -> Iterator[tuple[int, int, int, bytes | None, bool]]:
+    """(line, byte offset, size, None, False) of each JSONL record; (row, -1, 0, pickled record, True) of a table
+    source's rows."""
+    if source_kind(file) == "jsonl":
+        yield from ((no, offset, len(raw), None, False) for no, offset, raw in _jsonl_lines(file))
+        return
+    for rec in read_records(file):  # a source datasets cannot read raises its DataError here
+        yield rec.line, -1, 0, pickle.dumps(rec.data), True
 
 
 def raw_records(file: str) -> Iterator[tuple[int, bytes, bool]]:
+    """(line, bytes, False) of each JSONL record, (row, pickled record, True) of a table source's rows."""
     if source_kind(file) == "jsonl":
-        with open(file, "rb") as f:
-            for no, raw in enumerate(f, 1):
-                if raw.strip():
-                    yield no, raw, False
+        yield from ((no, raw, False) for no, _, raw in _jsonl_lines(file))
         return
-    for rec in read_records(file):  # a source datasets cannot read raises its DataError here
-        yield rec.line, pickle.dumps(rec.data), True
+    for no, _, _, raw, pickled in _located(file):
+        yield no, raw, pickled
+
+
+def read_located(files: list[str], batch: Mapping[str, Sequence]) -> list[bytes]:
+    """The records of a batch of `write_raw`'s table: JSONL lines read from their files (one read per file: a
+    batch is consecutive lines), pickled rows as stored."""
+    out: list[bytes] = list(batch["raw"])
+    by_file: dict[int, list[int]] = {}
+    for i, (f, pickled) in enumerate(zip(batch["file"], batch["pickled"], strict=True)):
+        if not pickled:
+            by_file.setdefault(f, []).append(i)
+    for f, rows in by_file.items():
+        lo = min(batch["offset"][i] for i in rows)
+        hi = max(batch["offset"][i] + batch["size"][i] for i in rows)
+        with open(files[f], "rb") as fh:
+            fh.seek(lo)
+            span = fh.read(hi - lo)
+        for i in rows:
+            start = batch["offset"][i] - lo
+            out[i] = span[start: start + batch["size"][i]]
+    return out
 
 
 @dataclass
@@ -120,8 +161,8 @@ class Tokenize:
         return status, error, row, truncated
 
     def __call__(self, batch: dict[str, list]) -> pa.Table:
-        got = [self.one(*args) for args in zip(batch["file"], batch["line"], batch["raw"], batch["pickled"],
-                                               strict=True)]
+        got = [self.one(*args) for args in zip(batch["file"], batch["line"], read_located(self.files, batch),
+                                               batch["pickled"], strict=True)]
         columns: dict[str, Any] = {
             "where": [f"{self.files[f]}:{'row ' if p else ''}{n}" for f, n, p in
                       zip(batch["file"], batch["line"], batch["pickled"], strict=True)],
@@ -145,11 +186,15 @@ class Tokenize:
 
     def probe(self, raw: pa.Table, vocab: int) -> None:
         """The row columns' types, from the first record the format makes a row of (none: no row columns)."""
-        for i in range(raw.num_rows):
-            status, _, row, _ = self.one(*(raw.column(k)[i].as_py() for k in ("file", "line", "raw", "pickled")))
-            if status in MADE:
-                self.schema = pa.schema([(k, pa.list_(_value_type(k, np.asarray(v), vocab))) for k, v in row.items()])
-                return
+        for part in raw.to_batches(BATCH):
+            batch = part.to_pydict()
+            for args in zip(batch["file"], batch["line"], read_located(self.files, batch), batch["pickled"],
+                            strict=True):
+                status, _, row, _ = self.one(*args)
+                if status in MADE:
+                    self.schema = pa.schema([(k, pa.list_(_value_type(k, np.asarray(v), vocab)))
+                                             for k, v in row.items()])
+                    return
 
 
 def _value_type(key: str, values: np.ndarray, vocab: int) -> pa.DataType:

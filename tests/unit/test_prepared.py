@@ -159,3 +159,25 @@ def test_overlong_error_names_the_record_in_file_order(tmp_path, tiny_tokenizer,
                overlong="error", num_proc=2)
     with pytest.raises(DataError, match=r"t\.jsonl:4: \d+ tokens > data\.max_length 32"):
         prepare(cfg, tiny_tokenizer, 0, task=get_task("text"))
+
+
+def test_the_raw_table_locates_jsonl_records_and_workers_read_them_from_the_file(tmp_path):
+    """The table the workers map over holds where each JSONL record is (a few bytes each), not the record: its
+    batches read back exactly the lines raw_records yields (blank lines skipped, CRLF and non-ASCII kept), so a
+    large corpus is neither copied nor memory-mapped by the preparation."""
+    from crb.data.prepared import BATCH, raw_records, read_located, write_raw
+
+    lines = [b'{"text": "' + ("w%d " % i).encode() * 200 + b'\xc3\xa9"}' + (b"\r\n" if i % 7 else b"\n")
+             for i in range(2 * BATCH + 5)]
+    lines.insert(3, b"\n")
+    lines.insert(1500, b"   \n")
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(b"".join(lines))
+    table = tmp_path / "raw.arrow"
+    assert write_raw([str(src)], table) == [2 * BATCH + 5]
+    assert table.stat().st_size < src.stat().st_size / 20
+    got = []
+    with pa.ipc.open_stream(str(table)) as reader:
+        for part in reader:
+            got += read_located([str(src)], part.to_pydict())
+    assert got == [raw for _, raw, _ in raw_records(str(src))] and len(got) == 2 * BATCH + 5

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -200,14 +201,15 @@ def update_or_halve(tr: Training, step: int, rows: list[int], batches: list[dict
         num_items = torch.tensor(targets / (acc.num_processes * tr.sched.accum), device=acc.device)
         try:
             return update(tr, batches, num_items), rows
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:
             tr.optimizer.zero_grad(set_to_none=True)
+            said = oom_said(str(e))
             if acc.num_processes > 1 or tr.deepspeed or tr.sched.micro == 1:  # the others wait in a collective
-                raise CrbError(oom_advice(step + 1, tr.sched, acc.num_processes, tr.deepspeed)) from None
+                raise CrbError(oom_advice(step + 1, tr.sched, acc.num_processes, tr.deepspeed) + said) from None
         old, tr.sched = tr.sched.micro, smaller(tr.sched)
         acc.gradient_accumulation_steps, acc.step = tr.sched.accum, 0
         free_memory()
-        acc.print(f"crb: step {step + 1}: out of memory at micro-batch {old}; going on with micro-batch "
+        acc.print(f"crb: step {step + 1}: out of memory at micro-batch {old}{said}; going on with micro-batch "
                   f"{tr.sched.micro} x accumulation {tr.sched.accum} (the same effective batch)")
         rows, batches = data.rebuild(step)
 
@@ -375,6 +377,18 @@ def oom_advice(step: int, sched: Schedule, world: int, deepspeed: bool) -> str:
     return (f"step {step}: CUDA out of memory at micro-batch {sched.micro}{where}: set train.micro_batch = "
             f"{half.micro} (accumulation {half.accum} keeps the effective batch), or leave it \"auto\" for the plan "
             "to choose")
+
+
+def oom_said(message: str) -> str:
+    """What torch's out-of-memory message says of the card, in a few words (" (tried to allocate 2.00 GiB: 1.50 GiB
+    of 139.80 GiB free, 137.90 GiB held by this process)"): whether the run itself or another process holds it."""
+    want = re.search(r"Tried to allocate ([\d.]+ \w+)", message)
+    card = re.search(r"total capacity of ([\d.]+ \w+) of which ([\d.]+ \w+) is free", message)
+    mine = re.search(r"this process has ([\d.]+ \w+) memory in use", message)
+    if not (want and card):
+        return ""
+    held = f", {mine.group(1)} held by this process" if mine else ""
+    return f" (tried to allocate {want.group(1)}: {card.group(2)} of {card.group(1)} free{held})"
 
 
 def free_memory() -> None:

@@ -403,7 +403,9 @@ def oom_above(rows: int, monkeypatch) -> None:
 
     def loss(model, batch, num_items, **kw):
         if torch.is_grad_enabled() and batch["input_ids"].shape[0] > rows:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                         "79.19 GiB of which 1.50 GiB is free. Including non-PyTorch memory, this "
+                                         "process has 77.60 GiB memory in use. (injected)")
         return real(model, batch, num_items, **kw)
 
     monkeypatch.setitem(losses_module.LOSSES, "causal_lm", loss)
@@ -416,7 +418,8 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_math(chat_recipe, tm
     halved = tmp_path / "halved"
     run(str(chat_recipe), ["train.max_steps=4", "train.micro_batch=4", f"output.dir='{halved}'"])
     out = capsys.readouterr().out
-    assert "crb: step 1: out of memory at micro-batch 4; going on with micro-batch 2 x accumulation 4" in out
+    assert ("crb: step 1: out of memory at micro-batch 4 (tried to allocate 2.00 GiB: 1.50 GiB of 79.19 GiB free, "
+            "77.60 GiB held by this process); going on with micro-batch 2 x accumulation 4") in out
     assert losses(halved) == pytest.approx(losses(direct), rel=1e-6)  # batch 8 all along: the same steps
     a, b = adapter(direct), adapter(halved)
     for k in a:
@@ -429,7 +432,8 @@ def test_out_of_memory_at_micro_batch_1_stops_with_a_clear_message(chat_recipe, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err == ("crb: error: step 1: CUDA out of memory at micro-batch 1: set a lower "
                                "data.max_length, train.gradient_checkpointing = true or train.offload_activations = "
-                               '"auto" (`crb plan` shows what fits)')
+                               '"auto" (`crb plan` shows what fits) (tried to allocate 2.00 GiB: 1.50 GiB of '
+                               "79.19 GiB free, 77.60 GiB held by this process)")
 
 
 def test_out_of_memory_with_several_processes_stops_with_what_to_set():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,22 @@ def instruction_docs(n_docs: int, gold: list[int], top_k: int) -> list[int]:
     return sorted([*gold, *others])
 
 
+def import_bm25s() -> Any:
+    """bm25s, with JAX kept off the GPU: bm25s tries JAX at import for its top-k, and JAX then takes 75 % of the
+    GPU's memory for itself, which the training that follows runs out of (a user's own JAX_PLATFORMS is kept)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import bm25s
+
+    return bm25s
+
+
 def build_stage23(stage1_records: list[dict], n_docs: int, seed: int) -> list[dict]:
     """One stage-2/3 record per (question, answer) of each stage-1 record (as `read_stage1` returns them): n_docs
     candidate documents, its own (gold) and the n_docs - 1 distinct documents of the other records that BM25
     (bm25s) ranks nearest to the question: hard negatives, ties (such as documents sharing no word with it) in a
     seeded random order. The candidates are shuffled; pos_index is where the gold one landed. The same inputs
     and seed give the same records."""
-    import bm25s
+    bm25s = import_bm25s()
 
     if n_docs < 1:
         raise DataError(f"--docs: expected at least 1 document per record, got {n_docs}")

@@ -4,6 +4,7 @@ documents of other records; stage 2 reads the gold ones and the first others up 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -142,3 +143,16 @@ def test_stage3_records_must_all_carry_the_same_number_of_candidates(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     train, _, _ = prepare(data, tokenizer, 0, clara)
     assert len(train) == 2
+
+
+def test_building_candidates_keeps_jax_off_the_gpu(monkeypatch):
+    """bm25s tries JAX at import, and JAX on a GPU takes 75 % of its memory (a GPU run beside it went out of
+    memory): crb's import sets JAX_PLATFORMS=cpu unless the user set it."""
+    from crb.data.clara import import_bm25s
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    import_bm25s()
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    import_bm25s()
+    assert os.environ["JAX_PLATFORMS"] == "cuda"

@@ -403,9 +403,9 @@ def oom_above(rows: int, monkeypatch) -> None:
 
     def loss(model, batch, num_items, **kw):
         if torch.is_grad_enabled() and batch["input_ids"].shape[0] > rows:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-                                         "79.19 GiB of which 1.50 GiB is free. Including non-PyTorch memory, this "
-                                         "process has 77.60 GiB memory in use. (injected)")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                         "of 79.19 GiB of which 1.50 GiB is free. Including non-PyTorch memory, "
+                                         "this process has 77.60 GiB memory in use. (injected)")
         return real(model, batch, num_items, **kw)
 
     monkeypatch.setitem(losses_module.LOSSES, "causal_lm", loss)

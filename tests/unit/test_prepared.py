@@ -167,7 +167,7 @@ def test_the_raw_table_locates_jsonl_records_and_workers_read_them_from_the_file
     large corpus is neither copied nor memory-mapped by the preparation."""
     from crb.data.prepared import BATCH, raw_records, read_located, write_raw
 
-    lines = [b'{"text": "' + ("w%d " % i).encode() * 200 + b'\xc3\xa9"}' + (b"\r\n" if i % 7 else b"\n")
+    lines = [b'{"text": "' + f"w{i} ".encode() * 200 + b'\xc3\xa9"}' + (b"\r\n" if i % 7 else b"\n")
              for i in range(2 * BATCH + 5)]
     lines.insert(3, b"\n")
     lines.insert(1500, b"   \n")

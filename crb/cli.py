@@ -173,7 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         return
     plans = {s["name"]: plan.plan(load_recipe(args.recipe, args.overrides, s["name"]), hw) for s in r.stages}
     if args.json:  # each stage's plan, by name
-        print(json.dumps({name: json.loads(p.to_json()) for name, p in plans.items()}, indent=1))
+        print(json.dumps({name: p.to_dict() for name, p in plans.items()}, indent=1))
         return
     for name, p in plans.items():
         print(f"stage {name}:\n{p.table()}")

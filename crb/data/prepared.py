@@ -73,23 +73,22 @@ def _jsonl_lines(file: str) -> Iterator[tuple[int, int, bytes]]:
             offset += len(raw)
 
 
-def _located(file: str) -> Iterator[tuple[int, int, int, bytes | None, bool]]:
-    """(line, byte offset, size, None, False) of each JSONL record; (row, -1, 0, pickled record, True) of a table
-    source's rows."""
-    if source_kind(file) == "jsonl":
-        yield from ((no, offset, len(raw), None, False) for no, offset, raw in _jsonl_lines(file))
-        return
-    for rec in read_records(file):  # a source datasets cannot read raises its DataError here
-        yield rec.line, -1, 0, pickle.dumps(rec.data), True
-
-
 def raw_records(file: str) -> Iterator[tuple[int, bytes, bool]]:
     """(line, bytes, False) of each JSONL record, (row, pickled record, True) of a table source's rows."""
     if source_kind(file) == "jsonl":
         yield from ((no, raw, False) for no, _, raw in _jsonl_lines(file))
         return
-    for no, _, _, raw, pickled in _located(file):
-        yield no, raw, pickled
+    for rec in read_records(file):  # a source datasets cannot read raises its DataError here
+        yield rec.line, pickle.dumps(rec.data), True
+
+
+def _located(file: str) -> Iterator[tuple[int, int, int, bytes | None, bool]]:
+    """(line, byte offset, size, None, False) of each JSONL record (its bytes stay in the file); (row, -1, 0, pickled
+    record, True) of a table source's rows."""
+    if source_kind(file) == "jsonl":
+        yield from ((no, offset, len(raw), None, False) for no, offset, raw in _jsonl_lines(file))
+        return
+    yield from ((no, -1, 0, raw, True) for no, raw, _ in raw_records(file))
 
 
 def read_located(files: list[str], batch: Mapping[str, Sequence]) -> list[bytes]:

@@ -97,13 +97,17 @@ class Plan:
         return buf.getvalue()
 
     def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def to_dict(self) -> dict:
+        """The plan in GiB, as `crb plan --json` prints it."""
         d = asdict(self)
         d["components_gib"] = {k: round(v / GIB, 3) for k, v in d.pop("components").items()}
         d["profiles_gib"] = {k: round(v / GIB, 3) for k, v in d.pop("profiles").items()}
         d["total_gib"] = round(d.pop("total") / GIB, 3)
         d["allocated_gib"] = round(d.pop("allocated") / GIB, 3)
         d["capacity_gib"] = round(d.pop("capacity") / GIB, 3) if self.capacity else None
-        return json.dumps(d, indent=1)
+        return d
 
 
 def meta_model(recipe: Recipe) -> torch.nn.Module:

@@ -59,8 +59,8 @@ class Clara(Task):
         if len(r["docs"]) < c.top_k:
             raise DataError(f"{where}: docs: expected at least clara.top_k ({c.top_k}) documents, got {len(r['docs'])}")
         docs, gold = r["docs"], r["pos_index"]
-        if c.phase == "instruction":  # top_k of the candidates: the gold ones and the first others, in record order
-            keep = clara_data.instruction_docs(len(docs), gold, c.top_k)
+        if c.phase == "instruction":  # top_k of the candidates: the gold ones and others drawn, in record order
+            keep = clara_data.instruction_docs(len(docs), gold, c.top_k, r["question"])
             docs, gold = [docs[i] for i in keep], [keep.index(g) for g in gold if g in keep]
         return {"docs": docs, "question": r["question"], "answer": r["answer"], "gold": gold, "slots": c.top_k,
                 "instruction": None}

@@ -91,7 +91,7 @@ def instruction_docs(n_docs: int, gold: list[int], top_k: int, key: str) -> list
     random, top_k in all; `key` (the question) seeds the draw, so a record reads the same ones every epoch. Drawn,
     not the first others: with those, a gold candidate past them sat in the last slot 80 % of the time (N = 20,
     k = 5) and the decoder learned the slot instead of reading the documents."""
-    keep = sorted(set(gold[:top_k]))
+    keep = set(gold[:top_k])
     others = [i for i in range(n_docs) if i not in keep]
     rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
     return sorted([*keep, *(int(i) for i in rng.choice(others, top_k - len(keep), replace=False))])

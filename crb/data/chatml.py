@@ -64,9 +64,14 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
     text = render(messages, tokenizer, template)
     eot = end_of_turn(template, tokenizer)
     spans, cursor = [], 0
-    for m in messages:
+    for turn, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        # the content is searched after the turns before it: an answer quoted earlier (a user asking "yes or no?")
+        # must not take its labels
+        before = render(messages[:turn], tokenizer, template, add_generation_prompt=True) if turn else ""
+        if text.startswith(before):
+            cursor = max(cursor, len(before))
         content = m["content"].strip()
         start = text.find(content, cursor)
         if start < 0:

@@ -54,6 +54,22 @@ def test_template_without_generation_markers(tiny_tokenizer):
     assert "How much" not in text and "retail assistant" not in text
 
 
+@pytest.mark.parametrize("template", [CHATML_TEMPLATE, MISTRAL_LIKE])
+def test_an_answer_quoted_earlier_keeps_its_labels_on_the_assistant_turn(tiny_tokenizer, template):
+    convo = [{"role": "system", "content": "Answer yes or no."},
+             {"role": "user", "content": "Is the navy suit in stock, yes or no?"},
+             {"role": "assistant", "content": "yes"},
+             {"role": "user", "content": "Say yes again."},
+             {"role": "assistant", "content": "yes"}]
+    ids, labels = tokenize_chat(convo, tiny_tokenizer, template)
+    text = labelled_text(tiny_tokenizer, ids, labels)
+    assert text.replace("<|im_end|>", "|").replace("</s>", "|").replace(" ", "") == "yes|yes|"
+    if template == CHATML_TEMPLATE:
+        ref = tiny_tokenizer.apply_chat_template(convo, chat_template=template, tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True)
+        assert [lab != IGNORE for lab in labels] == [bool(m) for m in ref["assistant_masks"]]
+
+
 @pytest.mark.parametrize("messages, message", [
     ([], "messages: expected a non-empty list"),
     ([{"role": "user"}], "messages[0]: expected an object with 'role' and 'content'"),

@@ -18,9 +18,12 @@ from tests.conftest import make_model_dir, write_jsonl, write_recipe
 from tests.integration.test_clara_retrieval import CODES, COLOURS, ITEMS, K, N, rounds, texts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-# stage 2 plateaus at the code's prior for ~1,000 steps before its decoder starts to match question and document
-SETTINGS = dict(hidden=256, layers=2, steps=(300, 4000, 600), lr=(1e-3, 1e-3, 5e-4), temperature=0.02, rank=32,
-                train_rounds=1500)
+# Measured on the H200 (docs/clara.md): held-out recall@5 0.56 -> 0.93. Stage 2's lr decides it: at 1e-3 its
+# decoder only learns which codes the k documents hold (recall 0.39 -> 0.43); at 5e-4 (3e-4 too) it learns to
+# match question and document, and stage 3 then learns to retrieve. 200 held-out questions: the error of one
+# recall is about 0.035.
+SETTINGS = dict(hidden=256, layers=2, steps=(300, 3000, 1500), lr=(1e-3, 5e-4, 1e-4), temperature=0.02, rank=32,
+                train_rounds=1500, eval_rounds=8)
 
 
 def stage1(n: int, seed: int) -> list[dict]:
@@ -62,13 +65,14 @@ def base_model(path: Path, hidden: int, layers: int) -> Path:
 
 
 def learning_recipe(tmp_path: Path, hidden: int, layers: int, steps: tuple[int, int, int],
-                    lr: tuple[float, float, float], temperature: float, rank: int, train_rounds: int) -> Path:
+                    lr: tuple[float, float, float], temperature: float, rank: int, train_rounds: int,
+                    eval_rounds: int) -> Path:
     """The three-stage recipe of the test, its model and data under tmp_path. compress_rate 1: a memory embedding
     per document token (with fewer the random base's decoder does not learn to read in these steps)."""
     model = base_model(tmp_path / "model", hidden, layers)
     first = write_jsonl(tmp_path / "stage1.jsonl", stage1(120, 0))
     train = write_jsonl(tmp_path / "train.jsonl", rounds(train_rounds, "which code has the {} ?", 2))
-    held_out = write_jsonl(tmp_path / "eval.jsonl", rounds(2, "what code does the {} have ?", 1))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rounds(eval_rounds, "what code does the {} have ?", 1))
     path = write_recipe(tmp_path / "clara.toml", f"""
 [model]
 name = "{model}"

@@ -67,13 +67,14 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
     for turn, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        # the content is searched after the turns before it: an answer quoted earlier (a user asking "yes or no?")
-        # must not take its labels
-        before = render(messages[:turn], tokenizer, template, add_generation_prompt=True) if turn else ""
-        if text.startswith(before):
-            cursor = max(cursor, len(before))
         content = m["content"].strip()
-        start = text.find(content, cursor)
+        # the chat rendered up to this turn ends with its content: the last occurrence there, so that an answer
+        # quoted earlier (a user asking "yes or no?") does not take the labels; where that rendering is not a
+        # prefix of the whole, the first occurrence after the previous answer
+        upto = render(messages[: turn + 1], tokenizer, template)
+        start = upto.rfind(content) if text.startswith(upto) else -1
+        if start < cursor:
+            start = text.find(content, cursor)
         if start < 0:
             raise DataError(f"{where}: the chat template does not write the assistant content verbatim")
         end = start + len(content)

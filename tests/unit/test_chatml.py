@@ -15,6 +15,13 @@ MISTRAL_LIKE = (  # no {% generation %} markers; system folded into the first us
     "{% endif %}{% endfor %}"
 )
 
+MISTRAL_V03_LIKE = (  # as Mistral-7B-Instruct-v0.3's: the system message joins the user turn only when it is last
+    "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else none %}{{ bos_token }}"
+    "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+    "{% if loop.last and sys %}[INST] {{ sys }}\n\n{{ m['content'] }}[/INST]{% else %}[INST] {{ m['content'] }}[/INST]"
+    "{% endif %}{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
 CONVO = [
     {"role": "system", "content": "You are a helpful retail assistant."},
     {"role": "user", "content": "Do you have the navy suit in 40?"},
@@ -54,7 +61,7 @@ def test_template_without_generation_markers(tiny_tokenizer):
     assert "How much" not in text and "retail assistant" not in text
 
 
-@pytest.mark.parametrize("template", [CHATML_TEMPLATE, MISTRAL_LIKE])
+@pytest.mark.parametrize("template", [CHATML_TEMPLATE, MISTRAL_LIKE, MISTRAL_V03_LIKE])
 def test_an_answer_quoted_earlier_keeps_its_labels_on_the_assistant_turn(tiny_tokenizer, template):
     convo = [{"role": "system", "content": "Answer yes or no."},
              {"role": "user", "content": "Is the navy suit in stock, yes or no?"},

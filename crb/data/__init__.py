@@ -44,7 +44,7 @@ from crb.errors import DataError
 from crb.recipe.schema import ClaraConfig, DataConfig
 
 Row = dict[str, np.ndarray]
-CACHE_VERSION = "5"  # 5: a folder of memory-mapped Arrow documents and row indices (crb.data.prepared)
+CACHE_VERSION = "6"  # 6: chat labels found per turn, CLaRa stage 2 drawing its other documents (5: Arrow folders)
 REPORT = "report.json"  # written last: a folder with it is complete
 
 

@@ -68,13 +68,14 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
         if m["role"] != "assistant":
             continue
         content = m["content"].strip()
-        # the chat rendered up to this turn ends with its content: the last occurrence there, so that an answer
-        # quoted earlier (a user asking "yes or no?") does not take the labels; where that rendering is not a
-        # prefix of the whole, the first occurrence after the previous answer
-        upto = render(messages[: turn + 1], tokenizer, template)
-        start = upto.rfind(content) if text.startswith(upto) else -1
-        if start < cursor:
-            start = text.find(content, cursor)
+        start = text.find(content, cursor)
+        if start >= 0 and text.find(content, start + 1) >= 0:
+            # more than one candidate: the chat rendered up to this turn ends with its content, so take the last
+            # occurrence there (an answer quoted earlier, "yes or no?", must not take the labels), where that
+            # rendering is a prefix of the whole
+            upto = render(messages[: turn + 1], tokenizer, template)
+            if text.startswith(upto) and upto.rfind(content) >= cursor:
+                start = upto.rfind(content)
         if start < 0:
             raise DataError(f"{where}: the chat template does not write the assistant content verbatim")
         end = start + len(content)

@@ -74,8 +74,8 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
             # occurrence there (an answer quoted earlier, "yes or no?", must not take the labels), where that
             # rendering is a prefix of the whole
             upto = render(messages[: turn + 1], tokenizer, template)
-            if text.startswith(upto) and upto.rfind(content) >= cursor:
-                start = upto.rfind(content)
+            last = upto.rfind(content) if text.startswith(upto) else -1
+            start = last if last >= cursor else start
         if start < 0:
             raise DataError(f"{where}: the chat template does not write the assistant content verbatim")
         end = start + len(content)

@@ -31,7 +31,7 @@ from crb.engine.build import (
 from crb.engine.loop import train
 from crb.engine.metrics import task_metrics
 from crb.engine.plan import DataFacts, auto_config, data_facts, plan
-from crb.engine.profiles import PROFILES, deepspeed_plugin
+from crb.engine.profiles import PROFILES, deepspeed_plugin, one_process_group
 from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
@@ -87,7 +87,11 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
         f"x accumulation {sched.accum} x {state.num_processes} process(es)), precision {mixed}")
 
     trackers = [t for t in recipe.train.report_to if t != "wandb" or _has("wandb")]
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=sched.accum,
+    if plugin:
+        one_process_group()  # when no launcher started this process
+    # cpu=True would drop a DeepSpeed plugin silently; DeepSpeed runs on the CPU through its own CPU accelerator.
+    accelerator = Accelerator(cpu=cpu and plugin is None, mixed_precision=mixed,
+                              gradient_accumulation_steps=sched.accum,
                               log_with=trackers or None, project_dir=str(out),
                               deepspeed_plugin=plugin(sched.accum) if plugin else None)
     if (ds := accelerator.state.deepspeed_plugin) is not None:  # crb feeds its own batches: tell DeepSpeed

@@ -328,10 +328,11 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_step
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts (4-bit weights counted by their packed elements x 2)."""
+    """(trainable, total) parameter counts (4-bit weights counted by their packed elements x 2; a weight that
+    DeepSpeed ZeRO-3 partitioned as it loaded by its full size, `ds_numel`)."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        n = getattr(p, "ds_numel", p.numel()) * (2 if p.dtype == torch.uint8 else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

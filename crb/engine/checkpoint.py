@@ -52,10 +52,11 @@ def bytes_needed(t: TrainConfig, trainable: int, sched: Schedule) -> float:
 
 
 def keep_trainable_only(accelerator: Accelerator) -> None:
-    """Make `save_state` write only parameters that train (and buffers of trainable modules none)."""
+    """Make `save_state` write only parameters that train (and buffers of trainable modules none). Under
+    DeepSpeed the engine writes its own files (no `weights` here): `save` asks it to leave frozen ones out."""
 
     def hook(models: list[torch.nn.Module], weights: list[dict], _dir: str) -> None:
-        for model, state in zip(models, weights, strict=True):
+        for model, state in zip(models, weights, strict=False):
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             for key in [k for k in state if k not in trainable]:
                 del state[key]
@@ -71,7 +72,7 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, keep: int
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
@@ -108,16 +109,24 @@ def latest_good(root: Path) -> Path | None:
 
 
 def weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
-    """Whether every trainable weight is finite on every process (each checks its own shards)."""
-    bad = sum(int((~torch.isfinite(p.detach())).any()) for p in model.parameters() if p.requires_grad and p.numel())
+    """Whether every trainable weight is finite on every process (each checks its own shards; under ZeRO-3 a
+    parameter is empty outside a forward, its shard is `ds_tensor`)."""
+    shards = (getattr(p, "ds_tensor", p).detach() for p in model.parameters() if p.requires_grad)
+    bad = sum(int((~torch.isfinite(t)).any()) for t in shards if t.numel())
     flag = torch.tensor([float(bad)], device=accelerator.device)
     return accelerator.reduce(flag, "sum").item() == 0
 
 
 def load(accelerator: Accelerator, path: Path) -> dict:
     """Restore the state saved at `path`; returns its crb state (step, ...)."""
-    accelerator.load_state(str(path), strict=False)
+    # strict=False: the frozen weights are not in the checkpoint (DeepSpeed names the flag its own way)
+    accelerator.load_state(str(path), **({"load_module_strict": False} if _deepspeed(accelerator) else
+                                          {"strict": False}))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def _deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -12,6 +12,8 @@ weights on the CPU (DeepSpeedCPUAdam would need its C++ op built)."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,3 +92,14 @@ def deepspeed_plugin(profile: Profile, grad_accum: int, max_grad_norm: float):
     config["gradient_accumulation_steps"] = grad_accum
     config["gradient_clipping"] = max_grad_norm
     return DeepSpeedPlugin(hf_ds_config=config)
+
+
+def one_process_group() -> None:
+    """DeepSpeed starts torch.distributed itself and, without a launcher's variables, looks for MPI: a process
+    started with plain `python` gets the variables of a one-process group on a free local port instead."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

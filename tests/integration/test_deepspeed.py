@@ -102,3 +102,28 @@ def test_lora_under_zero2_without_a_launcher_checkpoints_the_adapter_and_resumes
     assert got.keys() == reference.keys()
     for k in reference:
         assert torch.equal(got[k], reference[k]), k
+
+
+NAN_CHECK = """
+import torch
+from accelerate import Accelerator
+from crb.engine import checkpoint
+from crb.engine.profiles import PROFILES, deepspeed_plugin, one_process_group
+one_process_group()
+acc = Accelerator(deepspeed_plugin=deepspeed_plugin(PROFILES["zero3"], 1, 1.0))
+acc.state.deepspeed_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=1, train_batch_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))
+model, _ = acc.prepare(model, torch.optim.AdamW(model.parameters()))
+weight = model.module[0].weight
+print("outside a forward", weight.numel(), "shard", weight.ds_tensor.numel())
+print("finite", checkpoint.weights_finite(acc, model))
+weight.ds_tensor.data[3] = float("nan")
+print("finite", checkpoint.weights_finite(acc, model))
+"""
+
+
+def test_a_nan_in_a_zero3_shard_is_seen():
+    """Under ZeRO-3 a parameter is empty outside a forward: the finiteness check reads each rank's shard."""
+    out = train([sys.executable, "-c", NAN_CHECK])
+    assert "outside a forward 0 shard 4096" in out
+    assert out.count("finite True") == 1 and out.count("finite False") == 1

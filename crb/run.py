@@ -6,6 +6,7 @@ The same code runs under `python`, `accelerate launch` and `torchrun`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -216,24 +217,38 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out:
     """`final_adapter/` (PEFT) or `final_model/`, with the tokenizer; written then renamed."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
+    own_save = type(unwrapped).__module__.startswith("sentence_transformers") or hasattr(unwrapped, "adapters")
+    # Under ZeRO-3 a weight is an empty shard outside a forward: get_state_dict gathers it; a model that writes
+    # itself (a sentence-transformers encoder, CLaRa) reads its weights gathered whole on every process
+    state_dict = None if own_save else accelerator.get_state_dict(model)
     is_peft = hasattr(unwrapped, "peft_config") or hasattr(unwrapped, "adapters")
     dest = out / ("final_adapter" if is_peft else "final_model")
-    if accelerator.is_main_process:
-        tmp = out / f".tmp-{dest.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if type(unwrapped).__module__.startswith("sentence_transformers"):  # a bi- or cross-encoder: its layout
-            unwrapped.save(str(tmp))
-        elif hasattr(unwrapped, "adapters"):  # CLaRa: every adapter, the added tokens and their embedding rows
-            unwrapped.save(tmp)
-            tokenizer.save_pretrained(tmp)
-        else:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+    with gathered(accelerator, unwrapped) if own_save else contextlib.nullcontext():
+        if accelerator.is_main_process:
+            tmp = out / f".tmp-{dest.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if type(unwrapped).__module__.startswith("sentence_transformers"):  # a bi- or cross-encoder: its layout
+                unwrapped.save(str(tmp))
+            elif hasattr(unwrapped, "adapters"):  # CLaRa: every adapter, the added tokens and their embedding rows
+                unwrapped.save(tmp)
+                tokenizer.save_pretrained(tmp)
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict)
+                tokenizer.save_pretrained(tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
     accelerator.wait_for_everyone()
     return dest
+
+
+def gathered(accelerator: Accelerator, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Every weight of `model` whole on every process while the context lasts (ZeRO-3; nothing to do otherwise)."""
+    ds = accelerator.state.deepspeed_plugin
+    if ds is None or ds.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import DEMO_DATA, retrieval_recipe_text, subsample, write_recipe
+
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,3 +129,69 @@ def test_a_nan_in_a_zero3_shard_is_seen():
     out = train([sys.executable, "-c", NAN_CHECK])
     assert "outside a forward 0 shard 4096" in out
     assert out.count("finite True") == 1 and out.count("finite False") == 1
+
+
+# crb with train.kernels = "cce" on the CPU: the fused loss stood in for by the same sum in torch, and every
+# weight partitioned under ZeRO-3 (a tiny model's would all stay whole, under ZeRO-3's persistence threshold)
+FUSED_ON_CPU = """
+import importlib.machinery, sys, types
+import torch
+fake = types.ModuleType("cut_cross_entropy")
+fake.__spec__ = importlib.machinery.ModuleSpec("cut_cross_entropy", None)
+seen = []
+def linear_cross_entropy(x, w, y, ignore_index, reduction):
+    seen.append((tuple(w.shape), getattr(w, "ds_persist", None)))  # ds_persist False: partitioned
+    return torch.nn.functional.cross_entropy(x @ w.T, y, ignore_index=ignore_index, reduction=reduction)
+fake.linear_cross_entropy = linear_cross_entropy
+sys.modules["cut_cross_entropy"] = fake
+import crb.engine.build as build
+import crb.run
+kernels, plugin = build.apply_kernels, crb.run.deepspeed_plugin
+build.apply_kernels = lambda model, device, name: kernels(model, torch.device("cuda"), name)  # no CUDA is used
+def every_weight_partitioned(*args, **kwargs):
+    made = plugin(*args, **kwargs)
+    made.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return made
+crb.run.deepspeed_plugin = every_weight_partitioned
+code = crb.run.main(sys.argv[1:])
+print("output layer seen by the fused loss:", sorted(set(seen)))
+sys.exit(code)
+"""
+
+
+def test_the_fused_loss_reads_the_whole_output_layer_under_zero3(chat_recipe, tmp_path):
+    """The fused loss reads lm_head's weight inside the model's forward, not through lm_head's own: under ZeRO-3
+    (where a weight is an empty shard outside its module's forward) DeepSpeed must gather it there."""
+    plain = tmp_path / "plain"
+    train(command(chat_recipe, plain, "plain", "full", 1, 0))
+    fused = tmp_path / "fused"
+    script = tmp_path / "fused_on_cpu.py"
+    script.write_text(FUSED_ON_CPU)
+    said = train([sys.executable, str(script), *command(chat_recipe, fused, "zero3", "full", 1, 0)[3:],
+                  "--set", "train.kernels='cce'"])
+    assert "cut-cross-entropy linear + cross-entropy on (mistral)" in said
+    assert "output layer seen by the fused loss: [((400, 64), False)]" in said
+    assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
+
+
+def test_a_sentence_transformers_model_under_zero3_is_saved_whole(tmp_path, minilm):
+    """An encoder writes itself (sentence-transformers' layout): under ZeRO-3 its weights are gathered for the
+    write, so the saved model is the trained one, equal to a plain run's (it was written empty before).
+    Compared as loaded: transformers 5 writes a BERT LayerNorm loaded under ZeRO-3 by its legacy names
+    (gamma/beta), which it reads back as weight/bias."""
+    from sentence_transformers import SentenceTransformer
+
+    train_file = subsample(DEMO_DATA / "retail_search_train.jsonl", tmp_path / "train.jsonl", 64)
+    recipe = write_recipe(tmp_path / "r.toml", retrieval_recipe_text(tmp_path, minilm, train_file, train_file, None))
+    saved = {}
+    for profile in ("plain", "zero3"):
+        out = tmp_path / profile
+        train([sys.executable, "-m", "crb.run", str(recipe), "--set", "train.max_steps=2", "--set",
+               f"hardware.profile='{profile}'", "--set", f"output.dir='{out}'", "--set", "data.eval=[]"])
+        saved[profile] = SentenceTransformer(str(out / "final_model"), device="cpu").state_dict()
+    base = SentenceTransformer(minilm, device="cpu").state_dict()
+    assert saved["zero3"].keys() == saved["plain"].keys() == base.keys()
+    for k, v in saved["plain"].items():
+        torch.testing.assert_close(saved["zero3"][k], v, atol=1e-5, rtol=1e-4)
+    moved = [k for k in base if not torch.equal(base[k], saved["zero3"][k])]
+    assert len(moved) > len(base) // 2, "the saved weights are not the trained ones"

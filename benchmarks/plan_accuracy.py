@@ -225,9 +225,12 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     os.environ.update(r["env"])
     try:
         runner = ([str(ROOT / "benchmarks" / "memory_peak.py")] if args.peaks else ["-m", "crb.run"])
-        if gpus > 1:  # rank 0 logs its own GPU's peak
+        if gpus > 1:  # rank 0 logs its own GPU's peak (on CPU, --tiny: torchrun's processes, gloo)
+            import torch
+
             runner = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-                      "--main_process_port", "29580", *runner]
+                      "--main_process_port", "29580", *runner] if torch.cuda.is_available() else \
+                ["-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", "29580", *runner]
         peak_json = ["--json", str(run_dir / "peak.json")] if args.peaks else []
         rc, wall = language.run_logged([sys.executable, *runner, recipe, *flags, *peak_json, *stage],
                                        args.out / "logs" / f"{i:02d}-{r['recipe']}.log", r["recipe"])

@@ -32,7 +32,7 @@ from crb.engine.build import (
 from crb.engine.loop import train
 from crb.engine.metrics import task_metrics
 from crb.engine.plan import DataFacts, auto_config, data_facts, plan
-from crb.engine.profiles import PROFILES, deepspeed_plugin, one_process_group
+from crb.engine.profiles import PROFILES, deepspeed_plugin, launched_with_deepspeed, one_process_group
 from crb.engine.schedule import make_schedule
 from crb.errors import CrbError
 from crb.recipe import schema as recipes
@@ -88,10 +88,11 @@ def run(recipe_path: str, overrides: list[str] | None = None, resume: str | None
         f"x accumulation {sched.accum} x {state.num_processes} process(es)), precision {mixed}")
 
     trackers = [t for t in recipe.train.report_to if t != "wandb" or _has("wandb")]
+    deepspeed = plugin is not None or launched_with_deepspeed()
     if plugin:
         one_process_group()  # when no launcher started this process
-    # cpu=True would drop a DeepSpeed plugin silently; DeepSpeed runs on the CPU through its own CPU accelerator.
-    accelerator = Accelerator(cpu=cpu and plugin is None, mixed_precision=mixed,
+    # cpu=True would drop DeepSpeed silently; DeepSpeed runs on the CPU through its own CPU accelerator.
+    accelerator = Accelerator(cpu=cpu and not deepspeed, mixed_precision=mixed,
                               gradient_accumulation_steps=sched.accum,
                               log_with=trackers or None, project_dir=str(out),
                               deepspeed_plugin=plugin(sched.accum) if plugin else None)
@@ -172,7 +173,7 @@ def choose_profile(recipe: recipes.Recipe, hw: hardware.Hardware, out: Path, dat
     for line in choices:
         say(f"crb: {line}")
     p = plan(recipe, hw, data=data)
-    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = launched_with_deepspeed()
     name, reason = (p.profile, p.reason) if not launched else ("launcher", "DeepSpeed set by the accelerate config")
     say(f"crb: profile {name}: {reason}")
     if p.fits is False and not launched:

@@ -94,6 +94,11 @@ def deepspeed_plugin(profile: Profile, grad_accum: int, max_grad_norm: float):
     return DeepSpeedPlugin(hf_ds_config=config)
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config (then the launcher's config rules)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def one_process_group() -> None:
     """DeepSpeed starts torch.distributed itself and, without a launcher's variables, looks for MPI: a process
     started with plain `python` gets the variables of a one-process group on a free local port instead."""

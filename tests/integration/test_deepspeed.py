@@ -27,10 +27,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def command(recipe: Path, out: Path, profile: str, method: str, processes: int, port: int,
             resume: bool = False) -> list[str]:
+    """crb under plain python (1 process) or torchrun; profile "launcher": the shipped accelerate config for ZeRO-3
+    on 2 GPUs (launch/accelerate/multi-gpu-zero3.yaml) sets DeepSpeed instead of crb."""
     sets = ["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=4", f"method.name='{method}'",
-            f"hardware.profile='{profile}'", f"output.dir='{out}'"]
+            f"output.dir='{out}'", *([] if profile == "launcher" else [f"hardware.profile='{profile}'"])]
     launch = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    if profile == "launcher":
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(ROOT / "launch" / "accelerate" / "multi-gpu-zero3.yaml"), "--num_processes", str(processes),
+                  "--main_process_port", str(port)]
     return [*launch, "-m", "crb.run", str(recipe), *[x for s in sets for x in ("--set", s)],
             *(["--resume"] if resume else [])]
 
@@ -52,6 +58,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_zero3_on_two_processes_trains_like_plain_and_resumes_after_kill_9(chat_recipe, tmp_path):
+    """crb's own ZeRO-3 (hardware.profile) against plain data parallel; then the shipped accelerate config's
+    ZeRO-3, killed and resumed, against crb's own."""
     plain, zero3, killed = tmp_path / "plain", tmp_path / "zero3", tmp_path / "killed"
     train(command(chat_recipe, plain, "plain", "full", 2, 29621))
     said = train(command(chat_recipe, zero3, "zero3", "full", 2, 29623))
@@ -69,7 +77,7 @@ def test_zero3_on_two_processes_trains_like_plain_and_resumes_after_kill_9(chat_
     for k, v in weights(plain).items():
         torch.testing.assert_close(reference[k], v, atol=1e-5, rtol=1e-4)
 
-    proc = subprocess.Popen(command(chat_recipe, killed, "zero3", "full", 2, 29625), cwd=ROOT,
+    proc = subprocess.Popen(command(chat_recipe, killed, "launcher", "full", 2, 29625), cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
@@ -79,8 +87,10 @@ def test_zero3_on_two_processes_trains_like_plain_and_resumes_after_kill_9(chat_
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
     proc.wait(timeout=60)
     assert not (killed / "final_model").exists()
-    said = train(command(chat_recipe, killed, "zero3", "full", 2, 29627, resume=True))
+    said = train(command(chat_recipe, killed, "launcher", "full", 2, 29627, resume=True))
+    assert "profile launcher: DeepSpeed set by the accelerate config" in said
     assert f"resumed from {killed / 'checkpoints' / 'step-'}" in said
+    assert (killed / "checkpoints" / "step-4" / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_model_states.pt").is_file()
     got = weights(killed)
     assert got.keys() == reference.keys()
     for k in reference:

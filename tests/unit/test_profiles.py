@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import yaml
 
 from crb.engine.profiles import LAUNCH, PROFILES, choose, deepspeed_plugin
 from crb.errors import CrbError
@@ -72,6 +73,13 @@ def test_accelerate_loads_the_launch_config(path):
         assert cfg.machine_rank == 0 and cfg.main_process_ip and cfg.main_process_port
         return
     assert cfg.distributed_type == DistributedType.DEEPSPEED
+    # With a deepspeed_config_file, Accelerate's plugin refuses a run whose accelerate config also sets these
+    # (DeepSpeedPlugin._deepspeed_config_checks); the launch with multi-gpu-zero3.yaml: test_deepspeed.py
+    raw = yaml.safe_load(path.read_text())
+    refused = {"mixed_precision", "gradient_accumulation_steps", "gradient_clipping", "zero_stage",
+               "offload_optimizer_device", "offload_param_device", "zero3_save_16bit_model"}
+    assert not refused & (raw.keys() | raw["deepspeed_config"].keys()), path.name
+    assert raw["deepspeed_config"]["zero3_init_flag"] is ("zero3" in path.stem)  # ZeRO-3 shards as it loads
     ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]  # relative to the repository root
     assert ds_file.is_file() and ds_file.stem in PROFILES
     multi = path.stem.startswith("multi-gpu")

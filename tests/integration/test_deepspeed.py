@@ -25,18 +25,19 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def command(recipe: Path, out: Path, profile: str, method: str, processes: int, port: int,
-            resume: bool = False) -> list[str]:
-    """crb under plain python (1 process) or torchrun; profile "launcher": the shipped accelerate config for ZeRO-3
-    on 2 GPUs (launch/accelerate/multi-gpu-zero3.yaml) sets DeepSpeed instead of crb."""
+def command(recipe: Path, out: Path, profile: str, method: str, processes: int, port: int, resume: bool = False,
+            config: str = "multi-gpu-zero3.yaml", node: list[str] | None = None) -> list[str]:
+    """crb under plain python (1 process) or torchrun; profile "launcher": `accelerate launch` with a shipped
+    DeepSpeed config (launch/accelerate/`config`; `node`: this machine's rank arguments), which sets DeepSpeed
+    instead of crb."""
     sets = ["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=4", f"method.name='{method}'",
             f"output.dir='{out}'", *([] if profile == "launcher" else [f"hardware.profile='{profile}'"])]
     launch = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
     if profile == "launcher":
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(ROOT / "launch" / "accelerate" / "multi-gpu-zero3.yaml"), "--num_processes", str(processes),
-                  "--main_process_port", str(port)]
+                  str(ROOT / "launch" / "accelerate" / config), "--num_processes", str(processes),
+                  "--main_process_port", str(port), *(node or [])]
     return [*launch, "-m", "crb.run", str(recipe), *[x for s in sets for x in ("--set", s)],
             *(["--resume"] if resume else [])]
 
@@ -58,8 +59,9 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_zero3_on_two_processes_trains_like_plain_and_resumes_after_kill_9(chat_recipe, tmp_path):
-    """crb's own ZeRO-3 (hardware.profile) against plain data parallel; then the shipped accelerate config's
-    ZeRO-3, killed and resumed, against crb's own."""
+    """crb's own ZeRO-3 (hardware.profile) against plain data parallel; then the shipped accelerate configs' ZeRO-3
+    against crb's own: two launchers as two machines (multi-node-zero3.yaml) killed with kill -9, resumed by one
+    launcher of 2 processes (multi-gpu-zero3.yaml)."""
     plain, zero3, killed = tmp_path / "plain", tmp_path / "zero3", tmp_path / "killed"
     train(command(chat_recipe, plain, "plain", "full", 2, 29621))
     said = train(command(chat_recipe, zero3, "zero3", "full", 2, 29623))
@@ -77,15 +79,21 @@ def test_zero3_on_two_processes_trains_like_plain_and_resumes_after_kill_9(chat_
     for k, v in weights(plain).items():
         torch.testing.assert_close(reference[k], v, atol=1e-5, rtol=1e-4)
 
-    proc = subprocess.Popen(command(chat_recipe, killed, "launcher", "full", 2, 29625), cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # two launchers with the multi-node ZeRO-3 config as two machines of one process each (the master on localhost)
+    nodes = []
+    for rank in (0, 1):
+        cmd = command(chat_recipe, killed, "launcher", "full", 2, 29625, config="multi-node-zero3.yaml",
+                      node=["--machine_rank", str(rank), "--num_machines", "2"])
+        nodes.append(subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-2").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        assert all(p.poll() is None for p in nodes) and time.time() < deadline, nodes[0].communicate()[1][-3000:]
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-    proc.wait(timeout=60)
+    for p in nodes:
+        os.killpg(p.pid, signal.SIGKILL)  # each machine's launcher and its rank
+        p.wait(timeout=60)
     assert not (killed / "final_model").exists()
     said = train(command(chat_recipe, killed, "launcher", "full", 2, 29627, resume=True))
     assert "profile launcher: DeepSpeed set by the accelerate config" in said

@@ -74,7 +74,7 @@ def test_accelerate_loads_the_launch_config(path):
         return
     assert cfg.distributed_type == DistributedType.DEEPSPEED
     # With a deepspeed_config_file, Accelerate's plugin refuses a run whose accelerate config also sets these
-    # (DeepSpeedPlugin._deepspeed_config_checks); the launch with multi-gpu-zero3.yaml: test_deepspeed.py
+    # (DeepSpeedPlugin._deepspeed_config_checks); the ZeRO-3 ones are launched in test_deepspeed.py
     raw = yaml.safe_load(path.read_text())
     refused = {"mixed_precision", "gradient_accumulation_steps", "gradient_clipping", "zero_stage",
                "offload_optimizer_device", "offload_param_device", "zero3_save_16bit_model"}
@@ -82,6 +82,10 @@ def test_accelerate_loads_the_launch_config(path):
     assert raw["deepspeed_config"]["zero3_init_flag"] is ("zero3" in path.stem)  # ZeRO-3 shards as it loads
     ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]  # relative to the repository root
     assert ds_file.is_file() and ds_file.stem in PROFILES
+    if path.stem == "multi-node-zero3":  # one launcher per node (not pdsh from node 0), as multi-node.yaml
+        assert cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard" and cfg.num_machines == 2
+        assert cfg.main_process_ip and cfg.main_process_port and ds_file.stem == "zero3"
+        return
     multi = path.stem.startswith("multi-gpu")
     assert cfg.num_processes == (2 if multi else 1)
     assert ds_file.stem == (path.stem.removeprefix("multi-gpu-") if multi else path.stem)

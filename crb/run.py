@@ -218,19 +218,19 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out:
     """`final_adapter/` (PEFT) or `final_model/`, with the tokenizer; written then renamed."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    own_save = type(unwrapped).__module__.startswith("sentence_transformers") or hasattr(unwrapped, "adapters")
+    encoder = type(unwrapped).__module__.startswith("sentence_transformers")  # a bi- or cross-encoder: its layout
+    clara = hasattr(unwrapped, "adapters")  # CLaRa: every adapter, the added tokens and their embedding rows
     # Under ZeRO-3 a weight is an empty shard outside a forward: get_state_dict gathers it; a model that writes
-    # itself (a sentence-transformers encoder, CLaRa) reads its weights gathered whole on every process
-    state_dict = None if own_save else accelerator.get_state_dict(model)
-    is_peft = hasattr(unwrapped, "peft_config") or hasattr(unwrapped, "adapters")
-    dest = out / ("final_adapter" if is_peft else "final_model")
-    with gathered(accelerator, unwrapped) if own_save else contextlib.nullcontext():
+    # itself (an encoder, CLaRa) reads its weights gathered whole on every process
+    state_dict = None if encoder or clara else accelerator.get_state_dict(model)
+    dest = out / ("final_adapter" if clara or hasattr(unwrapped, "peft_config") else "final_model")
+    with gathered(accelerator, unwrapped) if encoder or clara else contextlib.nullcontext():
         if accelerator.is_main_process:
             tmp = out / f".tmp-{dest.name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            if type(unwrapped).__module__.startswith("sentence_transformers"):  # a bi- or cross-encoder: its layout
+            if encoder:
                 unwrapped.save(str(tmp))
-            elif hasattr(unwrapped, "adapters"):  # CLaRa: every adapter, the added tokens and their embedding rows
+            elif clara:
                 unwrapped.save(tmp)
                 tokenizer.save_pretrained(tmp)
             else:

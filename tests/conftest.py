@@ -73,6 +73,11 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def losses(out: Path) -> list[float]:
+    """The train losses a run logged to `out`/metrics.jsonl, in step order."""
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def hash_cache(tmp_path_factory):
     """Data files' hashes kept for the test session only, not in the user's ~/.cache (runs started as subprocesses

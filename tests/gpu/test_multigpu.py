@@ -5,7 +5,6 @@ resumed ends with the unbroken run's adapter; SIGTERM to one rank stops both wit
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,13 +14,11 @@ import time
 import pytest
 import torch
 
+from tests.conftest import losses
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def losses(out) -> list[float]:
-    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
 
 
 def crb_args(recipe, out) -> list[str]:

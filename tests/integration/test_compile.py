@@ -7,10 +7,7 @@ import json
 import pytest
 
 from crb.run import run
-
-
-def losses(out) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+from tests.conftest import losses
 
 
 def test_compiled_layers_give_the_eager_losses(chat_recipe, tmp_path, capsys):

@@ -1,11 +1,11 @@
-"""The DeepSpeed profiles run for real on the CPU (DeepSpeed's CPU accelerator, gloo): a full fine-tune under
-ZeRO-3 on 2 processes trains like plain data parallel, and a run killed with kill -9 resumes from its sharded
-checkpoint to the unbroken run's weights, bit for bit; a LoRA run under ZeRO-2 started with plain `python`
-checkpoints only what trains and resumes to the unbroken adapter."""
+"""The DeepSpeed profiles run for real on the CPU (DeepSpeed's CPU accelerator, gloo): ZeRO-3 on 2 processes
+trains like plain data parallel, and the shipped accelerate configs' ZeRO-3 (two launchers as two machines,
+killed with kill -9, resumed by one) ends with the same weights bit for bit; LoRA under ZeRO-2 started with plain
+`python` checkpoints only what trains and resumes; a NaN in a ZeRO-3 shard is seen; the fused loss gets the whole
+output layer under ZeRO-3; an encoder under ZeRO-3 is saved whole."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,11 +18,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DEMO_DATA, retrieval_recipe_text, subsample, write_recipe
+from tests.conftest import DEMO_DATA, losses, retrieval_recipe_text, subsample, write_recipe
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def crb_args(recipe: Path, out: Path, profile: str, method: str, resume: bool = False) -> list[str]:
+    """`crb.run`'s arguments: 4 steps, a checkpoint each; profile "launcher": the launcher's config sets DeepSpeed."""
+    sets = ["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=4", f"method.name='{method}'",
+            f"output.dir='{out}'", *([] if profile == "launcher" else [f"hardware.profile='{profile}'"])]
+    return [str(recipe), *[x for s in sets for x in ("--set", s)], *(["--resume"] if resume else [])]
 
 
 def command(recipe: Path, out: Path, profile: str, method: str, processes: int, port: int, resume: bool = False,
@@ -30,16 +37,13 @@ def command(recipe: Path, out: Path, profile: str, method: str, processes: int, 
     """crb under plain python (1 process) or torchrun; profile "launcher": `accelerate launch` with a shipped
     DeepSpeed config (launch/accelerate/`config`; `node`: this machine's rank arguments), which sets DeepSpeed
     instead of crb."""
-    sets = ["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=4", f"method.name='{method}'",
-            f"output.dir='{out}'", *([] if profile == "launcher" else [f"hardware.profile='{profile}'"])]
     launch = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
     if profile == "launcher":
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(ROOT / "launch" / "accelerate" / config), "--num_processes", str(processes),
                   "--main_process_port", str(port), *(node or [])]
-    return [*launch, "-m", "crb.run", str(recipe), *[x for s in sets for x in ("--set", s)],
-            *(["--resume"] if resume else [])]
+    return [*launch, "-m", "crb.run", *crb_args(recipe, out, profile, method, resume)]
 
 
 def train(cmd: list[str]) -> str:
@@ -47,10 +51,6 @@ def train(cmd: list[str]) -> str:
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -185,7 +185,7 @@ def test_the_fused_loss_reads_the_whole_output_layer_under_zero3(chat_recipe, tm
     fused = tmp_path / "fused"
     script = tmp_path / "fused_on_cpu.py"
     script.write_text(FUSED_ON_CPU)
-    said = train([sys.executable, str(script), *command(chat_recipe, fused, "zero3", "full", 1, 0)[3:],
+    said = train([sys.executable, str(script), *crb_args(chat_recipe, fused, "zero3", "full"),
                   "--set", "train.kernels='cce'"])
     assert "cut-cross-entropy linear + cross-entropy on (mistral)" in said
     assert "output layer seen by the fused loss: [((400, 64), False)]" in said

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from crb.run import run
+from tests.conftest import losses
 
 
 @pytest.mark.slow
@@ -28,9 +28,6 @@ def test_two_processes_match_one_at_double_micro_batch(chat_recipe, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "accumulation 1" in proc.stdout
-
-    def losses(out):
-        return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
 
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     a = load_file(one / "final_adapter/adapter_model.safetensors")
@@ -54,9 +51,6 @@ def test_translation_two_processes_match_one(translation_recipe, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
-
-    def losses(out):
-        return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
 
     # padding differs (each micro-batch pads to its own longest row): float noise of ~1e-4, where a wrong
     # normalisation would be off by the ratio of the processes' target tokens (several %)
@@ -85,9 +79,6 @@ def test_two_machines_of_one_process_match_one_process(chat_recipe, tmp_path):
     for p, (_, err) in zip(nodes, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "2 process(es)" in outs[0][0] and "accumulation 1" in outs[0][0]
-
-    def losses(out):
-        return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
 
     assert len(losses(two)) == 3 and losses(two) == pytest.approx(losses(one), rel=1e-5)
     a = load_file(one / "final_adapter/adapter_model.safetensors")

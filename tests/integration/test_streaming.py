@@ -21,6 +21,7 @@ from crb.errors import RecipeError
 from crb.recipe import schema as recipes
 from crb.run import run
 from crb.tasks import TASKS, prepare, stream
+from tests.conftest import losses
 from tests.integration.test_signals import HOOKED, WAIT_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,10 +56,6 @@ def dataclass_replace(cfg, **changes):
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final_adapter" / "adapter_model.safetensors")
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
 
 
 def test_a_stopped_streamed_run_resumes_at_the_record_its_checkpoint_names(chat_recipe, tmp_path):

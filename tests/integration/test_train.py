@@ -15,12 +15,7 @@ from safetensors.torch import load_file
 
 from crb.cli import main as cli
 from crb.run import run
-from tests.conftest import CLARA_SLICE, make_model_dir, write_jsonl
-
-
-def losses(out: Path) -> list[float]:
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+from tests.conftest import CLARA_SLICE, losses, make_model_dir, write_jsonl
 
 
 def test_loss_falls_over_50_steps_on_real_text(tmp_path):

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args.recipe, args.sets, None, args.stage)
         Path(args.json).write_text(json.dumps({"recipe": args.recipe, "live_at_peak": []}))
         return 0
-    torch.cuda.memory._record_memory_history(max_entries=3_000_000)
+    torch.cuda.memory._record_memory_history(max_entries=3_000_000, stacks="python")
     run(args.recipe, args.sets, None, args.stage)
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)

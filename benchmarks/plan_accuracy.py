@@ -119,18 +119,19 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 if not re.search(args.match, f"{name} / 8 GB cap, ctx {c},"):
                     continue
                 row(name, f"8 GB cap, ctx {c}, micro-batch 1", text_sets(args, m / model, c, 1, name), cap)
-    if "2gpu" in args.only:  # per-GPU peaks of 2 processes (plain data parallel, and the 7B fully fine-tuned)
+    if "2gpu" in args.only:  # per-GPU peaks of --gpus processes (plain data parallel, and the 7B fully fine-tuned)
         build("mistral", m / "mistral", args)
-        ctx = 128 if t else 8192
+        ctx, n = 128 if t else 8192, args.gpus
+        gpus = f"{n} GPU{'s' * (n > 1)}"
         sets = [x for x in text_sets(args, m / "mistral", ctx, 4, "language") if not x.startswith("train.batch_size")]
-        row("language", f"2 GPUs, ctx {ctx}, micro-batch 4", [*sets, "train.batch_size=8"], gpus=2)
+        row("language", f"{gpus}, ctx {ctx}, micro-batch 4", [*sets, f"train.batch_size={4 * n}"], gpus=n)
         ctx = 128 if t else 4096
         full = [x for x in text_sets(args, m / "mistral", ctx, 1, "language") if not x.startswith("train.batch_size")]
-        full += ["train.batch_size=2", 'method.name="full"', 'train.optimizer="adamw"',
+        full += [f"train.batch_size={n}", 'method.name="full"', 'train.optimizer="adamw"',
                  "train.gradient_checkpointing=true"]
         for profile in ("zero2", "zero3", "zero3-offload"):
-            row("language", f"2 GPUs, full fine-tune, ctx {ctx}, {profile}", [*full, f'hardware.profile="{profile}"'],
-                gpus=2)
+            row("language", f"{gpus}, full fine-tune, ctx {ctx}, {profile}", [*full, f'hardware.profile="{profile}"'],
+                gpus=n)
     del d
     return out
 
@@ -242,6 +243,7 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
         if (folder / "metrics.jsonl").is_file() else []
     mem = [x["gpu_mem_gib"] for x in lines if "gpu_mem_gib" in x]
     reserved = [x["gpu_reserved_gib"] for x in lines if "gpu_reserved_gib" in x]
+    host = [x["host_mem_gib"] for x in lines if "host_mem_gib" in x]  # rank 0's peak RSS
     chosen = json.loads((folder / "profile.json").read_text()) if (folder / "profile.json").is_file() else {}
     # What the test replans the row with: the overrides that are not this machine's paths, and every "auto"
     # as the run resolved it (so a CPU without liger or a GPU plans the same configuration).
@@ -249,7 +251,8 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     result["chosen"] = {k: chosen.get(k) for k in CHOSEN}
     result["stage"] = r["stage"]
     speed = [x["tokens_per_s"] for x in lines if "tokens_per_s" in x][1:]  # the first step warms up
-    result |= {"run_profile": chosen.get("profile"), "steps": len([x for x in lines if "loss" in x]),
+    result |= {"host_measured_gib": round(max(host), 2) if host else None, "run_profile": chosen.get("profile"),
+               "steps": len([x for x in lines if "loss" in x]),
                "tokens_per_s": round(sum(speed) / len(speed)) if speed else None,
                "wall_s": round(wall, 1), "elapsed_s": round(time.perf_counter() - t0, 1)}
     if rc:
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="crb plan's predicted peak GPU memory against measured runs")
     p.add_argument("--out", required=True)
     p.add_argument("--only", default="language,code,translation,retrieval,clara,8gb",
-                   help="row groups; also 2gpu (per-GPU peaks of 2 processes: run on a machine with 2 GPUs)")
+                   help="row groups; also 2gpu (per-GPU peaks of --gpus processes: run on a machine with that many)")
+    p.add_argument("--gpus", type=int, default=2, help="processes of the 2gpu rows (1: ZeRO's terms on one GPU)")
     p.add_argument("--models", default=None, help="model dirs (default /tmp/crb-bench/plan-models[-tiny])")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and lengths: runs every path on CPU")
     p.add_argument("--json", default=None)

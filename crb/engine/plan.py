@@ -52,6 +52,7 @@ LIGER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2
                "granite"}  # model types liger-kernel 0.8 patches (fused norms and SwiGLU; others get its loss alone)
 HEADROOM = 0.95  # of the card, for the allocator's fragmentation
 PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
+STEP = "optimizer step: a flat bf16 copy and an fp32 copy of the gradients it updates (DeepSpeed)"
 OUTSIDE = (CONTEXT, PAGED)
 
 
@@ -238,12 +239,21 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         c["trainable parameters (LoRA, fp32)"] = s.trainable * (HALF if ds else 4)
     paged = t.optimizer.startswith("paged") and not ds
     opt_bytes = t.optimizer_state_bytes if not ds else 8
+    step: dict[str, float] = {}  # what DeepSpeed's optimizer step adds on the GPU (the peak, if above the backward)
     if profile.offload_optimizer:
         grads = _buckets(profile) * HALF  # reduced in buckets, then to CPU
         c["optimizer states"] = 0.0
+    elif ds:  # bf16 gradients of this process's partition; fp32 master weights and AdamW states
+        grads = s.trainable * HALF / shard + _buckets(profile) * HALF  # ZeRO-1/2: + its buckets
+        c["optimizer states"] = s.trainable * (opt_bytes + 4) / shard
+        # The step flattens the bf16 gradient partition and makes an fp32 copy of it: ZeRO-2 of the whole partition
+        # at once, ZeRO-3 one sub-group at a time (stage_1_and_2.py / stage3.py; H200: Mistral-7B and StarCoder2-3B
+        # full fine-tunes on 1 GPU, 20 and 22 bytes per parameter at ZeRO-2's first and later steps)
+        at_once = s.trainable / shard if profile.zero_stage < 3 else min(_sub_group(profile), s.trainable / shard)
+        step = {"gradients": s.trainable * HALF / shard, STEP: at_once * (HALF + 4)}
     else:
-        grads = s.trainable * (4 / shard if ds else 4) + _buckets(profile) * HALF  # ZeRO-1/2: + its buckets
-        c[PAGED if paged else "optimizer states"] = s.trainable * ((opt_bytes + 4) / shard if ds else opt_bytes)
+        grads = s.trainable * 4
+        c[PAGED if paged else "optimizer states"] = s.trainable * opt_bytes
     if s.embedding_trains:  # fp32 rows beside the frozen embedding: weights, gradient, two AdamW states
         n_mem = recipe.clara.memory_tokens
         c["CLaRa memory-token rows (fp32): weights, gradient, states"] = n_mem * s.hidden * 4 * 4
@@ -272,7 +282,8 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         backward["logits + loss (vocab x tokens)"] = s.logit_tokens * s.vocab * LOGIT_BYTES
         if not ds:  # the peak is the loss's backward: no weight gradient is allocated yet
             backward[OVERLAP] = -min(grads, backward["logits + loss (vocab x tokens)"])
-    c.update(backward)  # the step (torch's fused AdamW, no temporaries) holds no more than the backward
+    # Without DeepSpeed the step (torch's fused AdamW, no temporaries) holds no more than the backward
+    c.update(step if sum(step.values()) > sum(backward.values()) else backward)
     c[CONTEXT] = CUDA_CONTEXT
     return c
 
@@ -363,6 +374,12 @@ def _buckets(profile: Profile) -> float:
     value = zero.get("reduce_bucket_size", 5e8)
     size = float(value) if not isinstance(value, str) else 5e8
     return size * zero.get("contiguous_gradients", True) * (1 + zero.get("overlap_comm", False))
+
+
+def _sub_group(profile: Profile) -> float:
+    """Elements ZeRO-3 steps at a time (zero_optimization.sub_group_size, DeepSpeed's default 1e9)."""
+    zero = json.loads(profile.deepspeed_json.read_text()).get("zero_optimization", {})
+    return float(zero.get("sub_group_size", 1e9))
 
 
 def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: bool = True,

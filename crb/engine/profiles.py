@@ -1,5 +1,6 @@
 """Launch profiles: plain (no DeepSpeed) and the DeepSpeed ZeRO / offload configs in launch/deepspeed/,
-cheapest first, and the choice among them from the plan's estimate of each against the card.
+fastest first (an optimizer stepped on the CPU is the slowest), and the choice among them from the plan's
+estimate of each against the card.
 
 DeepSpeed with 4-bit (QLoRA) models: ZeRO-2 (with or without optimizer offload) shards only the
 trainable LoRA parameters' gradients and states and leaves the quantized base alone; ZeRO-3 would
@@ -41,8 +42,8 @@ def _ds(name: str, stage: int, opt: bool, params: bool, description: str) -> Pro
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("plain", None, 0, False, False, "no DeepSpeed: everything on the GPU"),
     _ds("zero2", 2, False, False, "ZeRO-2: gradients and optimizer states sharded over the GPUs"),
-    _ds("zero2-offload", 2, True, False, "ZeRO-2, optimizer states and fp32 master weights in CPU memory"),
     _ds("zero3", 3, False, False, "ZeRO-3: parameters, gradients and optimizer states sharded over the GPUs"),
+    _ds("zero2-offload", 2, True, False, "ZeRO-2, optimizer states and fp32 master weights in CPU memory"),
     _ds("zero3-offload", 3, True, True, "ZeRO-3, parameters and optimizer in CPU memory (full fine-tunes "
         "that fit nowhere else)"),
 ]}

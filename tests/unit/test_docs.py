@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 from crb.recipe import schema as recipe
@@ -48,6 +49,10 @@ def test_plan_md_shows_the_measured_accuracy_and_the_planner_coefficients():
     text = (root / "docs" / "plan.md").read_text(encoding="utf-8")
     result = json.loads((root / "benchmarks" / "results" / "plan_accuracy.json").read_text())
     for row in result["rows"]:  # the measured peak beside its reserved memory (test_plan.py checks the plan's)
+        if row["status"] != "ok":  # it ran out of memory: the table says so, at the step it did
+            step = re.search(r"step \d+", next(x for x in row["note"] if "out of memory" in x)).group()
+            assert f"out of memory at {step}" in text, row["setting"]
+            continue
         assert f"| {row['measured_gib']:.2f} | {row['reserved_gib']:.2f} |" in text, row["setting"]
     h, i = plan.LORA_LAYER
     t5h, t5i = plan.T5_LAYER

@@ -301,9 +301,10 @@ def test_auto_micro_batch_takes_the_largest_that_fits(shapes):
 
 def test_plan_for_n_gpus_shards_under_zero_and_picks_the_profile(shapes, capsys):
     """`crb plan --gpus N`: per-GPU memory. A full fine-tune of the 7B shape (fp32 weights, AdamW) on 80 GiB cards:
-    one GPU needs the optimizer in CPU memory; two fit under ZeRO-2 (the first that fits: it communicates less
-    than ZeRO-3); ZeRO-3's per-GPU weights, gradients and states are about half of one GPU's, and ZeRO-2 shards
-    the gradients and states, not the weights."""
+    one GPU needs the optimizer in CPU memory; two fit under ZeRO-3 (ZeRO-2 keeps every bf16 weight, and its step
+    an fp32 copy of the gradients: 81 GiB; an optimizer on the CPU comes last, as the slowest); ZeRO-3's per-GPU
+    weights, gradients and states are half of one GPU's, and ZeRO-2 shards the gradients and states, not the
+    weights."""
     def planned(gpus: int) -> dict:
         main(["plan", str(ROOT / "recipes" / "language.toml"), "--set", f"model.name={shapes['mistral-7b']}",
               "--set", 'method.name="full"', "--set", 'train.optimizer="adamw"', "--set", "data.max_length=4096",
@@ -313,11 +314,32 @@ def test_plan_for_n_gpus_shards_under_zero_and_picks_the_profile(shapes, capsys)
 
     one, two = planned(1), planned(2)
     assert one["notes"]["gpus"] == 1 and two["notes"]["gpus"] == 2
-    assert one["profile"].endswith("offload") and two["profile"] == "zero2" and two["fits"]
+    assert one["profile"].endswith("offload") and two["profile"] == "zero3" and two["fits"]
     assert two["profiles_gib"]["plain"] == pytest.approx(one["profiles_gib"]["plain"])  # plain DDP: nothing shared
-    states = 7.25e9 * (2 + 4 + 12) / 2**30  # DeepSpeed: bf16 weights, fp32 gradients, fp32 master + two moments
+    states = 7.25e9 * (2 + 2 + 12) / 2**30  # DeepSpeed: bf16 weights and gradients, fp32 master + two moments
     assert one["profiles_gib"]["zero3"] - two["profiles_gib"]["zero3"] == pytest.approx(states / 2, rel=0.1)
     assert two["profiles_gib"]["zero2"] > two["profiles_gib"]["zero3"]
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_deepspeed_peaks_at_its_optimizer_step_for_a_full_fine_tune(shapes, gpus):
+    """Under ZeRO a full fine-tune's peak is the optimizer step, once activations are freed: it flattens the bf16
+    gradient partition and copies it to fp32, ZeRO-2 whole (every weight in bf16 + 20 bytes per parameter over the
+    GPUs: 22 per parameter on one, as measured at StarCoder2-3B's later steps), ZeRO-3 one sub-group of 1e9 at a
+    time (16 bytes per parameter over the GPUs + 6 per element of the sub-group + the gathered layer)."""
+    sets = ['method.name="full"', 'train.optimizer="adamw"', "data.max_length=4096", "train.micro_batch=1"]
+    r = guide("language", shapes, *sets)
+    n = plans.shape_of(r, plans.meta_model(r), 1).params
+    zero2 = plans.plan(guide("language", shapes, *sets, 'hardware.profile="zero2"'), card(140, gpus)).components
+    assert set(zero2) == {"weights", "optimizer states", "gradients", plans.STEP, plans.CONTEXT}
+    assert zero2["weights"] + zero2["optimizer states"] + zero2["gradients"] + zero2[plans.STEP] == \
+        pytest.approx(n * (2 + 20 / gpus))
+    p = plans.plan(guide("language", shapes, *sets, 'hardware.profile="zero3"'), card(140, gpus))
+    assert p.components[plans.STEP] == 6 * 1e9 and p.components["gradients"] == pytest.approx(2 * n / gpus)
+    assert p.allocated == pytest.approx(16 * n / gpus + 6e9 + 2 * n / 32, rel=1e-3)  # + one of 32 layers gathered
+    # plain data parallel keeps its peak in the backward: fp32 weights, gradients and AdamW, no step copies
+    assert plans.STEP not in plans.plan(guide("language", shapes, *sets, 'hardware.profile="plain"'),
+                                        card(140, gpus)).components
 
 
 def test_plan_json_schema(shapes, capsys):
@@ -450,7 +472,12 @@ def test_compile_auto_stays_off_where_liger_patches_the_model(shapes):
 ACCURACY = json.loads((ROOT / "benchmarks" / "results" / "plan_accuracy.json").read_text())
 TOLERANCE = 0.05  # docs/plan.md: "Every measured row is within 5 %"
 # Rows the plan misses for a known reason (strict: a corrected plan makes the mark fail and go).
-OFF: dict = {}  # (recipe, setting) -> why the plan misses a measured row, for a strict xfail
+OFF: dict = {  # (recipe, setting) -> why the plan misses a measured row, for a strict xfail
+    ("code", "1 GPU, full fine-tune, ctx 4096, zero3-offload"):
+        "2.19 GiB measured, the plan 0.29 GiB (13 %) above; untraced: torch's allocator history under DeepSpeed's "
+        "ZeRO-3 linear with checkpointing ends in a SystemError. Suspects: the plain MLP's backward temporaries "
+        "(fitted in fp32 under autocast; DeepSpeed runs bf16) and which weights ZeRO-3 holds gathered at the peak",
+}
 
 
 def _accuracy_rows() -> list:

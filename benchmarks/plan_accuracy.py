@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -206,6 +207,33 @@ CHOSEN = ("profile", "micro_batch", "checkpointed_layers", "layers", "offload_ac
           "attention", "shared_dropout")
 
 
+class HostMemory(threading.Thread):
+    """The machine's CPU memory in use (MemTotal - MemAvailable) sampled every 0.2 s while a run lasts: its peak
+    above the start, in GiB (what an offload profile holds; the process's RSS counts pinned pages twice)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.done, self.start_bytes, self.peak = threading.Event(), self.used(), 0
+
+    @staticmethod
+    def used() -> int:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.peak = max(self.peak, self.used() - self.start_bytes)
+
+    def __enter__(self) -> HostMemory:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+        self.peak_gib = round(self.peak / 2**30, 2)
+
+
 def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     recipe = str(ROOT / "recipes" / f"{r['recipe']}.toml")
     run_dir = args.out / "runs" / f"{i:02d}-{r['recipe']}"
@@ -233,8 +261,9 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
                       "--main_process_port", "29580", *runner] if torch.cuda.is_available() else \
                 ["-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", "29580", *runner]
         peak_json = ["--json", str(run_dir / "peak.json")] if args.peaks else []
-        rc, wall = language.run_logged([sys.executable, *runner, recipe, *flags, *peak_json, *stage],
-                                       args.out / "logs" / f"{i:02d}-{r['recipe']}.log", r["recipe"])
+        with HostMemory() as host:
+            rc, wall = language.run_logged([sys.executable, *runner, recipe, *flags, *peak_json, *stage],
+                                           args.out / "logs" / f"{i:02d}-{r['recipe']}.log", r["recipe"])
     finally:
         for k in r["env"]:
             os.environ.pop(k, None)
@@ -243,7 +272,6 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
         if (folder / "metrics.jsonl").is_file() else []
     mem = [x["gpu_mem_gib"] for x in lines if "gpu_mem_gib" in x]
     reserved = [x["gpu_reserved_gib"] for x in lines if "gpu_reserved_gib" in x]
-    host = [x["host_mem_gib"] for x in lines if "host_mem_gib" in x]  # rank 0's peak RSS
     chosen = json.loads((folder / "profile.json").read_text()) if (folder / "profile.json").is_file() else {}
     # What the test replans the row with: the overrides that are not this machine's paths, and every "auto"
     # as the run resolved it (so a CPU without liger or a GPU plans the same configuration).
@@ -251,7 +279,8 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     result["chosen"] = {k: chosen.get(k) for k in CHOSEN}
     result["stage"] = r["stage"]
     speed = [x["tokens_per_s"] for x in lines if "tokens_per_s" in x][1:]  # the first step warms up
-    result |= {"host_measured_gib": round(max(host), 2) if host else None, "run_profile": chosen.get("profile"),
+    result |= {"host_predicted_gib": round(sum(p.get("host_gib", {}).values()), 2), "host_measured_gib": host.peak_gib,
+               "run_profile": chosen.get("profile"),
                "steps": len([x for x in lines if "loss" in x]),
                "tokens_per_s": round(sum(speed) / len(speed)) if speed else None,
                "wall_s": round(wall, 1), "elapsed_s": round(time.perf_counter() - t0, 1)}

@@ -12,7 +12,6 @@ import gc
 import json
 import math
 import re
-import resource
 import signal
 import threading
 import time
@@ -256,7 +255,6 @@ def finish_step(tr: Training, done: int, rows: list[int], result: StepResult, re
                   "tokens": tr.tokens_seen, "step_s": elapsed, **parts}
         if result.grad_norm is not None:
             logged["grad_norm"] = float(result.grad_norm)
-        logged["host_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # peak RSS (KiB)
         if torch.cuda.is_available():
             logged["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / GIB
             logged["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB

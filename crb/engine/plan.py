@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -51,6 +52,12 @@ FUSED_BYTES = 12  # per hidden unit and token: a bf16 + fp32 logits chunk of ~to
 LIGER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
                "granite"}  # model types liger-kernel 0.8 patches (fused norms and SwiGLU; others get its loss alone)
 HEADROOM = 0.95  # of the card, for the allocator's fragmentation
+HOST_HEADROOM = 0.9  # of the machine's RAM, for the OS, the data workers and the page cache
+# CPU memory under ZeRO-3 offload, measured on an H200 machine (StarCoder2-3B full fine-tune, 1 process: 53.5 GiB
+# above idle while training, 81.3 GiB while the final model is written): each process's runtime (torch, CUDA,
+# DeepSpeed's buffers) beside the planned states, and the main process's save, per trained parameter
+RUNTIME_HOST = 2.7 * GIB
+SAVE_HOST_BYTES = 9.8
 PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
 STEP = "optimizer step: a flat bf16 copy and an fp32 copy of the gradients it updates (DeepSpeed)"
 OUTSIDE = (CONTEXT, PAGED)
@@ -69,6 +76,8 @@ class Plan:
     advice: list[str] = field(default_factory=list)
     choices: list[str] = field(default_factory=list)  # how each "auto" of [train] was resolved, and why
     notes: dict[str, int | float | str] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)  # bytes of this machine's CPU memory (offload profiles)
+    ram: float = 0.0  # this machine's CPU memory (bytes)
 
     def table(self) -> str:
         from io import StringIO
@@ -91,6 +100,10 @@ class Plan:
         cap = f"{self.capacity / GIB:.1f} GiB" if self.capacity else "no GPU detected"
         verdict = {True: "fits", False: "does NOT fit", None: "(no GPU to compare)"}[self.fits]
         console.print(f"card: {cap}; profile: {self.profile} ({self.reason}); {verdict}")
+        if self.host:
+            parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.host.items())
+            console.print(f"CPU memory of this machine: {sum(self.host.values()) / GIB:.1f} GiB ({parts}) of "
+                          f"{self.ram / GIB:.0f} GiB")
         for line in self.choices:
             console.print(f"chosen: {line}")
         for line in self.advice:
@@ -108,6 +121,8 @@ class Plan:
         d["total_gib"] = round(d.pop("total") / GIB, 3)
         d["allocated_gib"] = round(d.pop("allocated") / GIB, 3)
         d["capacity_gib"] = round(d.pop("capacity") / GIB, 3) if self.capacity else None
+        d["host_gib"] = {k: round(v / GIB, 3) for k, v in d.pop("host").items()}
+        d["ram_gib"] = round(d.pop("ram") / GIB, 3)
         return d
 
 
@@ -289,6 +304,23 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     return c
 
 
+def host_need(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
+    """Bytes of CPU memory an offload profile needs on one machine: its processes' shares of the fp32 master
+    weights, AdamW states and fp32 gradients (and of the bf16 weights under ZeRO-3 offload; ZeRO-2 stages a bf16
+    copy of its partition), and the final save on the main process. Measured: StarCoder2-3B fully fine-tuned
+    under ZeRO-3 offload (the constants above were fitted there)."""
+    if not profile.offload_optimizer:
+        return {}
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", n_gpus)) / n_gpus  # of the processes, those on this machine
+    out = {"optimizer (fp32 master weights, AdamW states, fp32 gradients)":
+           s.trainable * (4 + 8 + 4) * share}  # under DeepSpeed AdamW keeps two fp32 moments (as `estimate`)
+    out["bf16 weights" if profile.offload_params else "bf16 staging copy"] = \
+        (s.params if profile.offload_params else s.trainable) * HALF * share
+    out["runtime (torch, CUDA) of each process"] = RUNTIME_HOST * n_gpus * share
+    out["final save (main process)"] = s.trainable * SAVE_HOST_BYTES
+    return out
+
+
 def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
     """Whether liger-kernel's fused linear + cross-entropy replaces the logits (train.kernels resolved to
     "liger": by its patch for the types it knows, by crb.engine.kernels for other causal LMs)."""
@@ -406,10 +438,17 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: b
                "micro_batch": micro, "gpus": n_gpus, "checkpointed_layers": checkpointed(recipe, s.blocks),
                "layers": s.blocks, "offload_activations": bool(t.offload_activations), "kernels": t.kernels,
                "compile": t.compile}
+    p.host, p.ram = host_need(recipe, s, chosen, n_gpus), hw.ram_gib * GIB
     if capacity:
         p.fits = p.total <= capacity * HEADROOM
         if not p.fits and advise:
             p.advice = advice(recipe, hw, micro, data)
+    if p.host and p.ram and sum(p.host.values()) > p.ram * HOST_HEADROOM:
+        p.fits = False
+        if advise:
+            p.advice.insert(0, f"{chosen.name} needs {sum(p.host.values()) / GIB:.0f} GiB of CPU memory on this "
+                               f"machine, which has {p.ram / GIB:.0f} GiB: more GPUs without offload (ZeRO-3 keeps "
+                               "the states on them), several machines, or one with more memory")
     return p
 
 

@@ -1,7 +1,7 @@
 """`crb plan`: the predicted peak GPU memory of a recipe, per component, from the model's config
 alone (the model is built on the meta device: no weights are read or allocated), for every
-launch profile; the profile is chosen from these estimates and the card (crb.engine.profiles).
-The method and its measured accuracy: docs/plan.md."""
+launch profile; the profile is chosen from these estimates and the card (crb.engine.profiles); the
+offload profiles' CPU memory is checked against the machine's. The method and its accuracy: docs/plan.md."""
 
 from __future__ import annotations
 
@@ -307,8 +307,8 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
 def host_need(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
     """Bytes of CPU memory an offload profile needs on one machine: its processes' shares of the fp32 master
     weights, AdamW states and fp32 gradients (and of the bf16 weights under ZeRO-3 offload; ZeRO-2 stages a bf16
-    copy of its partition), and the final save on the main process. Measured: StarCoder2-3B fully fine-tuned
-    under ZeRO-3 offload (the constants above were fitted there)."""
+    copy of its partition), each process's runtime and the final save on the main process (RUNTIME_HOST and
+    SAVE_HOST_BYTES: fitted on StarCoder2-3B fully fine-tuned under ZeRO-3 offload)."""
     if not profile.offload_optimizer:
         return {}
     share = int(os.environ.get("LOCAL_WORLD_SIZE", n_gpus)) / n_gpus  # of the processes, those on this machine

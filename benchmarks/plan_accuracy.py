@@ -9,7 +9,7 @@ predicted peak against torch.cuda.max_memory_allocated (and reserved) over 3 rea
 Each row runs `crb plan RECIPE --set ... --json` and `python -m crb.run RECIPE --set ...` with the same
 overrides (and CRB_GPU_MEMORY_GB for the 8 GB rows), each in its own process. Every row's data fills
 the planned lengths (rows of exactly data.max_length tokens), since the plan is a worst case. A run with
---only merges its rows into OUT/plan_accuracy.json.
+--only merges its rows into the --json file (else OUT/plan_accuracy.json), each row as it is measured.
 """
 
 from __future__ import annotations
@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     args.only = args.only.split(",")
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     result_file = args.out / "plan_accuracy.json"
-    old = json.loads(result_file.read_text()) if result_file.is_file() else {"rows": []}
+    base = Path(args.json) if args.json and Path(args.json).is_file() else result_file  # rows measured before
+    old = json.loads(base.read_text()) if base.is_file() else {"rows": []}
     done = {(r["recipe"], r["setting"]): r for r in old["rows"]}
     for i, r in enumerate(x for x in rows(args) if re.search(args.match, f"{x['recipe']} / {x['setting']}")):
         r["setting"] += "".join(f", {s}" for s in args.sets)
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[plan] {row['recipe']} / {row['setting']}: {row['status']} {row.get('predicted_gib')} vs "
               f"{row.get('measured_gib')} GiB ({row.get('elapsed_s')} s)", flush=True)
         done[(row["recipe"], row["setting"])] = row
-        summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        summary = {**old, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                    "device_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
                    if torch.cuda.is_available() else None,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": list(done.values()),

@@ -17,7 +17,9 @@ for the eval that ranks them) with --parallel 1 and then --parallel 2 (a trial p
 
 --full-7b adds what outgrows a GPU: the Mistral-7B shape fully fine-tuned (fp32 master weights, AdamW, ctx 4096)
 on 2 GPUs, with the profile the plan picks for 2 GPUs and then forced to ZeRO-3 and to ZeRO-3 + CPU offload:
-metrics.full_7b.<profile> = {tokens_per_s, peak_gib} (peak per GPU, from rank 0).
+metrics.full_7b.<profile> = {tokens_per_s, peak_gib} (peak per GPU, from rank 0); --profiles picks some of them.
+Each part is written as it ends, merged into an earlier run's file (--json, else OUT/scaling.json), so the parts
+can run as separate commands.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also crb sweep --parallel 1 against --parallel 2")
     p.add_argument("--full-7b", action="store_true", help="also the 7B full fine-tune on 2 GPUs (auto, zero3, "
                    "zero3-offload)")
+    p.add_argument("--profiles", default="auto,zero3,zero3-offload", help="--full-7b's profiles")
     args = p.parse_args(argv)
     args.ctx = args.ctx or (256 if args.tiny else 8192)
     args.recipes, args.crb_set, args.data = [r for r in args.recipes.split(",") if r != "none"], [], "full"
@@ -63,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics, sides = {}, {}
     if args.full_7b:
         metrics["full_7b"], sides["full_7b"] = full_7b(args, out)
+        save(args, out, metrics, sides)
     if args.sweep:
         metrics["sweep"], sides["sweep"] = sweep(args, out)
+        save(args, out, metrics, sides)
     for i, recipe in enumerate(args.recipes):
         runs = {}
         for n in (1, 2):
@@ -78,13 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                            "speedup": two / one if one and two else None}
         sides[recipe] = {f"gpus_{n}": {k: r.get(k) for k in ("status", "note", "tokens_per_s", "step_s", "peak_gib",
                                                              "losses", "chosen", "wall_s")} for n, r in runs.items()}
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": frontier_device(args),
-              "config": {"rows_per_step": frontier.ROWS_PER_STEP, "ctx": args.ctx, "steps": args.steps,
-                         "warmup": args.warmup, "tiny": args.tiny}, "metrics": metrics, "sides": sides}
-    text = json.dumps(result, indent=1)
-    (out / "scaling.json").write_text(text)
-    if args.json:
-        Path(args.json).write_text(text)
+        save(args, out, metrics, sides)
+    metrics = json.loads((out / "scaling.json").read_text())["metrics"]  # with the parts of earlier runs
     print(f"\n{'recipe':10} {'1 GPU tok/s':>12} {'2 GPUs tok/s':>13} {'speed-up':>9}")
     for recipe, m in metrics.items():
         if recipe in ("full_7b", "sweep"):
@@ -99,6 +99,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crb sweep, {m['trials']} trials: {m['serial_s']:.0f} s one after another, {m['parallel_s']:.0f} s "
               f"two at once ({m['speedup'] or 0:.2f}x)")
     return 0 if all(m.get("speedup") for m in metrics.values() if "speedup" in m) else 1
+
+
+def save(args: argparse.Namespace, out: Path, metrics: dict, sides: dict) -> None:
+    """Write OUT/scaling.json (and --json) as each part ends, merged into what an earlier run measured (the --json
+    file, else OUT's): a part at a time fits the device's limit per command (`--full-7b --profiles zero3`, ...)."""
+    base = Path(args.json) if args.json and Path(args.json).is_file() else out / "scaling.json"
+    old = json.loads(base.read_text()) if base.is_file() else {}
+    merged_metrics, merged_sides = old.get("metrics", {}), old.get("sides", {})
+    for name in metrics:
+        if name == "full_7b" and isinstance(merged_metrics.get(name), dict):  # profile by profile
+            merged_metrics[name] |= metrics[name]
+            merged_sides[name] = (merged_sides.get(name) or {}) | sides[name]
+        else:
+            merged_metrics[name], merged_sides[name] = metrics[name], sides[name]
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": frontier_device(args),
+              "config": {"rows_per_step": frontier.ROWS_PER_STEP, "ctx": args.ctx, "steps": args.steps,
+                         "warmup": args.warmup, "tiny": args.tiny}, "metrics": merged_metrics, "sides": merged_sides}
+    text = json.dumps(result, indent=1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(text)
+    if args.json:
+        Path(args.json).write_text(text)
 
 
 def sweep(args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
@@ -134,7 +156,7 @@ def full_7b(args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
     optimizer and weights in CPU memory."""
     metrics, sides = {}, {}
     base = argparse.Namespace(**{**vars(args), "ctx": 256 if args.tiny else 4096})
-    for i, profile in enumerate(("auto", "zero3", "zero3-offload")):
+    for i, profile in enumerate(args.profiles.split(",")):
         base.crb_set = ['method.name="full"', 'train.optimizer="adamw"', f'hardware.profile="{profile}"']
         gpus = None if args.tiny else "0,1"
         r = frontier.crb_side(base, "language", "whole", gpus, out / "full_7b" / profile,

@@ -26,6 +26,7 @@ class Hardware:
     bf16: bool = False
     ram_gib: float = 0.0
     processes: int = 1
+    local_processes: int = 0  # of them, those on this machine (LOCAL_WORLD_SIZE; 0: all)
 
     def describe(self) -> str:
         if not self.gpus:
@@ -64,4 +65,5 @@ def detect(gpu_memory_gb: float | None = None) -> Hardware:
                [Gpu("virtual", override, override, (8, 0))]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     bf16 = bool(gpus) and (torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True)
-    return Hardware(gpus, bf16, ram, int(os.environ.get("WORLD_SIZE", "1")))
+    return Hardware(gpus, bf16, ram, int(os.environ.get("WORLD_SIZE", "1")),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", "0")))

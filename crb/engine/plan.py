@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -260,13 +259,14 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         grads = _buckets(profile) * HALF  # reduced in buckets, then to CPU
         c["optimizer states"] = 0.0
     elif ds:  # bf16 gradients of this process's partition; fp32 master weights and AdamW states
-        grads = s.trainable * HALF / shard + _buckets(profile) * HALF  # ZeRO-1/2: + its buckets
+        partition = s.trainable * HALF / shard
+        grads = partition + _buckets(profile) * HALF  # ZeRO-1/2: + its buckets
         c["optimizer states"] = s.trainable * (opt_bytes + 4) / shard
         # The step flattens the bf16 gradient partition and makes an fp32 copy of it: ZeRO-2 of the whole partition
         # at once, ZeRO-3 one sub-group at a time (stage_1_and_2.py / stage3.py; H200: Mistral-7B and StarCoder2-3B
         # full fine-tunes on 1 GPU, 20 and 22 bytes per parameter at ZeRO-2's first and later steps)
         at_once = s.trainable / shard if profile.zero_stage < 3 else min(_sub_group(profile), s.trainable / shard)
-        step = {"gradients": s.trainable * HALF / shard, STEP: at_once * (HALF + 4)}
+        step = {"gradients": partition, STEP: at_once * (HALF + 4)}
     else:
         grads = s.trainable * 4
         step = {"gradients": grads}  # torch's fused AdamW: no temporaries (Mistral-7B full, H200: 16 B/parameter)
@@ -304,14 +304,15 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     return c
 
 
-def host_need(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
+def host_need(s: Shape, profile: Profile, hw: Hardware) -> dict[str, float]:
     """Bytes of CPU memory an offload profile needs on one machine: its processes' shares of the fp32 master
     weights, AdamW states and fp32 gradients (and of the bf16 weights under ZeRO-3 offload; ZeRO-2 stages a bf16
     copy of its partition), each process's runtime and the final save on the main process (RUNTIME_HOST and
     SAVE_HOST_BYTES: fitted on StarCoder2-3B fully fine-tuned under ZeRO-3 offload)."""
     if not profile.offload_optimizer:
         return {}
-    share = int(os.environ.get("LOCAL_WORLD_SIZE", n_gpus)) / n_gpus  # of the processes, those on this machine
+    n_gpus = max(1, hw.processes)
+    share = (hw.local_processes or n_gpus) / n_gpus  # of the processes, those on this machine
     out = {"optimizer (fp32 master weights, AdamW states, fp32 gradients)":
            s.trainable * (4 + 8 + 4) * share}  # under DeepSpeed AdamW keeps two fp32 moments (as `estimate`)
     out["bf16 weights" if profile.offload_params else "bf16 staging copy"] = \
@@ -397,13 +398,21 @@ def frozen_bytes_of(recipe: Recipe, ds: bool) -> int:
     return 4 if recipe.method.name in ("full", "freeze") and not ds else HALF
 
 
+@functools.cache
+def _zero(profile: Profile) -> dict:
+    """The profile's `zero_optimization` section (read once; the plan asks for it per setting it tries)."""
+    if profile.deepspeed_json is None:
+        return {}
+    return json.loads(profile.deepspeed_json.read_text()).get("zero_optimization", {})
+
+
 def _buckets(profile: Profile) -> float:
     """Elements of the gradient buffers ZeRO-1/2 allocates when the backward starts (deepspeed's
     setup_buckets): one of reduce_bucket_size elements with contiguous_gradients, two with overlap_comm,
     however few parameters train (the language 8 GiB row: 2 x 0.37 GiB live at its peak)."""
     if profile.deepspeed_json is None or profile.zero_stage > 2:
         return 0.0
-    zero = json.loads(profile.deepspeed_json.read_text()).get("zero_optimization", {})
+    zero = _zero(profile)
     value = zero.get("reduce_bucket_size", 5e8)
     size = float(value) if not isinstance(value, str) else 5e8
     return size * zero.get("contiguous_gradients", True) * (1 + zero.get("overlap_comm", False))
@@ -411,8 +420,7 @@ def _buckets(profile: Profile) -> float:
 
 def _sub_group(profile: Profile) -> float:
     """Elements ZeRO-3 steps at a time (zero_optimization.sub_group_size, DeepSpeed's default 1e9)."""
-    zero = json.loads(profile.deepspeed_json.read_text()).get("zero_optimization", {})
-    return float(zero.get("sub_group_size", 1e9))
+    return float(_zero(profile).get("sub_group_size", 1e9))
 
 
 def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: bool = True,
@@ -438,7 +446,7 @@ def plan(recipe: Recipe, hw: Hardware, micro_batch: int | None = None, advise: b
                "micro_batch": micro, "gpus": n_gpus, "checkpointed_layers": checkpointed(recipe, s.blocks),
                "layers": s.blocks, "offload_activations": bool(t.offload_activations), "kernels": t.kernels,
                "compile": t.compile}
-    p.host, p.ram = host_need(recipe, s, chosen, n_gpus), hw.ram_gib * GIB
+    p.host, p.ram = host_need(s, chosen, hw), hw.ram_gib * GIB
     if capacity:
         p.fits = p.total <= capacity * HEADROOM
         if not p.fits and advise:

@@ -344,27 +344,25 @@ def test_a_full_fine_tune_peaks_at_its_optimizer_step(shapes, gpus):
     assert plans.STEP not in plain.components and plain.allocated == pytest.approx(16 * n)
 
 
-def test_offload_plans_the_cpu_memory_of_the_machine_and_says_when_it_does_not_fit(shapes, monkeypatch):
+def test_offload_plans_the_cpu_memory_of_the_machine_and_says_when_it_does_not_fit(shapes):
     """An offloaded full fine-tune of the 7B shape: 16 B per parameter of optimizer (fp32 master, two moments, fp32
     gradients) and 2 B of bf16 weights in CPU memory, each process's runtime and the main process's final save
     (9.8 B per parameter): 190 GiB on one machine, so a 126 GiB machine does not fit and is told why, a 256 GiB
     one does. With 1 of 2 processes on this machine (two nodes) it holds half the states. Nothing offloaded:
     nothing planned."""
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     sets = ['method.name="full"', 'train.optimizer="adamw"', "data.max_length=4096", "train.micro_batch=1"]
     r = guide("language", shapes, *sets, 'hardware.profile="zero3-offload"')
     n = plans.shape_of(r, plans.meta_model(r), 1).params
 
-    def on(ram: float, gpus: int = 1) -> plans.Plan:
+    def on(ram: float, gpus: int = 1, local: int = 0) -> plans.Plan:
         return plans.plan(r, Hardware(gpus=[Gpu("test", 140, 140, (9, 0))] * gpus, bf16=True, ram_gib=ram,
-                                      processes=gpus))
+                                      processes=gpus, local_processes=local))
 
     small = on(126)
     assert sum(small.host.values()) == pytest.approx(n * (16 + 2 + plans.SAVE_HOST_BYTES) + plans.RUNTIME_HOST)
     assert small.fits is False and small.advice[0].startswith("zero3-offload needs 190 GiB of CPU memory")
     assert on(256).fits is True and "CPU memory of this machine: 190." in on(256).table()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    node = on(256, gpus=2).host
+    node = on(256, gpus=2, local=1).host
     assert node["optimizer (fp32 master weights, AdamW states, fp32 gradients)"] == pytest.approx(8 * n)
     assert plans.plan(guide("language", shapes, *sets, 'hardware.profile="zero3"'), card(140, 2)).host == {}
 

@@ -51,13 +51,15 @@ TOKENIZER_VOCAB = 8192  # the tokenizer's; the model's vocabulary stays 32768, s
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: Mistral's unk, bos, eos
 
 
-def mistral_config(tiny: bool):
+def mistral_config(tiny: bool, layers: int | None = None):
+    """Mistral-7B's shape (tiny: a 2-layer one); `layers` keeps that many of its decoder layers."""
     from transformers import MistralConfig
 
     shape = (dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2) if tiny else
              dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8))
+    shape["num_hidden_layers"] = layers or shape["num_hidden_layers"]
     return MistralConfig(vocab_size=32768, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **shape)
 
@@ -65,7 +67,7 @@ def mistral_config(tiny: bool):
 # ---------------------------------------------------------------- 1. model and tokenizer
 
 
-def build_model_dir(path: Path, tiny: bool, seed: int) -> None:
+def build_model_dir(path: Path, tiny: bool, seed: int, layers: int | None = None) -> None:
     """Random weights in bf16, made on the GPU where there is one; written to a temp folder, then renamed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -83,7 +85,7 @@ def build_model_dir(path: Path, tiny: bool, seed: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     with device:
-        model = AutoModelForCausalLM.from_config(mistral_config(tiny), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(mistral_config(tiny, layers), dtype=torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
     print(f"build: {n / 1e9:.2f}B parameters on {device}, writing {tmp}", flush=True)
     model.save_pretrained(tmp)

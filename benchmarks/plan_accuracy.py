@@ -56,11 +56,17 @@ def starcoder2_dir(path: Path, mistral: Path, tiny: bool) -> None:
     os.replace(tmp, path)
 
 
+OFFLOAD_7B = "mistral-12-layers"  # the 7B shape with 12 of its 32 layers: its ZeRO-3 offload states fit 126 GiB
+
+
 def build(kind: str, path: Path, args: argparse.Namespace) -> None:
     if (path / "config.json").is_file():
         return
+    tokenizer = next((d for d in (args.models / "mistral", args.models / OFFLOAD_7B) if (d / "config.json").is_file()),
+                     args.models / "mistral")  # the StarCoder2 shape takes a Mistral dir's tokenizer
     code = {"mistral": f"language.build_model_dir(Path({str(path)!r}), {args.tiny}, 0)",
-            "starcoder2": f"starcoder2_dir(Path({str(path)!r}), Path({str(args.models / 'mistral')!r}), {args.tiny})",
+            OFFLOAD_7B: f"language.build_model_dir(Path({str(path)!r}), {args.tiny}, 0, {1 if args.tiny else 12})",
+            "starcoder2": f"starcoder2_dir(Path({str(path)!r}), Path({str(tokenizer)!r}), {args.tiny})",
             "nllb": f"translation.build_model_dir(Path({str(path)!r}), {args.tiny}, 0)",
             "t5": f"retrieval.build_model_dir(Path({str(path)!r}), {args.tiny}, 0)"}[kind]
     cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
@@ -78,8 +84,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
     out = []
 
     def row(recipe: str, label: str, sets: list[str], env: dict | None = None, stage: str | None = None,
-            gpus: int = 1) -> None:
-        out.append({"recipe": recipe, "setting": label, "sets": sets, "env": env or {}, "stage": stage, "gpus": gpus})
+            gpus: int = 1, model_layers: int | None = None) -> None:
+        out.append({"recipe": recipe, "setting": label, "sets": sets, "env": env or {}, "stage": stage, "gpus": gpus}
+                   | ({"model_layers": model_layers} if model_layers else {}))
 
     if "language" in args.only or "8gb" in args.only or "clara" in args.only:
         build("mistral", m / "mistral", args)
@@ -133,6 +140,21 @@ def rows(args: argparse.Namespace) -> list[dict]:
         for profile in ("zero2", "zero3", "zero3-offload"):
             row("language", f"{gpus}, full fine-tune, ctx {ctx}, {profile}", [*full, f'hardware.profile="{profile}"'],
                 gpus=n)
+    if "offload" in args.only:  # ZeRO-3 offload on one GPU, at two lengths: what the per-GPU plan of the 7B on 2 GPUs
+        build(OFFLOAD_7B, m / OFFLOAD_7B, args)  # rests on (the whole 7B's CPU states need 190 GiB; this machine 126)
+        build("starcoder2", m / "starcoder2", args)
+        offload = ['method.name="full"', 'train.optimizer="adamw"',
+                   "train.gradient_checkpointing=true", 'hardware.profile="zero3-offload"']
+        for name, model, ctx, micro in (("code", "starcoder2", 4096, 1), ("language", OFFLOAD_7B, 4096, 1),
+                                        ("language", OFFLOAD_7B, 8192, 1), ("code", "starcoder2", 8192, 1),
+                                        ("code", "starcoder2", 2048, 1), ("language", OFFLOAD_7B, 2048, 1),
+                                        ("language", OFFLOAD_7B, 4096, 2)):
+            ctx, layers = 128 if t else ctx, (1 if t else 12) if model == OFFLOAD_7B else None
+            sets = [x for x in text_sets(args, m / model, ctx, micro, name) if not x.startswith("train.batch_size")]
+            label = (f"1 GPU, {f'{layers} of 32 layers, ' if layers else ''}full fine-tune, ctx {ctx}, "
+                     f"{f'micro-batch {micro}, ' if micro > 1 else ''}zero3-offload")
+            if re.search(args.match, f"{name} / {label}"):
+                row(name, label, [*sets, *offload, f"train.batch_size={micro}"], model_layers=layers)
     del d
     return out
 
@@ -245,7 +267,8 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     stage = ["--stage", r["stage"]] if r["stage"] else []
     planned = subprocess.run([sys.executable, "-m", "crb.cli", "plan", recipe, *flags, *stage, "--gpus", str(gpus),
                               "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
-    result = {k: r[k] for k in ("recipe", "setting")} | {"env": r["env"], "gpus": gpus}
+    result = {k: r[k] for k in ("recipe", "setting")} | {"env": r["env"], "gpus": gpus} | \
+        {k: r[k] for k in ("model_layers",) if k in r}
     if planned.returncode:
         return result | {"status": "plan failed", "note": planned.stderr.strip().splitlines()[-1:]}
     p = json.loads(planned.stdout)
@@ -253,14 +276,16 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
                "profile": p["profile"], "components_gib": p["components_gib"]}
     os.environ.update(r["env"])
     try:
-        runner = ([str(ROOT / "benchmarks" / "memory_peak.py")] if args.peaks else ["-m", "crb.run"])
+        peaks = args.peaks or args.phases
+        runner = ([str(ROOT / "benchmarks" / "memory_peak.py"), *["--phases"] * args.phases] if peaks else
+                  ["-m", "crb.run"])
         if gpus > 1:  # rank 0 logs its own GPU's peak (on CPU, --tiny: torchrun's processes, gloo)
             import torch
 
             runner = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
                       "--main_process_port", "29580", *runner] if torch.cuda.is_available() else \
                 ["-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", "29580", *runner]
-        peak_json = ["--json", str(run_dir / "peak.json")] if args.peaks else []
+        peak_json = ["--json", str(run_dir / "peak.json")] if peaks else []
         with HostMemory() as host:
             rc, wall = language.run_logged([sys.executable, *runner, recipe, *flags, *peak_json, *stage],
                                            args.out / "logs" / f"{i:02d}-{r['recipe']}.log", r["recipe"])
@@ -291,7 +316,11 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
         return result | {"status": "no GPU", "measured_gib": None}
     measured = max(mem)
     if (run_dir / "peak.json").is_file():  # --peaks: what is live at the peak, by allocating line
-        result["live_at_peak"] = json.loads((run_dir / "peak.json").read_text())["live_at_peak"][:15]
+        peak = json.loads((run_dir / "peak.json").read_text())
+        result["live_at_peak"] = peak["live_at_peak"][:15]
+        if "phases" in peak:  # --phases resets the allocator's peak at each mark: the run's own log reads windows
+            result["phases"] = peak["phases"]
+            measured = peak["phases"]["peak_gib"]
     shutil.rmtree(folder / "final_adapter", ignore_errors=True)
     shutil.rmtree(folder / "final_model", ignore_errors=True)
     return result | {"status": "ok", "measured_gib": round(measured, 3), "reserved_gib": round(max(reserved), 3),
@@ -315,13 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="crb plan's predicted peak GPU memory against measured runs")
     p.add_argument("--out", required=True)
     p.add_argument("--only", default="language,code,translation,retrieval,clara,8gb",
-                   help="row groups; also 2gpu (per-GPU peaks of --gpus processes: run on a machine with that many)")
+                   help="row groups; also 2gpu (per-GPU peaks of --gpus processes: run on a machine with that many) "
+                        "and offload (ZeRO-3 offload on one GPU at two lengths)")
     p.add_argument("--gpus", type=int, default=2, help="processes of the 2gpu rows (1: ZeRO's terms on one GPU)")
     p.add_argument("--models", default=None, help="model dirs (default /tmp/crb-bench/plan-models[-tiny])")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and lengths: runs every path on CPU")
     p.add_argument("--json", default=None)
     p.add_argument("--match", default="", help="regex over 'recipe / setting': run only the rows it finds")
     p.add_argument("--peaks", action="store_true", help="record allocator history: what is live at each peak")
+    p.add_argument("--phases", action="store_true", help="peak per window between layer marks (memory_peak.py "
+                   "--phases: where the history fails, as under ZeRO-3)")
     p.add_argument("--set", action="append", default=[], dest="sets",
                    help="a recipe override added to every row (e.g. train.kernels=\"liger\")")
     args = p.parse_args(argv)

@@ -57,6 +57,18 @@ HOST_HEADROOM = 0.9  # of the machine's RAM, for the OS, the data workers and th
 # DeepSpeed's buffers) beside the planned states, and the main process's save, per trained parameter
 RUNTIME_HOST = 2.7 * GIB
 SAVE_HOST_BYTES = 9.8
+# ZeRO-3 offload's GPU (full fine-tunes), measured window by window between layers (benchmarks/memory_peak.py
+# --phases; H200: Mistral-7B's layers and StarCoder2-3B at 2,048 to 8,192 tokens): what stays between steps, a
+# layer's backward (its gathered bf16 weights, their gradients and part of the next layer's: 2.19 x its bf16
+# bytes), and a vocabulary matrix's gradient on its way to the CPU (10 bytes per element beside its bf16 copy).
+OFFLOAD_RESIDENT = 0.156 * GIB
+OFFLOAD_LAYER = 2.19
+OFFLOAD_REDUCE = 10
+# Under DeepSpeed the weights are bf16 and nothing runs under autocast: a fully fine-tuned layer keeps half of
+# FULL_LAYER (no fp32 residual stream; Mistral-7B: 98.6 kB per token measured, 98.3 planned) and a plain MLP's
+# backward a few bf16 temporaries (StarCoder2-3B)
+DS_FULL_LAYER = 0.5
+DS_PLAIN_MLP_BACKWARD = 2.7
 PAGED = "optimizer states (paged: unified memory, outside torch's allocator)"
 STEP = "optimizer step: a flat bf16 copy and an fp32 copy of the gradients it updates (DeepSpeed)"
 OUTSIDE = (CONTEXT, PAGED)
@@ -176,6 +188,7 @@ class Shape:
     model_type: str = ""
     fused_norm: bool = False  # nn.LayerNorm (one op) rather than an RMSNorm written as fp32 elementwise ops
     blocks: int = 0  # checkpointable layers (both stacks of an encoder-decoder); 0: `layers`
+    tied: bool = False  # the output layer is the input embedding (one vocabulary matrix)
 
 
 @dataclass(frozen=True)
@@ -225,7 +238,9 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
         attention = getattr(cfg, "_attn_implementation", None) or "sdpa"
     return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
                  logit_tokens, pass_tokens, heads, L, attention, task.trains_embedding_rows, cfg.model_type,
-                 fused_norm, blocks=n_blocks(model) or layers)
+                 fused_norm, blocks=n_blocks(model) or layers,
+                 tied=model.get_output_embeddings() is not None and
+                 model.get_output_embeddings().weight is model.get_input_embeddings().weight)
 
 
 def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
@@ -241,6 +256,8 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         upcast = recipe.train.precision == "fp16" and not ds  # crb.engine.build.prepare_kbit: fp32 on fp16 only
         label = "bf16 under DeepSpeed" if ds else "fp32 after k-bit prep" if upcast else "bf16"
         c[f"weights (not quantized, {label})"] = (s.params - s.linear) * (4 if upcast else HALF)
+    elif profile.offload_params and method.name == "full":
+        return zero3_offload(recipe, s, profile)
     else:
         weights = s.params * frozen_bytes_of(recipe, ds)
         if profile.offload_params:
@@ -282,14 +299,14 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         fp32_matmul = {"qlora": s.trainable + head * upcast, "lora": s.trainable}.get(method.name, s.linear + head)
         live = 1 if not lora else (s.blocks - k + min(k, 1)) / s.blocks  # LoRA: kept layers' and the recomputed one's
         backward[COPIES] = fp32_matmul * HALF * live
-    acts = activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4)
+    acts = activations(recipe, s, fp32_stream=frozen_bytes_of(recipe, ds) == 4, deepspeed=ds)
     backward.update(acts)
     on_gpu = sum(v for name, v in acts.items() if name.startswith("activation checkpoints"))
     if lora and not ds and k:  # the checkpointed layers' LoRA gradients appear as the backward frees their inputs
         backward[LATER] = -min(grads * k / s.blocks, on_gpu)
     if backward_temporaries(s, lora):
         backward["backward temporaries (gated MLP, bf16)" if s.gated else "backward temporaries (plain MLP, fp32)"] = \
-            backward_temporaries(s, lora, t.compiled)
+            backward_temporaries(s, lora, t.compiled, ds)
     if s.logit_tokens and fused_loss(recipe):  # chunks of ~tokens x hidden / vocab: never all logits
         backward[FUSED] = s.logit_tokens * s.hidden * FUSED_BYTES
         if not lora and not ds:  # the peak is the loss's backward: of the weight gradients only the head's exists,
@@ -300,6 +317,34 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         if not ds:  # the peak is the loss's backward: no weight gradient is allocated yet
             backward[OVERLAP] = -min(grads, backward["logits + loss (vocab x tokens)"])
     c.update(step if sum(step.values()) > sum(backward.values()) else backward)
+    c[CONTEXT] = CUDA_CONTEXT
+    return c
+
+
+def zero3_offload(recipe: Recipe, s: Shape, profile: Profile) -> dict[str, float]:
+    """Bytes per GPU of a full fine-tune under ZeRO-3 with weights and optimizer in CPU memory. Only layers being
+    computed are gathered, so the peak is one of three moments of the backward (measured, OFFLOAD_*): the last
+    layer's backward beside every checkpoint; the output layer's gradient sent to the CPU after the loss; the
+    input embedding's at the end (with a tied output layer, the two are one matrix, sent there)."""
+    vocab = s.vocab * s.hidden * HALF  # one vocabulary matrix in bf16
+    layer = (s.params - s.vocab * s.hidden * (1 if s.tied else 2)) / s.layers * HALF
+    acts = activations(recipe, s, deepspeed=True)
+    recomputed = {k: acts.pop(k) for k in [k for k in acts if k.startswith("activations (one layer")]}
+    resident = {"ZeRO-3 buffers (between steps)": OFFLOAD_RESIDENT, **acts,
+                "gradient of the layers' output": s.tokens * s.hidden * HALF}
+    sent = "vocabulary matrix's gradient on its way to the CPU"
+    last_layer = {**resident, "gradient reduce bucket": float(_zero(profile).get("reduce_bucket_size", 5e8)) * HALF,
+                  "embedding (gathered)" + (", output layer's gradient" if s.tied else ""): vocab * (1 + s.tied),
+                  "one layer gathered: weights and gradients (bf16)": layer * OFFLOAD_LAYER, **recomputed}
+    if backward_temporaries(s, False):
+        last_layer["backward temporaries (plain MLP, bf16)"] = backward_temporaries(s, False, recipe.train.compiled,
+                                                                                    True)
+    head = {**resident, "embedding (gathered), output layer's gradient": 2 * vocab,
+            sent: vocab / HALF * OFFLOAD_REDUCE}
+    embedding = {"ZeRO-3 buffers (between steps)": OFFLOAD_RESIDENT,
+                 "first layer's input and gradient": 2 * s.tokens * s.hidden * HALF,
+                 "embedding (gathered) and its gradient": 2 * vocab, sent: vocab / HALF * OFFLOAD_REDUCE}
+    c = max([last_layer, embedding] + [head] * (not s.tied), key=lambda m: sum(m.values()))
     c[CONTEXT] = CUDA_CONTEXT
     return c
 
@@ -328,7 +373,7 @@ def fused_loss(recipe: Recipe, kernels: str | None = None) -> bool:
     return (kernels or recipe.train.kernels) in ("liger", "cce") and get_task(recipe.data.format).kernels != "none"
 
 
-def layer_bytes(recipe: Recipe, s: Shape) -> float:
+def layer_bytes(recipe: Recipe, s: Shape, deepspeed: bool = False) -> float:
     """Activation bytes one layer saves for backward, per token. LoRA layers keep each adapter's
     dropped-out input too. Calibrated on measured peaks (docs/plan.md): Mistral-7B LoRA 258 kB/token
     (H100), 212 kB with liger's fused norms and SwiGLU, StarCoder2-3B QLoRA 163 kB (H200); T5 blocks
@@ -354,22 +399,26 @@ def layer_bytes(recipe: Recipe, s: Shape) -> float:
     per = HALF * (h * s.hidden + i * s.inter)
     if s.attention == "eager" or s.model_type == "t5":
         per += s.heads * s.seq * (T5_SCORE_BYTES if s.model_type == "t5" else HALF + 4 + 1)  # + fp32 softmax, mask
+    if deepspeed and not lora:  # bf16 weights, no autocast (DS_FULL_LAYER)
+        per *= DS_FULL_LAYER
     if compiled and not lora:
         return per * COMPILED_FULL_LAYER
     return per * (COMPILED_LORA_LAYER if compiled and lora and not liger else 1)  # liger's layers: as eager
 
 
-def backward_temporaries(s: Shape, lora: bool, compiled: bool = False) -> float:
+def backward_temporaries(s: Shape, lora: bool, compiled: bool = False, deepspeed: bool = False) -> float:
     """An MLP's backward holds intermediate-width gradients at the peak, once per micro-batch: a plain MLP under
     autocast about five fp32 tensors per token (StarCoder2-3B QLoRA: 2.15 GiB per 8192-token row, H200, fitted
     with the layer bytes on rows with 0, 15 and all 30 layers checkpointed); a gated LoRA one the bf16 gradients
     of gate and up (Mistral-7B; the T5 and full fine-tune layer constants include theirs)."""
     if s.gated:
         return s.pass_tokens * s.inter * GATED_MLP_BACKWARD if lora else 0.0
+    if deepspeed and not lora:  # bf16 weights, no autocast
+        return s.pass_tokens * s.inter * DS_PLAIN_MLP_BACKWARD
     return s.pass_tokens * s.inter * PLAIN_MLP_BACKWARD * (COMPILED_MLP_BACKWARD if compiled else 1)
 
 
-def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str, float]:
+def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False, deepspeed: bool = False) -> dict[str, float]:
     """Saved activations of one micro-batch. A checkpointed layer keeps its input (bf16; fp32 when the
     weights are fp32 under autocast) and is recomputed in backward; the others keep everything. crb
     checkpoints the first layers, so a recomputed layer runs after the kept layers' activations are freed:
@@ -378,8 +427,8 @@ def activations(recipe: Recipe, s: Shape, fp32_stream: bool = False) -> dict[str
     share = k / s.blocks  # of the layers' tokens (both stacks: s.tokens x s.layers counts them all)
     every = s.tokens * s.layers  # token-layers of one micro-batch
     checkpoints = share * every * s.hidden * (4 if fp32_stream else HALF)
-    kept = (1 - share) * every * layer_bytes(recipe, s)
-    recomputed = s.pass_tokens * layer_bytes(recipe, s) if k else 0.0
+    kept = (1 - share) * every * layer_bytes(recipe, s, deepspeed)
+    recomputed = s.pass_tokens * layer_bytes(recipe, s, deepspeed) if k else 0.0
     out: dict[str, float] = {}
     if k == s.blocks and recipe.train.offload_activations is True:
         out["activation checkpoints (offloaded to pinned CPU memory)"] = 0.0

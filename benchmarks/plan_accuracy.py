@@ -137,7 +137,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
         full = [x for x in text_sets(args, m / "mistral", ctx, 1, "language") if not x.startswith("train.batch_size")]
         full += [f"train.batch_size={n}", 'method.name="full"', 'train.optimizer="adamw"',
                  "train.gradient_checkpointing=true"]
-        for profile in ("zero2", "zero3", "zero3-offload"):
+        for profile in ("zero2", "zero3", "zero3-offload", "auto"):  # auto: the plan's pick for n GPUs
             row("language", f"{gpus}, full fine-tune, ctx {ctx}, {profile}", [*full, f'hardware.profile="{profile}"'],
                 gpus=n)
     if "offload" in args.only:  # ZeRO-3 offload on one GPU, at two lengths: what the per-GPU plan of the 7B on 2 GPUs

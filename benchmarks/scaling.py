@@ -15,9 +15,11 @@ gpus_2_tokens_per_s, speedup}, and each side's losses, chosen configuration and 
 for the eval that ranks them) with --parallel 1 and then --parallel 2 (a trial per GPU): metrics.sweep =
 {trials, serial_s, parallel_s, speedup}, wall time of the whole sweep command.
 
---full-7b adds what outgrows a GPU: the Mistral-7B shape fully fine-tuned (fp32 master weights, AdamW, ctx 4096)
-on 2 GPUs, with the profile the plan picks for 2 GPUs and then forced to ZeRO-3 and to ZeRO-3 + CPU offload:
-metrics.full_7b.<profile> = {tokens_per_s, peak_gib} (peak per GPU, from rank 0); --profiles picks some of them.
+--full-7b adds what outgrows a GPU: the Mistral-7B shape fully fine-tuned (fp32 master weights, AdamW, ctx 4096,
+micro-batch 1 and one row per GPU per step, every layer checkpointed) on 2 GPUs, with the profile the plan picks for
+2 GPUs and forced to ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload: metrics.full_7b.<profile> = {tokens_per_s, peak_gib,
+plan_gib, profile} (per GPU, from rank 0); --profiles picks some of them. These are benchmarks/plan_accuracy.py's
+2gpu rows, run by it (its --json: --plan-json), so one run measures the speed and checks the plan.
 Each part is written as it ends, merged into an earlier run's file (--json, else OUT/scaling.json), so the parts
 can run as separate commands.
 """
@@ -55,13 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="/tmp/crb-bench/models")
     p.add_argument("--json", default=None, help="also write scaling.json here")
     p.add_argument("--sweep", action="store_true", help="also crb sweep --parallel 1 against --parallel 2")
-    p.add_argument("--full-7b", action="store_true", help="also the 7B full fine-tune on 2 GPUs (auto, zero3, "
-                   "zero3-offload)")
-    p.add_argument("--profiles", default="auto,zero3,zero3-offload", help="--full-7b's profiles")
+    p.add_argument("--full-7b", action="store_true", help="also the 7B full fine-tune on 2 GPUs (auto, zero2, "
+                   "zero3, zero3-offload)")
+    p.add_argument("--profiles", default="auto,zero2,zero3,zero3-offload", help="--full-7b's profiles")
+    p.add_argument("--plan-json", default=None, help="--full-7b: plan_accuracy.py's --json (its rows merge there)")
     args = p.parse_args(argv)
     args.ctx = args.ctx or (256 if args.tiny else 8192)
     args.recipes, args.crb_set, args.data = [r for r in args.recipes.split(",") if r != "none"], [], "full"
-    frontier.build_models(args)
+    if args.recipes:
+        frontier.build_models(args)
     out = Path(args.out)
     metrics, sides = {}, {}
     if args.full_7b:
@@ -152,19 +156,26 @@ def sweep(args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
 
 
 def full_7b(args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
-    """The language recipe's model fully fine-tuned on 2 GPUs: the plan's profile, then ZeRO-3, then ZeRO-3 with the
-    optimizer and weights in CPU memory."""
+    """The language recipe's model fully fine-tuned on 2 GPUs under each profile: plan_accuracy.py's 2gpu rows."""
+    import re
+
+    import plan_accuracy
+
+    profiles = args.profiles.split(",")
+    plan_json = Path(args.plan_json or out / "plan_accuracy.json")
+    plan_accuracy.main(["--out", str(out / "full_7b"), "--only", "2gpu", "--gpus", "2", "--json", str(plan_json),
+                        "--match", f"full fine-tune, ctx \\d+, ({'|'.join(map(re.escape, profiles))})$",
+                        *["--tiny"] * args.tiny])
+    rows = {r["setting"].rsplit(", ", 1)[-1]: r for r in json.loads(plan_json.read_text())["rows"]
+            if r["recipe"] == "language" and r["setting"].startswith("2 GPUs, full fine-tune")}
     metrics, sides = {}, {}
-    base = argparse.Namespace(**{**vars(args), "ctx": 256 if args.tiny else 4096})
-    for i, profile in enumerate(args.profiles.split(",")):
-        base.crb_set = ['method.name="full"', 'train.optimizer="adamw"', f'hardware.profile="{profile}"']
-        gpus = None if args.tiny else "0,1"
-        r = frontier.crb_side(base, "language", "whole", gpus, out / "full_7b" / profile,
-                              launcher(2, args.tiny, 29570 + i))
-        metrics[profile] = {"tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"],
-                            "profile": (r.get("chosen") or {}).get("profile")}
-        sides[profile] = {k: r.get(k) for k in ("status", "note", "tokens_per_s", "step_s", "peak_gib", "losses",
-                                                "chosen", "wall_s")}
+    for profile in profiles:
+        r = rows.get(profile, {})
+        metrics[profile] = {"tokens_per_s": r.get("tokens_per_s"), "peak_gib": r.get("measured_gib"),
+                            "plan_gib": r.get("predicted_gib"), "profile": r.get("run_profile")}
+        sides[profile] = {k: r.get(k) for k in ("setting", "status", "note", "tokens_per_s", "measured_gib",
+                                                "predicted_gib", "host_predicted_gib", "host_measured_gib", "chosen",
+                                                "wall_s")}
     return metrics, sides
 
 

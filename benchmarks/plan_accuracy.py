@@ -319,8 +319,10 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
         peak = json.loads((run_dir / "peak.json").read_text())
         result["live_at_peak"] = peak["live_at_peak"][:15]
         if "phases" in peak:  # --phases resets the allocator's peak at each mark: the run's own log reads windows
-            result["phases"] = peak["phases"]
-            measured = peak["phases"]["peak_gib"]
+            ph = peak["phases"]  # the step of the peak, a window a line: "label: start -> peak GiB"
+            result["phases"] = {"peak_window": ph["peak_window"], "step_of_peak": [
+                f"{w['window']}: {w['start_gib']:.3f} -> {w['peak_gib']:.3f}" for w in ph["step_of_peak"]]}
+            measured = ph["peak_gib"]
     shutil.rmtree(folder / "final_adapter", ignore_errors=True)
     shutil.rmtree(folder / "final_model", ignore_errors=True)
     return result | {"status": "ok", "measured_gib": round(measured, 3), "reserved_gib": round(max(reserved), 3),

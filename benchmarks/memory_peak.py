@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -138,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         phases.install()
         run(args.recipe, args.sets, None, args.stage)
         result = {"recipe": args.recipe, "sets": args.sets, "live_at_peak": [], "phases": phases.summary()}
-        for w in result["phases"]["step_of_peak"]:
-            print(f"step {w['step']} {w['window']:<48} start {w['start_gib']:8.3f}  peak {w['peak_gib']:8.3f} GiB")
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        if os.environ.get("RANK", "0") == "0":  # under a launcher of several processes, rank 0's GPU
+            for w in result["phases"]["step_of_peak"]:
+                print(f"step {w['step']} {w['window']:<48} start {w['start_gib']:8.3f}  peak {w['peak_gib']:8.3f} GiB")
+            Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
 
     if not torch.cuda.is_available():  # CPU: the run alone (checks the paths)

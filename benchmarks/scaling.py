@@ -19,7 +19,8 @@ for the eval that ranks them) with --parallel 1 and then --parallel 2 (a trial p
 micro-batch 1 and one row per GPU per step, every layer checkpointed) on 2 GPUs, with the profile the plan picks for
 2 GPUs and forced to ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload: metrics.full_7b.<profile> = {tokens_per_s, peak_gib,
 plan_gib, profile} (per GPU, from rank 0); --profiles picks some of them. These are benchmarks/plan_accuracy.py's
-2gpu rows, run by it (its --json: --plan-json), so one run measures the speed and checks the plan.
+2gpu rows, run by it (its --json: --plan-json) with --phases (each row's peak per window between layers, rank 0),
+so one run measures the speed and checks the plan, and a miss can be traced.
 Each part is written as it ends, merged into an earlier run's file (--json, else OUT/scaling.json), so the parts
 can run as separate commands.
 """
@@ -164,7 +165,7 @@ def full_7b(args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
     profiles = args.profiles.split(",")
     plan_json = Path(args.plan_json or out / "plan_accuracy.json")
     plan_accuracy.main(["--out", str(out / "full_7b"), "--only", "2gpu", "--gpus", "2", "--json", str(plan_json),
-                        "--match", f"full fine-tune, ctx \\d+, ({'|'.join(map(re.escape, profiles))})$",
+                        "--match", f"full fine-tune, ctx \\d+, ({'|'.join(map(re.escape, profiles))})$", "--phases",
                         *["--tiny"] * args.tiny])
     rows = {r["setting"].rsplit(", ", 1)[-1]: r for r in json.loads(plan_json.read_text())["rows"]
             if r["recipe"] == "language" and r["setting"].startswith("2 GPUs, full fine-tune")}

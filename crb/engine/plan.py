@@ -58,12 +58,14 @@ HOST_HEADROOM = 0.9  # of the machine's RAM, for the OS, the data workers and th
 RUNTIME_HOST = 2.7 * GIB
 SAVE_HOST_BYTES = 9.8
 # ZeRO-3 offload's GPU (full fine-tunes), measured window by window between layers (benchmarks/memory_peak.py
-# --phases; H200: Mistral-7B's layers and StarCoder2-3B at 2,048 to 8,192 tokens): what stays between steps, a
+# --phases; one H200: Mistral-7B's layers and StarCoder2-3B at 2,048 to 8,192 tokens): what stays between steps, a
 # layer's backward (its gathered bf16 weights, their gradients and part of the next layer's: 2.19 x its bf16
-# bytes), and a vocabulary matrix's gradient on its way to the CPU (10 bytes per element beside its bf16 copy).
+# bytes), and a vocabulary matrix's gradient on its way to the CPU: 10 bytes per element beside its bf16 copy on
+# one GPU. Of those, by stage3.py, 8 are fp32 copies of this process's partition (the reduced gradient cast to the
+# accumulation dtype, and the GPU copy of its CPU buffer), so on N GPUs 2 + 8 / N.
 OFFLOAD_RESIDENT = 0.156 * GIB
 OFFLOAD_LAYER = 2.19
-OFFLOAD_REDUCE = 10
+OFFLOAD_REDUCE = (2, 8)  # bytes per element of the whole matrix, and of this process's partition
 # Under DeepSpeed the weights are bf16 and nothing runs under autocast: a fully fine-tuned layer keeps half of
 # FULL_LAYER (no fp32 residual stream; Mistral-7B: 98.6 kB per token measured, 98.3 planned) and a plain MLP's
 # backward a few bf16 temporaries (StarCoder2-3B)
@@ -257,7 +259,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         label = "bf16 under DeepSpeed" if ds else "fp32 after k-bit prep" if upcast else "bf16"
         c[f"weights (not quantized, {label})"] = (s.params - s.linear) * (4 if upcast else HALF)
     elif profile.offload_params and method.name == "full":
-        return zero3_offload(recipe, s, profile)
+        return zero3_offload(recipe, s, profile, n_gpus)
     else:
         weights = s.params * frozen_bytes_of(recipe, ds)
         if profile.offload_params:
@@ -321,7 +323,7 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     return c
 
 
-def zero3_offload(recipe: Recipe, s: Shape, profile: Profile) -> dict[str, float]:
+def zero3_offload(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
     """Bytes per GPU of a full fine-tune under ZeRO-3 with weights and optimizer in CPU memory. Only layers being
     computed are gathered, so the peak is one of three moments of the backward (measured, OFFLOAD_*): the last
     layer's backward beside every checkpoint; the output layer's gradient sent to the CPU after the loss; the
@@ -332,7 +334,8 @@ def zero3_offload(recipe: Recipe, s: Shape, profile: Profile) -> dict[str, float
     recomputed = {k: acts.pop(k) for k in [k for k in acts if k.startswith("activations (one layer")]}
     resident = {"ZeRO-3 buffers (between steps)": OFFLOAD_RESIDENT, **acts,
                 "gradient of the layers' output": s.tokens * s.hidden * HALF}
-    sent = "vocabulary matrix's gradient on its way to the CPU"
+    sent, whole, part = "vocabulary matrix's gradient on its way to the CPU", *OFFLOAD_REDUCE
+    reduce = vocab / HALF * (whole + part / n_gpus)
     last_layer = {**resident, "gradient reduce bucket": float(_zero(profile).get("reduce_bucket_size", 5e8)) * HALF,
                   "embedding (gathered)" + (", output layer's gradient" if s.tied else ""): vocab * (1 + s.tied),
                   "one layer gathered: weights and gradients (bf16)": layer * OFFLOAD_LAYER, **recomputed}
@@ -340,10 +343,10 @@ def zero3_offload(recipe: Recipe, s: Shape, profile: Profile) -> dict[str, float
         last_layer["backward temporaries (plain MLP, bf16)"] = backward_temporaries(s, False, recipe.train.compiled,
                                                                                     True)
     head = {**resident, "embedding (gathered), output layer's gradient": 2 * vocab,
-            sent: vocab / HALF * OFFLOAD_REDUCE}
+            sent: reduce}
     embedding = {"ZeRO-3 buffers (between steps)": OFFLOAD_RESIDENT,
                  "first layer's input and gradient": 2 * s.tokens * s.hidden * HALF,
-                 "embedding (gathered) and its gradient": 2 * vocab, sent: vocab / HALF * OFFLOAD_REDUCE}
+                 "embedding (gathered) and its gradient": 2 * vocab, sent: reduce}
     c = max([last_layer, embedding] + [head] * (not s.tied), key=lambda m: sum(m.values()))
     c[CONTEXT] = CUDA_CONTEXT
     return c

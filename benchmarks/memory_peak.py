@@ -78,7 +78,8 @@ class Phases:
             torch.cuda.reset_peak_memory_stats()
         self.label, self.start = label, at
 
-    def install(self) -> None:
+    def install(self) -> list:
+        """Registers the hooks; returns their handles (`.remove()` each to stop)."""
         from torch.nn.modules import module
         from torch.optim import optimizer
 
@@ -95,22 +96,21 @@ class Phases:
                 label = f"{'backward' if backward else 'forward'} layer {i}"
                 if label != self.label:
                     self.mark(label)
-            elif name.endswith(("ForCausalLM", "ForConditionalGeneration")):
+            elif name.endswith(("ForCausalLM", "ForConditionalGeneration")) and torch.is_grad_enabled():
                 stepped = self.label == "optimizer step"
                 self.mark("forward (embeddings)")
                 self.step += stepped
 
         def post(m: torch.nn.Module, _args: tuple, _out: object) -> None:
-            if type(m).__name__.endswith(("ForCausalLM", "ForConditionalGeneration")):
+            if type(m).__name__.endswith(("ForCausalLM", "ForConditionalGeneration")) and torch.is_grad_enabled():
                 self.mark("loss and backward until the first recompute")
 
         def step_pre(_opt: object, _args: tuple, _kwargs: dict) -> None:
             if self.label != "optimizer step":  # DeepSpeed steps its CPU optimizer once per sub-group
                 self.mark("optimizer step")
 
-        module.register_module_forward_pre_hook(pre)
-        module.register_module_forward_hook(post)
-        optimizer.register_optimizer_step_pre_hook(step_pre)
+        return [module.register_module_forward_pre_hook(pre), module.register_module_forward_hook(post),
+                optimizer.register_optimizer_step_pre_hook(step_pre)]
 
     def summary(self) -> dict:
         """The window of the peak, the step holding it window by window, and every window (step, label, start,

@@ -238,11 +238,11 @@ def shape_of(recipe: Recipe, model: torch.nn.Module, micro_batch: int, data: Dat
     attention = recipe.model.attn_implementation
     if attention == "auto":
         attention = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    head = model.get_output_embeddings()
     return Shape(params, linear, trainable, adapters, hidden, inter, layers, gated, cfg.vocab_size, tokens,
                  logit_tokens, pass_tokens, heads, L, attention, task.trains_embedding_rows, cfg.model_type,
                  fused_norm, blocks=n_blocks(model) or layers,
-                 tied=model.get_output_embeddings() is not None and
-                 model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+                 tied=head is not None and head.weight is model.get_input_embeddings().weight)
 
 
 def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[str, float]:
@@ -331,17 +331,16 @@ def zero3_offload(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> di
     vocab = s.vocab * s.hidden * HALF  # one vocabulary matrix in bf16
     layer = (s.params - s.vocab * s.hidden * (1 if s.tied else 2)) / s.layers * HALF
     acts = activations(recipe, s, deepspeed=True)
-    recomputed = {k: acts.pop(k) for k in [k for k in acts if k.startswith("activations (one layer")]}
+    recomputed = {k: acts.pop(k) for k in list(acts) if k.startswith("activations (one layer")}
     resident = {"ZeRO-3 buffers (between steps)": OFFLOAD_RESIDENT, **acts,
                 "gradient of the layers' output": s.tokens * s.hidden * HALF}
     sent, whole, part = "vocabulary matrix's gradient on its way to the CPU", *OFFLOAD_REDUCE
     reduce = vocab / HALF * (whole + part / n_gpus)
-    last_layer = {**resident, "gradient reduce bucket": float(_zero(profile).get("reduce_bucket_size", 5e8)) * HALF,
+    last_layer = {**resident, "gradient reduce bucket": _reduce_bucket(profile) * HALF,
                   "embedding (gathered)" + (", output layer's gradient" if s.tied else ""): vocab * (1 + s.tied),
                   "one layer gathered: weights and gradients (bf16)": layer * OFFLOAD_LAYER, **recomputed}
-    if backward_temporaries(s, False):
-        last_layer["backward temporaries (plain MLP, bf16)"] = backward_temporaries(s, False, recipe.train.compiled,
-                                                                                    True)
+    if temporaries := backward_temporaries(s, False, recipe.train.compiled, deepspeed=True):
+        last_layer["backward temporaries (plain MLP, bf16)"] = temporaries
     head = {**resident, "embedding (gathered), output layer's gradient": 2 * vocab,
             sent: reduce}
     embedding = {"ZeRO-3 buffers (between steps)": OFFLOAD_RESIDENT,
@@ -465,9 +464,13 @@ def _buckets(profile: Profile) -> float:
     if profile.deepspeed_json is None or profile.zero_stage > 2:
         return 0.0
     zero = _zero(profile)
-    value = zero.get("reduce_bucket_size", 5e8)
-    size = float(value) if not isinstance(value, str) else 5e8
-    return size * zero.get("contiguous_gradients", True) * (1 + zero.get("overlap_comm", False))
+    return _reduce_bucket(profile) * zero.get("contiguous_gradients", True) * (1 + zero.get("overlap_comm", False))
+
+
+def _reduce_bucket(profile: Profile) -> float:
+    """Elements of zero_optimization.reduce_bucket_size ("auto" or unset: DeepSpeed's 5e8)."""
+    value = _zero(profile).get("reduce_bucket_size", 5e8)
+    return float(value) if not isinstance(value, str) else 5e8
 
 
 def _sub_group(profile: Profile) -> float:

@@ -267,8 +267,7 @@ def measure(args: argparse.Namespace, r: dict, i: int) -> dict:
     stage = ["--stage", r["stage"]] if r["stage"] else []
     planned = subprocess.run([sys.executable, "-m", "crb.cli", "plan", recipe, *flags, *stage, "--gpus", str(gpus),
                               "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
-    result = {k: r[k] for k in ("recipe", "setting")} | {"env": r["env"], "gpus": gpus} | \
-        {k: r[k] for k in ("model_layers",) if k in r}
+    result = {k: r[k] for k in ("recipe", "setting", "model_layers") if k in r} | {"env": r["env"], "gpus": gpus}
     if planned.returncode:
         return result | {"status": "plan failed", "note": planned.stderr.strip().splitlines()[-1:]}
     p = json.loads(planned.stdout)

@@ -249,6 +249,8 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
     """Bytes per GPU, per component, of one recipe under one profile. Components named in OUTSIDE are
     GPU memory that torch's allocator does not see (torch.cuda.max_memory_allocated leaves them out)."""
     method, t = recipe.method, recipe.train
+    if profile.offload_params and method.name == "full":  # a model of its own: the peak is one of three moments
+        return zero3_offload(recipe, s, profile, n_gpus)
     ds = profile.zero_stage > 0  # DeepSpeed keeps the model in bf16 and fp32 master weights in its optimizer
     shard = n_gpus if profile.zero_stage >= 2 else 1  # gradients and optimizer states partitioned
     c: dict[str, float] = {}
@@ -258,8 +260,6 @@ def estimate(recipe: Recipe, s: Shape, profile: Profile, n_gpus: int) -> dict[st
         upcast = recipe.train.precision == "fp16" and not ds  # crb.engine.build.prepare_kbit: fp32 on fp16 only
         label = "bf16 under DeepSpeed" if ds else "fp32 after k-bit prep" if upcast else "bf16"
         c[f"weights (not quantized, {label})"] = (s.params - s.linear) * (4 if upcast else HALF)
-    elif profile.offload_params and method.name == "full":
-        return zero3_offload(recipe, s, profile, n_gpus)
     else:
         weights = s.params * frozen_bytes_of(recipe, ds)
         if profile.offload_params:
